@@ -1,0 +1,81 @@
+"""Building, loading and validating configs."""
+import os
+
+from fvcore.common.config import CfgNode
+
+from .defaults import _C
+from .detco import add_detco_config
+from .finetune import add_finetune_config
+from .soco import add_soco_config
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied (unknown key, wrong type, bad value)."""
+
+
+def get_cfg() -> CfgNode:
+    """Return a fresh copy of the full default config (pretraining and fine-tuning keys)."""
+    cfg = _C.clone()
+    add_soco_config(cfg)
+    add_detco_config(cfg)
+    add_finetune_config(cfg)
+    return cfg
+
+
+def load_config(config_file: str = "", overrides=(), freeze: bool = True) -> CfgNode:
+    """Load ``config_file`` (with ``_BASE_`` inheritance) and apply ``KEY VALUE`` overrides.
+
+    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the file or
+    override and the key.
+    """
+    cfg = get_cfg()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"Config file {config_file!r} does not exist (check the path).")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, AssertionError, TypeError) as e:
+            raise ConfigError(f"In config file {config_file!r}: {_explain(e)}") from e
+    overrides = list(overrides)
+    if overrides:
+        if len(overrides) % 2:
+            raise ConfigError(
+                f"Overrides must come in KEY VALUE pairs; got an odd number: {overrides}"
+            )
+        try:
+            cfg.merge_from_list(overrides)
+        except (KeyError, ValueError, AssertionError, TypeError) as e:
+            raise ConfigError(f"In command-line overrides: {_explain(e)}") from e
+    validate_config(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def validate_config(cfg: CfgNode) -> None:
+    """Check values that a type check cannot catch."""
+    s = cfg.SOLVER
+    if s.IMS_PER_BATCH <= 0:
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH must be positive, got {s.IMS_PER_BATCH}.")
+    if s.GRAD_ACCUM_STEPS < 1:
+        raise ConfigError(f"SOLVER.GRAD_ACCUM_STEPS must be >= 1, got {s.GRAD_ACCUM_STEPS}.")
+    if s.AMP.DTYPE not in ("bfloat16", "float16"):
+        raise ConfigError(f"SOLVER.AMP.DTYPE must be 'bfloat16' or 'float16', got {s.AMP.DTYPE!r}.")
+    if cfg.MODEL.EMA.SCHEDULE not in ("cosine", "constant"):
+        raise ConfigError(
+            f"MODEL.EMA.SCHEDULE must be 'cosine' or 'constant', got {cfg.MODEL.EMA.SCHEDULE!r}."
+        )
+    if cfg.MODEL.RESNETS.DEPTH not in (18, 34, 50, 101, 152):
+        raise ConfigError(
+            f"MODEL.RESNETS.DEPTH must be one of 18, 34, 50, 101, 152; got {cfg.MODEL.RESNETS.DEPTH}."
+        )
+
+
+def _explain(e: Exception) -> str:
+    msg = e.args[0] if e.args else str(e)
+    msg = str(msg)
+    if "Non-existent config key" in msg:
+        msg += " (no such key: see soco_d2/config/ for the valid keys, or check its spelling)"
+    elif "Type mismatch" in msg:
+        msg += " (give a value of the key's default type)"
+    return msg

@@ -1,0 +1,122 @@
+"""Default configuration shared by pretraining (SoCo, DetCo) and fine-tuning.
+
+Every key a YAML file or a command-line override may set must exist here (or in one of the
+``add_*_config`` functions called by :func:`get_cfg`); an unknown key is an error.
+"""
+from fvcore.common.config import CfgNode as CN
+
+_C = CN()
+_C.VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Model (common parts)
+# ---------------------------------------------------------------------------------------------
+_C.MODEL = CN()
+_C.MODEL.META_ARCHITECTURE = "SoCo"
+_C.MODEL.DEVICE = "cuda"
+# Initial weights: a detectron2 .pkl, a torchvision / soco_d2 .pth, or "" (random init).
+_C.MODEL.WEIGHTS = ""
+# Pixel statistics in RGB order on the 0-255 scale (torchvision's ImageNet statistics).
+# Images travel as uint8 and are normalised on the model's device.
+_C.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+_C.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+
+_C.MODEL.RESNETS = CN()
+_C.MODEL.RESNETS.DEPTH = 50  # 18, 34, 50, 101, 152
+# "BN" becomes SyncBN automatically when the world size is > 1 (see engine.build).
+_C.MODEL.RESNETS.NORM = "BN"
+# Zero-initialise the last BN gamma of every residual block (as the official SoCo code).
+_C.MODEL.RESNETS.ZERO_INIT_RESIDUAL = True
+
+_C.MODEL.FPN = CN()
+_C.MODEL.FPN.OUT_CHANNELS = 256
+_C.MODEL.FPN.NORM = "BN"  # "" for no norm
+
+_C.MODEL.ROI_BOX_HEAD = CN()
+_C.MODEL.ROI_BOX_HEAD.NUM_CONV = 4
+_C.MODEL.ROI_BOX_HEAD.CONV_DIM = 256
+_C.MODEL.ROI_BOX_HEAD.NUM_FC = 1
+_C.MODEL.ROI_BOX_HEAD.FC_DIM = 1024
+_C.MODEL.ROI_BOX_HEAD.NORM = "BN"
+_C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+# 0 means adaptive sampling (torchvision's -1), as detectron2's ROIAlignV2 and the official code.
+_C.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 0
+
+# Target (momentum / EMA) network: m_k = 1 - (1 - BASE) * (cos(pi k / K) + 1) / 2 for "cosine".
+_C.MODEL.EMA = CN()
+_C.MODEL.EMA.BASE_MOMENTUM = 0.99
+_C.MODEL.EMA.SCHEDULE = "cosine"  # "cosine" or "constant"
+
+# ---------------------------------------------------------------------------------------------
+# Input / augmentation (common parts; SoCo and DetCo views have their own sections)
+# ---------------------------------------------------------------------------------------------
+_C.INPUT = CN()
+# Name of the view mapper in soco_d2.data.MAPPER_REGISTRY used for pretraining.
+_C.INPUT.MAPPER = "SoCoViewMapper"
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+_C.DATASETS = CN()
+_C.DATASETS.PRETRAIN = CN()
+# A registered name (e.g. "imagenet_train", found under $SOCO_DATASETS) or "" to use IMAGE_ROOT.
+_C.DATASETS.PRETRAIN.NAME = ""
+# A folder tree, a plain folder, a text file listing image paths, or a COCO json.
+_C.DATASETS.PRETRAIN.IMAGE_ROOT = ""
+# A proposals file written by tools/generate_proposals.py ("" = whole-image boxes only).
+_C.DATASETS.PRETRAIN.PROPOSALS = ""
+# Fail when more than this fraction of the images has no entry in the proposals file.
+_C.DATASETS.PRETRAIN.MAX_MISSING_PROPOSALS = 0.05
+
+_C.DATALOADER = CN()
+_C.DATALOADER.NUM_WORKERS = 4
+# Stop the run when more than this fraction of the images read so far were unreadable.
+_C.DATALOADER.MAX_BAD_IMAGE_FRACTION = 0.01
+
+# ---------------------------------------------------------------------------------------------
+# Solver (pretraining)
+# ---------------------------------------------------------------------------------------------
+_C.SOLVER = CN()
+_C.SOLVER.OPTIMIZER = "LARS"  # "LARS" or "SGD"
+# Linear scaling rule: lr = BASE_LR * IMS_PER_BATCH / BASE_LR_BATCH_SIZE.
+_C.SOLVER.BASE_LR = 1.0
+_C.SOLVER.BASE_LR_BATCH_SIZE = 256
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.NESTEROV = False
+_C.SOLVER.WEIGHT_DECAY = 1e-5
+# Parameters with one dimension (biases, norm weights) get no weight decay and no LARS scaling.
+_C.SOLVER.EXCLUDE_BIAS_AND_NORM = True
+_C.SOLVER.LARS_TRUST_COEF = 0.001
+_C.SOLVER.LARS_EPS = 1e-8
+# Schedule: linear warmup from WARMUP_FACTOR * lr over WARMUP_EPOCHS, then cosine to MIN_LR.
+_C.SOLVER.LR_SCHEDULER = "WarmupCosine"
+_C.SOLVER.EPOCHS = 100
+_C.SOLVER.WARMUP_EPOCHS = 10
+_C.SOLVER.WARMUP_FACTOR = 0.01
+_C.SOLVER.MIN_LR = 1e-6
+# Total images per optimizer step over all processes (and accumulation steps).
+_C.SOLVER.IMS_PER_BATCH = 2048
+# 0: derived from EPOCHS and the dataset size. Otherwise the schedule (warmup included, as a
+# fraction WARMUP_EPOCHS / EPOCHS) is stretched over MAX_ITER iterations.
+_C.SOLVER.MAX_ITER = 0
+# Split each step into this many micro-batches (for small GPU counts). BN statistics are then
+# computed over the micro-batch.
+_C.SOLVER.GRAD_ACCUM_STEPS = 1
+_C.SOLVER.CHECKPOINT_PERIOD = 5000
+# Keep at most this many periodic checkpoints (0 keeps all).
+_C.SOLVER.MAX_TO_KEEP = 3
+_C.SOLVER.CLIP_GRAD_NORM = 0.0  # 0 disables
+
+_C.SOLVER.AMP = CN()
+_C.SOLVER.AMP.ENABLED = False
+_C.SOLVER.AMP.DTYPE = "bfloat16"  # "bfloat16" or "float16" (with a gradient scaler)
+
+# ---------------------------------------------------------------------------------------------
+# Misc
+# ---------------------------------------------------------------------------------------------
+_C.OUTPUT_DIR = "./output"
+_C.SEED = 0
+_C.CUDNN_BENCHMARK = True
+_C.CHANNELS_LAST = False
+# Print a progress line (and write metrics) every this many iterations.
+_C.LOG_PERIOD = 20

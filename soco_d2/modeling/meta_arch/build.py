@@ -1,0 +1,21 @@
+"""Registry of pretraining meta-architectures."""
+from fvcore.common.registry import Registry
+
+META_ARCH_REGISTRY = Registry("META_ARCH")
+META_ARCH_REGISTRY.__doc__ = """
+Registry for pretraining meta-architectures (SoCo, DetCo). A registered class is called as
+``cls(cfg)`` and its ``forward(batch)`` returns a dict of scalar loss tensors.
+"""
+
+
+def build_model(cfg):
+    """Build the meta-architecture named by ``cfg.MODEL.META_ARCHITECTURE`` (on CPU)."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    try:
+        cls = META_ARCH_REGISTRY.get(name)
+    except KeyError as e:
+        raise KeyError(
+            f"MODEL.META_ARCHITECTURE {name!r} is not registered; "
+            f"known: {sorted(k for k, _ in META_ARCH_REGISTRY)}"
+        ) from e
+    return cls(cfg)
