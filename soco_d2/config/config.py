@@ -74,7 +74,7 @@ def validate_config(cfg: CfgNode) -> None:
 def _explain(e: Exception) -> str:
     msg = e.args[0] if e.args else str(e)
     msg = str(msg)
-    if "Non-existent config key" in msg:
+    if "Non-existent" in msg:
         msg += " (no such key: see soco_d2/config/ for the valid keys, or check its spelling)"
     elif "Type mismatch" in msg:
         msg += " (give a value of the key's default type)"
