@@ -1,0 +1,293 @@
+"""Listing and reading unlabeled images.
+
+An image source is one of
+
+* a folder tree (ImageNet layout, one sub-folder per class) or a plain folder: every file with an
+  image extension (:data:`IMAGE_EXTENSIONS`, any case) is listed, recursively; hidden files and
+  hidden folders (names starting with ``.``) are skipped; symlinked folders are followed;
+* a ``.txt`` list file: one path per line, absolute or relative to the list file's folder. Blank
+  lines and lines starting with ``#`` are ignored; ImageNet-style ``path<TAB>label`` or
+  ``path label`` lines are accepted and the label is ignored (a path containing spaces must then be
+  tab-separated from its label);
+* a COCO-format ``.json``: the ``file_name`` of every entry of ``images``, relative to
+  ``image_root``. When ``image_root`` is not given it is the folder named after the json's split
+  next to the json's folder if that exists (``annotations/instances_train2017.json`` ->
+  ``../train2017``), else the json's own folder.
+
+Images are identified by a *key*: their path relative to :attr:`ImageList.root`, with ``/``
+separators. Keys, not absolute paths, are what proposals files store, so a proposals file stays
+valid when the dataset moves to another machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "UnreadableImageError",
+    "read_image",
+    "ImageList",
+    "list_images",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class UnreadableImageError(Exception):
+    """An image file that cannot be decoded (missing, truncated, corrupt or unsupported)."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = str(path)
+        self.reason = str(reason)
+        super().__init__(f"cannot read image {self.path!r}: {self.reason}")
+
+    def __reduce__(self):  # keep (path, reason) when sent between processes
+        return (type(self), (self.path, self.reason))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale an integer or float image of any depth to uint8 (full range to full range)."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.uint16:
+        # Round-to-nearest of x * 255 / 65535 (x / 257 exactly maps 65535 -> 255, 257 -> 1).
+        return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if array.dtype == np.int8:
+        return (array.astype(np.int16) + 128).astype(np.uint8)
+    if array.dtype == np.int16:
+        return ((array.astype(np.int32) + 32768) >> 8).astype(np.uint8)
+    if array.dtype in (np.int32, np.uint32):
+        top = float(max(int(array.max()), 1))
+        return np.clip(np.rint(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        # Float images (TIFF, EXR, PFM) are taken to be on a 0..1 scale.
+        return np.clip(np.rint(np.nan_to_num(array) * 255.0), 0, 255).astype(np.uint8)
+    raise ValueError(f"unsupported pixel type {array.dtype}")
+
+
+def _decode_cv2(data: np.ndarray) -> Optional[np.ndarray]:
+    """OpenCV decode, keeping the raw pixel grid (IMREAD_UNCHANGED ignores EXIF orientation)."""
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        return None
+    image = _to_uint8(image)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    channels = image.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)  # alpha is dropped
+    return None
+
+
+def _decode_pil(path: str) -> np.ndarray:
+    """Pillow decode for what OpenCV cannot read; raises on truncated or corrupt data."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()  # Pillow refuses truncated files unless ImageFile.LOAD_TRUNCATED_IMAGES
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            return cv2.cvtColor(_to_uint8(np.asarray(image)), cv2.COLOR_GRAY2RGB)
+        if image.mode != "RGB":
+            image = image.convert("RGB")  # palette, grayscale, CMYK, YCbCr, LA, RGBA (alpha dropped)
+        return np.array(image, dtype=np.uint8)
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image file as an RGB ``uint8`` array of shape (H, W, 3).
+
+    * grayscale and palette images are expanded to RGB, CMYK is converted to RGB;
+    * 16-bit images are scaled to 8 bits (``round(x * 255 / 65535)``), float images from 0..1;
+    * an alpha channel is dropped (as Pillow's ``convert("RGB")`` and torchvision's readers do);
+    * the EXIF orientation tag is **not** applied: the array is the stored pixel grid, so boxes
+      computed on it (proposals) stay valid whatever reader a later stage uses, as long as it
+      also keeps the stored grid;
+    * a missing, empty, truncated or corrupt file raises :class:`UnreadableImageError`.
+
+    OpenCV decodes (fast path); Pillow is the fallback for files OpenCV cannot decode.
+    """
+    path = os.fspath(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise UnreadableImageError(path, e.strerror or str(e)) from None
+    if data.size == 0:
+        raise UnreadableImageError(path, "the file is empty")
+    image = _decode_cv2(data)
+    if image is not None:
+        return image
+    try:
+        image = _decode_pil(path)
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
+        raise UnreadableImageError(path, f"truncated, corrupt or unsupported image data ({e})") from None
+    if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise UnreadableImageError(path, f"decoded to an empty array of shape {image.shape}")
+    return image
+
+
+# ------------------------------------------------------------------------------------------------
+# Listing
+# ------------------------------------------------------------------------------------------------
+
+
+class ImageList:
+    """A sorted list of image keys (posix paths relative to ``root``)."""
+
+    def __init__(self, root: str, keys: Sequence[str]):
+        self.root = os.path.abspath(os.fspath(root))
+        self.keys: List[str] = sorted(set(keys))
+        self._index: Optional[Dict[str, int]] = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: str) -> bool:
+        return self._lookup().get(key) is not None
+
+    def __repr__(self) -> str:
+        return f"ImageList(root={self.root!r}, {len(self.keys)} images)"
+
+    def path(self, i: int) -> str:
+        """Absolute path of the i-th image."""
+        return os.path.join(self.root, *self.keys[i].split("/"))
+
+    def index_of(self, key: str) -> int:
+        index = self._lookup().get(key)
+        if index is None:
+            raise KeyError(f"image key {key!r} is not in the image list rooted at {self.root!r}")
+        return index
+
+    def _lookup(self) -> Dict[str, int]:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self.keys)}
+        return self._index
+
+    def __getstate__(self):
+        return {"root": self.root, "keys": self.keys}
+
+    def __setstate__(self, state):
+        self.root, self.keys, self._index = state["root"], state["keys"], None
+
+
+def _is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_folder(folder: str) -> ImageList:
+    keys = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = os.path.relpath(dirpath, folder)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        keys.extend(prefix + f for f in filenames if not f.startswith(".") and _is_image_file(f))
+    return ImageList(folder, keys)
+
+
+def _keys_under(root: str, paths: Sequence[str]) -> List[str]:
+    return [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
+
+
+def _check_exist(paths: Sequence[str], source: str) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(repr(p) for p in missing[:5])
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(paths)} images listed in {source!r} do not exist "
+            f"(first: {shown}); fix the paths or pass the right image_root"
+        )
+
+
+def _list_file(list_file: str, check_exists: bool) -> ImageList:
+    base = os.path.dirname(os.path.abspath(list_file))
+    paths = []
+    with open(list_file, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "\t" in line:
+                entry = line.split("\t", 1)[0].strip()
+            else:
+                parts = line.rsplit(None, 1)
+                # "path label": the last field is dropped when it looks like a label.
+                entry = parts[0] if len(parts) == 2 and not _is_image_file(parts[1]) else line
+            paths.append(os.path.normpath(os.path.join(base, entry)))
+    if check_exists:
+        _check_exist(paths, list_file)
+    # Keys relative to the list file's folder when every image lies under it (portable lists),
+    # else relative to the images' common folder.
+    if all(os.path.commonpath([base, p]) == base for p in paths):
+        root = base
+    else:
+        root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return ImageList(root, _keys_under(root, paths))
+
+
+def default_coco_image_root(json_file: str) -> str:
+    """``<json folder>/../<split>`` for ``*_<split>.json`` if that folder exists, else the json's folder."""
+    folder = os.path.dirname(os.path.abspath(json_file))
+    stem = os.path.splitext(os.path.basename(json_file))[0]
+    split = stem.rsplit("_", 1)[-1]
+    candidate = os.path.join(os.path.dirname(folder), split)
+    return candidate if split and os.path.isdir(candidate) else folder
+
+
+def _list_coco(json_file: str, image_root: Optional[str], check_exists: bool) -> ImageList:
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_file!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{json_file!r} is not a COCO-format json: it has no 'images' list")
+    root = os.path.abspath(image_root) if image_root else default_coco_image_root(json_file)
+    try:
+        names = [img["file_name"] for img in data["images"]]
+    except (KeyError, TypeError):
+        raise ValueError(f"{json_file!r}: every entry of 'images' needs a 'file_name'") from None
+    paths = [os.path.normpath(os.path.join(root, n)) for n in names]
+    if check_exists:
+        _check_exist(paths, json_file)
+    if any(os.path.commonpath([root, p]) != root for p in paths):
+        raise ValueError(f"{json_file!r}: some file_name entries point outside the image root {root!r}")
+    return ImageList(root, _keys_under(root, paths))
+
+
+def list_images(source, image_root: Optional[str] = None, check_exists: bool = True) -> ImageList:
+    """List the images of ``source`` (folder, ``.txt`` list file or COCO ``.json``; see module doc).
+
+    ``image_root`` applies to COCO json sources only. ``check_exists`` verifies that every image
+    named by a list file or json exists (one ``stat`` per image).
+    """
+    source = os.fspath(source)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"image source {source!r} does not exist")
+    if os.path.isdir(source):
+        images = _list_folder(source)
+    elif source.lower().endswith(".json"):
+        images = _list_coco(source, image_root, check_exists)
+    elif source.lower().endswith(".txt"):
+        images = _list_file(source, check_exists)
+    else:
+        raise ValueError(
+            f"image source {source!r} is neither a folder, a .txt list file nor a COCO .json file"
+        )
+    if len(images) == 0:
+        raise ValueError(
+            f"no images found in {source!r} (accepted extensions, any case: "
+            f"{' '.join(IMAGE_EXTENSIONS)}; hidden files are skipped)"
+        )
+    return images
