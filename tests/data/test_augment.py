@@ -1,0 +1,179 @@
+import math
+
+import numpy as np
+import pytest
+
+from soco_d2.data import augment as A
+
+
+def _px(rgb, h=1, w=1):
+    return np.tile(np.array(rgb, dtype=np.uint8), (h, w, 1))
+
+
+# ---------------------------------------------------------------- random resized crop
+
+
+def test_random_resized_crop_matches_torchvision_formula():
+    scale, ratio = (0.5, 1.0), (3 / 4, 4 / 3)
+    rng, ref = np.random.default_rng(3), np.random.default_rng(3)
+    y0, x0, h, w = A.random_resized_crop_params(300, 400, scale, ratio, rng)
+    # Replay the same draws: first attempt fits for this image.
+    area = ref.uniform(*scale) * 300 * 400
+    aspect = math.exp(ref.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    ew, eh = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+    assert (h, w) == (eh, ew)
+    assert y0 == ref.integers(0, 300 - eh + 1) and x0 == ref.integers(0, 400 - ew + 1)
+
+
+def test_random_resized_crop_stays_inside_and_respects_ranges():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        H, W = rng.integers(20, 500, size=2)
+        y0, x0, h, w = A.random_resized_crop_params(int(H), int(W), (0.5, 1.0), (0.75, 4 / 3), rng)
+        assert 0 <= y0 and y0 + h <= H and 0 <= x0 and x0 + w <= W and h >= 1 and w >= 1
+
+
+@pytest.mark.parametrize(
+    "hw, expected",
+    [
+        ((5, 300), (0, (300 - 7) // 2, 5, 7)),  # too wide: full height, w = round(5 * 4/3)
+        ((300, 5), ((300 - 7) // 2, 0, 7, 5)),  # too tall: full width, h = round(5 / (3/4))
+        ((1, 1), (0, 0, 1, 1)),
+    ],
+)
+def test_random_resized_crop_fallback_is_centre_crop_clamped_to_ratio(hw, expected):
+    # scale > 1 makes every attempt fail, forcing the fallback.
+    crop = A.random_resized_crop_params(hw[0], hw[1], (2.0, 2.0), (3 / 4, 4 / 3), np.random.default_rng(0))
+    assert crop == expected
+
+
+# ---------------------------------------------------------------- resize / flip
+
+
+def test_resize_keeps_continuous_coordinates():
+    # A 2x4 block at rows 2..4, cols 4..8 of a 10x20 image; resized x0.5 it is rows 1..2, cols 2..4.
+    img = np.zeros((10, 20, 3), np.uint8)
+    img[2:4, 4:8] = 200
+    out = A.resize(img, (5, 10))
+    assert out.shape == (5, 10, 3)
+    assert (out[1, 2:4] == 200).all() and out[1, :2].max() == 0 and out[1, 4:].max() == 0
+    up = A.resize(img, (20, 40))
+    assert up.shape == (20, 40, 3)
+    assert (up[5:7, 9:15] == 200).all()  # interior of the doubled block [4, 8) x [8, 16)
+
+
+def test_resize_accepts_a_crop_slice():
+    img = np.arange(40 * 50 * 3, dtype=np.uint8).reshape(40, 50, 3)
+    crop = img[5:25, 10:40]
+    np.testing.assert_array_equal(A.resize(crop, (20, 30)), crop)
+    assert A.resize(crop, (7, 9)).shape == (7, 9, 3)
+
+
+def test_hflip():
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    np.testing.assert_array_equal(A.hflip(img), img[:, ::-1])
+
+
+# ---------------------------------------------------------------- colour ops
+
+
+def test_brightness_contrast_saturation_by_hand():
+    f = _px([100, 50, 200]).astype(np.float32)
+    np.testing.assert_allclose(A.adjust_brightness(f, 1.5), [[[150, 75, 255]]])  # 300 clipped
+    img = np.array([[[0, 0, 0], [200, 100, 50]]], np.float32)
+    gray = img @ np.array([0.299, 0.587, 0.114], np.float32)  # 0 and 124.2
+    mean = gray.mean()  # 62.1
+    np.testing.assert_allclose(A.adjust_contrast(img, 0.5), 0.5 * img + 0.5 * mean, rtol=1e-5)
+    np.testing.assert_allclose(A.adjust_contrast(img, 0.5)[0, 1], [131.05, 81.05, 56.05], rtol=1e-5)
+    np.testing.assert_allclose(A.adjust_saturation(img, 0.0)[0, 1], [124.2] * 3, rtol=1e-5)
+    np.testing.assert_allclose(A.adjust_saturation(img, 2.0)[0, 1], [255, 75.8, 0], rtol=1e-5)
+
+
+def test_hue_shift_zero_is_identity_and_half_turn_maps_red_to_cyan():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(A.adjust_hue(img, 0.0), img)
+    # A full turn is also the identity (exercises the HSV round trip).
+    np.testing.assert_allclose(A.adjust_hue(img, 1.0), img, atol=1e-2)
+    red = np.array([[[255, 0, 0], [100, 0, 0]]], np.float32)
+    np.testing.assert_allclose(A.adjust_hue(red, 0.5), [[[0, 255, 255], [0, 100, 100]]], atol=1e-2)
+    # One third of a turn: red -> green, green -> blue.
+    rg = np.array([[[255, 0, 0], [0, 255, 0]]], np.float32)
+    np.testing.assert_allclose(A.adjust_hue(rg, 1 / 3), [[[0, 255, 0], [0, 0, 255]]], atol=1e-2)
+    # Grey has no hue.
+    grey = np.full((1, 1, 3), 77, np.float32)
+    np.testing.assert_allclose(A.adjust_hue(grey, 0.3), grey, atol=1e-3)
+
+
+def test_grayscale_weights():
+    out = A.to_grayscale(_px([200, 100, 50]))
+    expected = round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)  # 124
+    assert out.shape == (1, 1, 3) and (out == expected).all()
+
+
+def test_solarize_threshold():
+    img = np.array([[[0, 127, 128], [200, 255, 10]]], np.uint8)
+    np.testing.assert_array_equal(A.solarize(img), [[[0, 127, 127], [55, 0, 10]]])
+    np.testing.assert_array_equal(A.solarize(img, threshold=201), [[[0, 127, 128], [200, 0, 10]]])
+
+
+def test_gaussian_blur_matches_normalised_gaussian():
+    img = np.zeros((31, 31, 3), np.uint8)
+    img[15, 15] = 255
+    out = A.gaussian_blur(img, 1.0).astype(np.float64)
+    g = np.exp(-0.5 * np.arange(-3, 4) ** 2)
+    g /= g.sum()
+    assert abs(out[15, 15, 0] - 255 * g[3] ** 2) <= 1
+    assert abs(out[15, 16, 0] - 255 * g[3] * g[4]) <= 1
+    assert abs(out.sum() / 3 - 255) < 10  # mass preserved
+
+
+# ---------------------------------------------------------------- ColorAugment
+
+
+def test_color_augment_replays_torchvision_order_and_factors():
+    aug = A.ColorAugment(0.4, 0.4, 0.2, 0.1, jitter_prob=1.0, grayscale_prob=0.0, blur_prob=0.0)
+    img = np.random.default_rng(1).integers(0, 256, size=(6, 7, 3)).astype(np.uint8)
+    out = aug(img, np.random.default_rng(5))
+
+    ref = np.random.default_rng(5)
+    ref.random()  # jitter applied
+    order = ref.permutation(4)
+    factors = [ref.uniform(0.6, 1.4), ref.uniform(0.6, 1.4), ref.uniform(0.8, 1.2), ref.uniform(-0.1, 0.1)]
+    fns = [A.adjust_brightness, A.adjust_contrast, A.adjust_saturation, A.adjust_hue]
+    x = img.astype(np.float32)
+    for i in order:
+        x = fns[i](x, factors[i])
+    np.testing.assert_array_equal(out, np.rint(x).astype(np.uint8))
+    assert out.dtype == np.uint8 and out.shape == img.shape
+
+
+def test_color_augment_probabilities_and_identity():
+    img = np.random.default_rng(2).integers(0, 256, size=(5, 5, 3)).astype(np.uint8)
+    off = A.ColorAugment(jitter_prob=0, grayscale_prob=0, blur_prob=0, solarize_prob=0)
+    np.testing.assert_array_equal(off(img, np.random.default_rng(0)), img)
+    gray_only = A.ColorAugment(jitter_prob=0, grayscale_prob=1, blur_prob=0, solarize_prob=0)
+    np.testing.assert_array_equal(gray_only(img, np.random.default_rng(0)), A.to_grayscale(img))
+    sol_only = A.ColorAugment(jitter_prob=0, grayscale_prob=0, blur_prob=0, solarize_prob=1)
+    np.testing.assert_array_equal(sol_only(img, np.random.default_rng(0)), A.solarize(img))
+    blur_only = A.ColorAugment(jitter_prob=0, grayscale_prob=0, blur_prob=1, solarize_prob=0, blur_sigma=(1.5, 1.5))
+    np.testing.assert_array_equal(blur_only(img, np.random.default_rng(0)), A.gaussian_blur(img, 1.5))
+
+
+def test_color_augment_is_deterministic_given_rng_and_varies_otherwise():
+    aug = A.ColorAugment(solarize_prob=0.2, blur_prob=0.5)
+    img = np.random.default_rng(4).integers(0, 256, size=(16, 16, 3)).astype(np.uint8)
+    a = aug(img, np.random.default_rng(9))
+    b = aug(img, np.random.default_rng(9))
+    np.testing.assert_array_equal(a, b)
+    outs = {aug(img, np.random.default_rng(s)).tobytes() for s in range(10)}
+    assert len(outs) > 5
+
+
+def test_color_augment_rejects_bad_settings():
+    with pytest.raises(ValueError, match="hue"):
+        A.ColorAugment(hue=0.7)
+    with pytest.raises(ValueError, match="grayscale_prob"):
+        A.ColorAugment(grayscale_prob=1.5)
+    with pytest.raises(ValueError, match="brightness"):
+        A.ColorAugment(brightness=-0.1)
