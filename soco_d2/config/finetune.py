@@ -1,8 +1,100 @@
-"""Config keys of detector fine-tuning (Mask R-CNN / RetinaNet) and COCO evaluation."""
+"""Config keys of detector fine-tuning (Mask R-CNN / RetinaNet) and COCO evaluation.
+
+Names follow detectron2's where detectron2 has the key, so a detectron2 fine-tuning recipe reads
+the same here. The shared defaults in ``defaults.py`` are tuned for pretraining (LARS, cosine,
+batch 2048); a fine-tuning config must set ``SOLVER.OPTIMIZER "SGD"``,
+``SOLVER.LR_SCHEDULER "WarmupMultiStep"``, ``SOLVER.BASE_LR_BATCH_SIZE 16`` and friends
+(``configs/finetune/Base-Finetune.yaml`` does).
+"""
 from fvcore.common.config import CfgNode as CN
 
 
 def add_finetune_config(cfg: CN) -> None:
+    # ------------------------------------------------------------------------------------------
+    # Datasets: names registered in soco_d2.finetune.coco_data (coco_2017_train, ...).
+    # ------------------------------------------------------------------------------------------
     cfg.DATASETS.TRAIN = ()
     cfg.DATASETS.TEST = ()
+    # Drop training images without any usable (non-crowd, non-degenerate) annotation, as
+    # detectron2's DATALOADER.FILTER_EMPTY_ANNOTATIONS. False keeps them as negative images.
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+    # Images named by a dataset json but absent on disk are an error; True skips them (logged).
+    cfg.DATALOADER.SKIP_MISSING_IMAGES = False
+
+    # ------------------------------------------------------------------------------------------
+    # Input: resizing is done by the detector (torchvision's GeneralizedRCNNTransform), which
+    # picks the short side at random from MIN_SIZE_TRAIN for every training image.
+    # ------------------------------------------------------------------------------------------
+    cfg.INPUT.MIN_SIZE_TRAIN = (640, 672, 704, 736, 768, 800)
+    cfg.INPUT.MAX_SIZE_TRAIN = 1333
+    cfg.INPUT.MIN_SIZE_TEST = 800
+    cfg.INPUT.MAX_SIZE_TEST = 1333
+    cfg.INPUT.RANDOM_FLIP = "horizontal"  # "horizontal" or "none"
+
+    # ------------------------------------------------------------------------------------------
+    # Detector
+    # ------------------------------------------------------------------------------------------
+    cfg.MODEL.DETECTOR = "mask_rcnn"  # "mask_rcnn" | "retinanet"
+    cfg.MODEL.NUM_CLASSES = 80  # foreground classes
+    cfg.MODEL.MASK_ON = True  # Mask R-CNN only
+    cfg.MODEL.BACKBONE = CN()
+    # detectron2's meaning: 0 trains every layer (the SoCo/MoCo recipes), 1 freezes the stem,
+    # k freezes the stem and res2..res(k). Frozen layers get requires_grad=False.
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+
+    cfg.MODEL.RPN = CN()
+    cfg.MODEL.RPN.NUM_CONV = 2  # torchvision's v2 RPN head (detectron2's has 1)
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 2000  # per FPN level
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1000  # per image
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
+
+    cfg.MODEL.ROI_HEADS = CN()
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 512
+    cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.05
+    cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5
+
+    # The box head uses MODEL.ROI_BOX_HEAD (shared with SoCo's pretraining head: 4conv1fc, BN).
+    cfg.MODEL.ROI_MASK_HEAD = CN()
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 4
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 256
+    cfg.MODEL.ROI_MASK_HEAD.NORM = "BN"
+    cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION = 14
+
+    cfg.MODEL.RETINANET = CN()
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.05
+    cfg.MODEL.RETINANET.NMS_THRESH_TEST = 0.5
+    cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 1000
+    cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA = 0.25
+    cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA = 2.0
+
+    # ------------------------------------------------------------------------------------------
+    # Solver (fine-tuning). Shared keys reused: OPTIMIZER ("SGD"), BASE_LR, BASE_LR_BATCH_SIZE
+    # (lr = BASE_LR * IMS_PER_BATCH / BASE_LR_BATCH_SIZE), IMS_PER_BATCH, MAX_ITER, MOMENTUM,
+    # NESTEROV, WEIGHT_DECAY, WARMUP_FACTOR, CHECKPOINT_PERIOD, MAX_TO_KEEP, CLIP_GRAD_NORM, AMP.
+    # ------------------------------------------------------------------------------------------
+    # LR decay points for LR_SCHEDULER "WarmupMultiStep". A value >= 1 is an iteration (as in
+    # detectron2: 60000, 80000 of 90000); a value in (0, 1) is a fraction of MAX_ITER, so a
+    # shortened run keeps its shape: (0.6667, 0.8889) = 60k/80k of 90k = 120k/160k of 180k.
+    cfg.SOLVER.STEPS = (60000, 80000)
+    cfg.SOLVER.GAMMA = 0.1
+    cfg.SOLVER.WARMUP_ITERS = 1000
+    cfg.SOLVER.WARMUP_METHOD = "linear"  # "linear" or "constant"
+    # Weight decay of normalisation-layer parameters (detectron2's WEIGHT_DECAY_NORM); every
+    # other parameter, biases included, gets SOLVER.WEIGHT_DECAY.
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+
+    # ------------------------------------------------------------------------------------------
+    # Test / evaluation
+    # ------------------------------------------------------------------------------------------
     cfg.TEST = CN()
+    # Evaluate every this many iterations (0: only at the end of training).
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.TEST.DETECTIONS_PER_IMAGE = 100
+    cfg.TEST.IMS_PER_BATCH = 1  # images per process at inference
+    # Re-estimate BN statistics on NUM_ITER training batches before each evaluation
+    # (fvcore's precise BN), as the SoCo / MoCo fine-tuning recipes do.
+    cfg.TEST.PRECISE_BN = CN()
+    cfg.TEST.PRECISE_BN.ENABLED = False
+    cfg.TEST.PRECISE_BN.NUM_ITER = 200
