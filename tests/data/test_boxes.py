@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from soco_d2.data.boxes import crop_boxes, hflip_boxes, jitter_boxes, sample_k_with_padding, scale_boxes
+
+
+def test_jitter_boxes_by_hand_from_the_same_draws():
+    boxes = np.array([[10, 20, 50, 100], [0, 0, 10, 10], [5, 5, 25, 15]], np.float32)
+    out = jitter_boxes(boxes, prob=0.5, ratio=0.1, rng=np.random.default_rng(2))
+
+    ref = np.random.default_rng(2)
+    apply = ref.random(3) < 0.5
+    r = ref.uniform(-0.1, 0.1, size=(3, 4))
+    assert apply.any() and not apply.all()  # this seed exercises both branches
+    for i, (x1, y1, x2, y2) in enumerate(boxes.astype(np.float64)):
+        if not apply[i]:
+            np.testing.assert_array_equal(out[i], boxes[i])
+            continue
+        w, h = x2 - x1, y2 - y1
+        nx1, ny1 = x1 + r[i, 0] * w, y1 + r[i, 1] * h
+        nw, nh = w * (1 + r[i, 2]), h * (1 + r[i, 3])
+        np.testing.assert_allclose(out[i], [nx1, ny1, nx1 + nw, ny1 + nh], rtol=1e-5)
+
+
+def test_jitter_boxes_extremes():
+    boxes = np.array([[10, 20, 50, 100]], np.float32)
+    np.testing.assert_array_equal(jitter_boxes(boxes, 0.0, 0.1, np.random.default_rng(0)), boxes)
+    np.testing.assert_array_equal(jitter_boxes(boxes, 1.0, 0.0, np.random.default_rng(0)), boxes)
+    out = jitter_boxes(boxes, 1.0, 0.1, np.random.default_rng(0))
+    w, h = out[0, 2] - out[0, 0], out[0, 3] - out[0, 1]
+    assert 36 <= w <= 44 and 72 <= h <= 88 and 6 <= out[0, 0] <= 14 and 12 <= out[0, 1] <= 28
+    assert jitter_boxes(np.zeros((0, 4), np.float32), 0.5, 0.1, np.random.default_rng(0)).shape == (0, 4)
+
+
+def test_crop_boxes_intersects_shifts_and_drops():
+    boxes = np.array(
+        [
+            [10, 10, 30, 30],  # inside
+            [0, 0, 15, 100],  # partly outside (left, top, bottom)
+            [60, 60, 80, 80],  # outside
+            [49.5, 20, 60, 40],  # 0.5 px sliver at the right edge
+            [50, 20, 60, 40],  # touches the edge only: no overlap
+        ],
+        np.float32,
+    )
+    crop = (5, 8, 40, 42)  # y0, x0, h, w -> x in [8, 50), y in [5, 45)
+    out, keep = crop_boxes(boxes, crop)
+    np.testing.assert_array_equal(keep, [True, True, False, False, False])
+    np.testing.assert_allclose(out[0], [2, 5, 22, 25])
+    np.testing.assert_allclose(out[1], [0, 0, 7, 40])
+    _, keep0 = crop_boxes(boxes, crop, min_size=0)
+    np.testing.assert_array_equal(keep0, [True, True, False, True, False])
+
+
+def test_scale_and_hflip_boxes():
+    boxes = np.array([[10, 20, 30, 60]], np.float32)
+    np.testing.assert_allclose(scale_boxes(boxes, 0.5, 2.0), [[5, 40, 15, 120]])
+    flipped = hflip_boxes(boxes, 100)
+    np.testing.assert_allclose(flipped, [[70, 20, 90, 60]])
+    np.testing.assert_allclose(hflip_boxes(flipped, 100), boxes)
+    assert scale_boxes(boxes, 1, 1).dtype == np.float32 and flipped.dtype == np.float32
+
+
+def test_sample_k_with_padding_distinct_then_duplicates():
+    rng = np.random.default_rng(0)
+    chosen, take = sample_k_with_padding(10, 4, rng)
+    assert len(set(chosen.tolist())) == 4 and chosen.max() < 10
+    np.testing.assert_array_equal(take, np.arange(4))
+
+    chosen, take = sample_k_with_padding(2, 5, rng)
+    assert sorted(chosen.tolist()) == [0, 1] and len(take) == 5
+    np.testing.assert_array_equal(take[:2], [0, 1])
+    assert set(take[2:].tolist()) <= {0, 1}
+
+    chosen, take = sample_k_with_padding(0, 4, rng)
+    assert len(chosen) == 0 and len(take) == 0
+    with pytest.raises(ValueError, match="k must be"):
+        sample_k_with_padding(3, 0, rng)
+
+
+def test_sample_k_is_uniform_over_candidates():
+    rng = np.random.default_rng(1)
+    counts = np.zeros(6)
+    for _ in range(3000):
+        chosen, _ = sample_k_with_padding(6, 2, rng)
+        counts[chosen] += 1
+    np.testing.assert_allclose(counts / counts.sum(), 1 / 6, atol=0.02)
