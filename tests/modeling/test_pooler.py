@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+
+from soco_d2.config import get_cfg
+from soco_d2.modeling.pooler import ScaleAwareRoIPooler, build_soco_pooler
+
+SIDES = [47.9, 48.0, 95.0, 96.0, 191.0, 192.0, 300.0]
+# torchvision's rule with canonical size 96 at level 4: s < 48 -> P2, < 96 -> P3, < 192 -> P4.
+EXPECTED_LEVEL = [2, 3, 3, 4, 4, 5, 5]
+
+
+def _square_boxes(sides, x0=1.0):
+    return torch.tensor([[x0, x0, x0 + s, x0 + s] for s in sides])
+
+
+def test_level_assignment_hand_computed():
+    pooler = build_soco_pooler(get_cfg())
+    levels = pooler.assign_levels(_square_boxes(SIDES)) + 2
+    assert levels.tolist() == EXPECTED_LEVEL
+    # Non-square boxes use sqrt(w h): 24 x 96 -> s = 48 -> P3; 24 x 95 -> s < 48 -> P2.
+    boxes = torch.tensor([[0.0, 0.0, 24.0, 96.0], [0.0, 0.0, 24.0, 95.0]])
+    assert (pooler.assign_levels(boxes) + 2).tolist() == [3, 2]
+
+
+def test_official_convention_differs_only_on_the_thresholds():
+    # The official code: side s (its x2 - x1 + 1 on inclusive pixel coordinates) with <= thresholds.
+    def official(s):
+        return 2 if s <= 48 else 3 if s <= 96 else 4 if s <= 192 else 5
+
+    differ = [s for s, ours in zip(SIDES, EXPECTED_LEVEL) if official(s) != ours]
+    assert differ == [48.0, 96.0, 192.0]
+
+
+def _ramp_features(n, view):
+    """P2..P5 maps whose value encodes image, level, row and column: 10000 n + 1000 l + 100 y + x."""
+    feats = []
+    for lvl in range(2, 6):
+        side = math.ceil(view / 2**lvl)
+        y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        base = (1000 * lvl + 100 * y + x).float()
+        feats.append(torch.stack([base + 10000 * i for i in range(n)])[:, None].repeat(1, 2, 1, 1))
+    return feats
+
+
+def test_pools_each_box_on_its_level_with_aligned_roi_align():
+    pooler = ScaleAwareRoIPooler(output_size=7, sampling_ratio=0)
+    feats = _ramp_features(2, 224)
+    # Image 0: a P2 box and a P3 box; image 1: the P3 box and the P2 box (order must be kept).
+    p2_box = [16.0, 16.0, 44.0, 44.0]    # s = 28 -> P2
+    p3_box = [8.0, 8.0, 120.0, 64.0]     # s = sqrt(112 * 56) = 79.2 -> P3
+    boxes = torch.tensor([[p2_box, p3_box], [p3_box, p2_box]])
+    out = pooler(feats, boxes, (224, 224))
+    assert out.shape == (4, 2, 7, 7)
+    i = torch.arange(7.0)
+    # aligned=True: feature coordinate = box / stride - 0.5; bin centres of a linear ramp.
+    # P2 box: x, y start 16/4 - 0.5 = 3.5, bin 1  -> 4 + i.
+    p2 = 2000 + 100 * (4 + i)[:, None] + (4 + i)[None, :]
+    # P3 box: x start 0.5, bin 2 -> 1.5 + 2i; y start 0.5, bin 1 -> 1 + j.
+    p3 = 3000 + 100 * (1 + i)[:, None] + (1.5 + 2 * i)[None, :]
+    expected = torch.stack([p2, p3, p3 + 10000, p2 + 10000])
+    torch.testing.assert_close(out[:, 0], expected, rtol=0, atol=1e-3)
+    torch.testing.assert_close(out[:, 1], expected, rtol=0, atol=1e-3)
+
+
+def test_112_view_scales_and_gradients_reach_only_used_levels():
+    pooler = ScaleAwareRoIPooler()
+    feats = [f.requires_grad_() for f in _ramp_features(1, 112)]
+    assert [tuple(f.shape[-2:]) for f in feats][-1] == (4, 4)
+    assert pooler.feature_scales(feats, (112, 112)) == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    boxes = torch.tensor([[[10.0, 10.0, 40.0, 40.0], [0.0, 0.0, 100.0, 100.0]]])  # P2, P4
+    out = pooler(feats, boxes, (112, 112))
+    # P4 box: starts at 0 / 16 - 0.5, bins of 100 / 16 / 7; centre of bin (3, 3) in x and y.
+    torch.testing.assert_close(out[1, 0, 3, 3], torch.tensor(4000 + 101 * (-0.5 + 100 / 16 * 3.5 / 7)))
+    out.sum().backward()
+    used = [f.grad is not None and f.grad.abs().sum().item() > 0 for f in feats]
+    assert used == [True, False, True, False]
+
+
+def test_wrong_feature_maps_raise():
+    pooler = ScaleAwareRoIPooler()
+    feats = _ramp_features(1, 224)
+    with pytest.raises(ValueError, match="stride"):
+        pooler(feats, torch.zeros(1, 1, 4), (112, 112))
+    with pytest.raises(ValueError, match="feature maps"):
+        pooler(feats[:3], torch.zeros(1, 1, 4), (224, 224))
