@@ -1,0 +1,168 @@
+import numpy as np
+import pytest
+import torch
+
+from soco_d2.config import get_cfg
+from soco_d2.data import MAPPER_REGISTRY, augment, build_mapper
+from soco_d2.data.detco_views import DetCoViewMapper
+
+
+def _cfg(**detco):
+    cfg = get_cfg()
+    cfg.INPUT.MAPPER = "DetCoViewMapper"
+    for k, v in detco.items():
+        setattr(cfg.INPUT.DETCO, k, v)
+    return cfg
+
+
+def _no_color(**kw):
+    return _cfg(COLOR_JITTER_PROB=0.0, GRAYSCALE_PROB=0.0, BLUR_PROB=0.0, **kw)
+
+
+def _image(h=180, w=240, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_registered_and_sample_format():
+    assert MAPPER_REGISTRY.get("DetCoViewMapper") is DetCoViewMapper
+    mapper = build_mapper(_cfg())
+    out = mapper(_image(), np.zeros((0, 4), np.float32), np.random.default_rng(0))
+    assert set(out) == {"global", "local", "local_perm"}
+    assert out["global"].shape == (2, 3, 224, 224) and out["global"].dtype == torch.uint8
+    assert out["local"].shape == (2, 9, 3, 64, 64) and out["local"].dtype == torch.uint8
+    assert out["local_perm"].dtype == torch.int64
+    for s in range(2):
+        assert sorted(out["local_perm"][s].tolist()) == list(range(9))
+
+
+def test_sizes_follow_config():
+    cfg = _cfg(GLOBAL_SIZE=96, LOCAL_CROP_SIZE=120, GRID=2, PATCH_SIZE=48)
+    out = DetCoViewMapper(cfg)(_image(), None, np.random.default_rng(0))
+    assert out["global"].shape == (2, 3, 96, 96)
+    assert out["local"].shape == (2, 4, 3, 48, 48)
+    assert out["local_perm"].shape == (2, 4)
+
+
+def test_patch_larger_than_cell_is_a_config_error():
+    with pytest.raises(ValueError, match="PATCH_SIZE"):
+        DetCoViewMapper(_cfg(PATCH_SIZE=90))
+
+
+def test_deterministic_given_rng_and_different_otherwise():
+    mapper = DetCoViewMapper(_cfg())
+    img = _image()
+    a = mapper(img, None, np.random.default_rng(5))
+    b = mapper(img, None, np.random.default_rng(5))
+    c = mapper(img, None, np.random.default_rng(6))
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    assert not torch.equal(a["global"], c["global"])
+
+
+@pytest.mark.parametrize("flip_prob", [0.0, 1.0])
+def test_jigsaw_patches_are_the_claimed_cell_crops(flip_prob):
+    mapper = DetCoViewMapper(_no_color(FLIP_PROB=flip_prob))
+    img = _image(157, 203, seed=3)
+    ps = mapper.patch_set(img, np.random.default_rng(11))
+    y0, x0, h, w = ps.crop
+    assert h >= 1 and w >= 1 and y0 + h <= 157 and x0 + w <= 203
+    big = augment.resize(img[y0 : y0 + h, x0 : x0 + w], (255, 255))
+    if flip_prob:
+        big = big[:, ::-1]
+    assert ps.flipped == bool(flip_prob)
+    assert sorted(ps.perm.tolist()) == list(range(9))
+    assert ps.offsets.min() >= 0 and ps.offsets.max() <= 85 - 64
+    for j, cell in enumerate(ps.perm.tolist()):
+        dy, dx = ps.offsets[cell]
+        y, x = (cell // 3) * 85 + dy, (cell % 3) * 85 + dx
+        np.testing.assert_array_equal(ps.patches[j], big[y : y + 64, x : x + 64])
+
+
+def test_call_returns_patch_sets_in_chw():
+    mapper = DetCoViewMapper(_no_color(FLIP_PROB=0.0))
+    img = _image(seed=4)
+    out = mapper(img, None, np.random.default_rng(2))
+    rng = np.random.default_rng(2)
+    [mapper.global_view(img, rng) for _ in range(2)]
+    sets = [mapper.patch_set(img, rng) for _ in range(2)]
+    for s in range(2):
+        assert torch.equal(out["local_perm"][s], torch.from_numpy(sets[s].perm))
+        assert torch.equal(out["local"][s], torch.from_numpy(sets[s].patches).permute(0, 3, 1, 2))
+
+
+def test_set_colour_is_shared_and_patch_colour_is_not():
+    # A flat grey image: any pixel difference between patches comes from the colour draw.
+    img = np.full((120, 160, 3), (90, 140, 60), dtype=np.uint8)
+    kw = dict(COLOR_JITTER_PROB=1.0, GRAYSCALE_PROB=0.0, BLUR_PROB=0.0, FLIP_PROB=0.0)
+    shared = DetCoViewMapper(_cfg(LOCAL_COLOR="set", **kw)).patch_set(img, np.random.default_rng(0))
+    assert (shared.patches == shared.patches[0]).all()
+    assert not (shared.patches[0] == img[:64, :64]).all()
+    each = DetCoViewMapper(_cfg(LOCAL_COLOR="patch", **kw)).patch_set(img, np.random.default_rng(0))
+    assert len({tuple(p[0, 0]) for p in each.patches}) > 1
+
+
+def test_set_blur_does_not_mix_neighbouring_patches():
+    # Two-tone image: the left half of the crop is black, the right white. A patch in the left
+    # column stays all black under per-patch blur, whatever its neighbours in the stack are.
+    img = np.zeros((255, 255, 3), np.uint8)
+    img[:, 128:] = 255
+    cfg = _cfg(COLOR_JITTER_PROB=0.0, GRAYSCALE_PROB=0.0, BLUR_PROB=1.0, BLUR_SIGMA=(2.0, 2.0),
+               FLIP_PROB=0.0, LOCAL_CROP_SCALE=(1.0, 1.0), CROP_RATIO=(1.0, 1.0))
+    ps = DetCoViewMapper(cfg).patch_set(img, np.random.default_rng(1))
+    for j, cell in enumerate(ps.perm.tolist()):
+        if cell % 3 == 0:
+            assert ps.patches[j].max() == 0
+        if cell % 3 == 2:
+            assert ps.patches[j].min() == 255
+
+
+@pytest.mark.parametrize("shape", [(20, 20), (1, 300), (300, 1), (1, 1)])
+def test_tiny_and_thin_images_are_upsampled(shape):
+    out = DetCoViewMapper(_cfg())(_image(*shape), None, np.random.default_rng(0))
+    assert out["global"].shape == (2, 3, 224, 224)
+    assert out["local"].shape == (2, 9, 3, 64, 64)
+
+
+def test_no_colour_global_view_is_the_resized_crop():
+    mapper = DetCoViewMapper(_no_color(FLIP_PROB=0.0))
+    img = _image(seed=8)
+    view = mapper.global_view(img, np.random.default_rng(4))
+    y0, x0, h, w = augment.random_resized_crop_params(180, 240, (0.2, 1.0), (3 / 4, 4 / 3),
+                                                      np.random.default_rng(4))
+    np.testing.assert_array_equal(view, augment.resize(img[y0 : y0 + h, x0 : x0 + w], (224, 224)))
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "autoaugment"])
+def test_aa_policy_is_seeded_by_the_sample_rng(policy):
+    mapper = DetCoViewMapper(_no_color(AUGMENT=policy))
+    plain = DetCoViewMapper(_no_color())
+    img = _image(seed=9)
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    views = [mapper.global_view(img, np.random.default_rng(s)) for s in (1, 1, 2, 3, 4, 5)]
+    assert torch.equal(torch.random.get_rng_state(), state)  # global torch RNG untouched
+    np.testing.assert_array_equal(views[0], views[1])
+    base = [plain.global_view(img, np.random.default_rng(s)) for s in (2, 3, 4, 5)]
+    assert any(not np.array_equal(v, b) for v, b in zip(views[2:], base))
+
+
+def test_unknown_policy_and_local_colour_are_config_errors():
+    with pytest.raises(ValueError, match="INPUT.DETCO.AUGMENT"):
+        DetCoViewMapper(_cfg(AUGMENT="trivial"))
+    with pytest.raises(ValueError, match="INPUT.DETCO.LOCAL_COLOR"):
+        DetCoViewMapper(_cfg(LOCAL_COLOR="cell"))
+
+
+def test_real_images(data_root):
+    import glob
+    import os
+
+    from PIL import Image
+
+    files = sorted(glob.glob(os.path.join(data_root, "pennfudan", "PNGImages", "*.png")))[:3]
+    mapper = DetCoViewMapper(_cfg())
+    for i, f in enumerate(files):
+        img = np.asarray(Image.open(f).convert("RGB"))
+        out = mapper(img, None, np.random.default_rng(i))
+        assert out["local"].shape == (2, 9, 3, 64, 64)
+        assert out["global"].float().std() > 1
