@@ -27,7 +27,7 @@ agree on every level whose size divides the view, and a box in a 112 px view can
 (it needs s >= 192), so the difference never arises with SoCo's views.
 """
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -89,10 +89,26 @@ class ScaleAwareRoIPooler(nn.Module):
             scales.append(scale)
         return scales
 
-    def forward(self, features: Sequence[Tensor], boxes: Tensor, image_size: Tuple[int, int]) -> Tensor:
+    def level_plan(self, boxes: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(order, counts)`` for ``boxes`` (N, K, 4): the flattened boxes sorted by level and the
+        number of boxes per level. Pass it to :meth:`forward` (with ``counts`` as a list) to share
+        one plan between networks and read all counts of a step with a single host sync."""
+        levels = self.assign_levels(boxes)
+        order = torch.argsort(levels, stable=True)
+        return order, torch.bincount(levels, minlength=self.num_levels)
+
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        boxes: Tensor,
+        image_size: Tuple[int, int],
+        plan: Optional[Tuple[Tensor, List[int]]] = None,
+    ) -> Tensor:
         """Pool ``boxes`` (N, K, 4; x1, y1, x2, y2 in view pixels) from ``features`` (N images).
 
-        Returns ``(N * K, C, S, S)``, image-major (box ``k`` of image ``n`` at row ``n * K + k``).
+        ``plan``: ``(order, counts)`` from :meth:`level_plan` for these boxes (computed here when
+        omitted, at the cost of one host sync). Returns ``(N * K, C, S, S)``, image-major (box
+        ``k`` of image ``n`` at row ``n * K + k``).
         """
         features = list(features)
         scales = self.feature_scales(features, image_size)
@@ -107,9 +123,11 @@ class ScaleAwareRoIPooler(nn.Module):
         batch_index = torch.arange(n, device=boxes.device, dtype=flat.dtype).repeat_interleave(k)
         rois = torch.cat([batch_index[:, None], flat], dim=1)
 
-        levels = self.assign_levels(flat)
-        order = torch.argsort(levels, stable=True)
-        counts = torch.bincount(levels, minlength=self.num_levels).tolist()  # one host sync
+        if plan is None:
+            order, counts = self.level_plan(flat)
+            counts = counts.tolist()  # host sync
+        else:
+            order, counts = plan
         pooled = [
             roi_align(
                 feat.float(), level_rois, self.output_size, spatial_scale=scale,

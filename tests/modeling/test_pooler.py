@@ -62,6 +62,9 @@ def test_pools_each_box_on_its_level_with_aligned_roi_align():
     expected = torch.stack([p2, p3, p3 + 10000, p2 + 10000])
     torch.testing.assert_close(out[:, 0], expected, rtol=0, atol=1e-3)
     torch.testing.assert_close(out[:, 1], expected, rtol=0, atol=1e-3)
+    order, counts = pooler.level_plan(boxes)
+    assert counts.tolist() == [2, 2, 0, 0]
+    torch.testing.assert_close(pooler(feats, boxes, (224, 224), plan=(order, counts.tolist())), out)
 
 
 def test_112_view_scales_and_gradients_reach_only_used_levels():
