@@ -11,6 +11,9 @@ def add_soco_config(cfg: CN) -> None:
     # (torchvision's level mapper with canonical scale 96 at level 4; see modeling/pooler.py).
     cfg.MODEL.SOCO.CANONICAL_BOX_SIZE = 96
     cfg.MODEL.SOCO.CANONICAL_LEVEL = 4
+    # RoI head / projector / predictor calls: "per_view" (BN statistics of one view, as the
+    # official code) or "all" (one call over every view's boxes; BN statistics mix views).
+    cfg.MODEL.SOCO.HEAD_BATCHING = "per_view"
 
     cfg.INPUT.SOCO = CN()
     cfg.INPUT.SOCO.VIEW1_SIZE = 224  # whole image resized (aspect not kept)
