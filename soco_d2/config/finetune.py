@@ -66,8 +66,6 @@ def add_finetune_config(cfg: CN) -> None:
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.05
     cfg.MODEL.RETINANET.NMS_THRESH_TEST = 0.5
     cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 1000
-    cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA = 0.25
-    cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA = 2.0
 
     # ------------------------------------------------------------------------------------------
     # Solver (fine-tuning). Shared keys reused: OPTIMIZER ("SGD"), BASE_LR, BASE_LR_BATCH_SIZE

@@ -1,0 +1,207 @@
+"""torchvision detectors for fine-tuning: Mask R-CNN R-FPN (v2 design) and RetinaNet R-FPN.
+
+Mask R-CNN is built exactly as ``torchvision.models.detection.maskrcnn_resnet50_fpn_v2`` (BN in
+the FPN, 4conv1fc box head with BN, 4-conv mask head with BN, 2-conv RPN head): SoCo's transfer
+architecture. Its pieces are built here from torchvision's classes rather than by calling the
+constructor so that the ResNet depth (R-18 for CPU tests), the head sizes and the norms come from
+the config; the module names, hence the state-dict keys, are those of the constructor.
+
+RetinaNet follows detectron2's RetinaNet R50-FPN recipe, which sits between torchvision's two
+constructors: P6/P7 are computed from C5 (as detectron2 and torchvision's v2; v1 uses P5), the
+heads have no norm and the box loss is L1 (as detectron2, whose SMOOTH_L1_BETA 0 is L1, and
+torchvision's v1; v2 uses GroupNorm heads and a GIoU loss). The FPN norm is MODEL.FPN.NORM (the
+SoCo / MoCo RetinaNet recipes use SyncBN in the FPN).
+
+Images enter as float tensors on the 0-255 scale; the model normalises them with
+MODEL.PIXEL_MEAN / PIXEL_STD (RGB, 0-255) and resizes them (:class:`TrainTestResize`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from soco_d2.utils import comm
+
+__all__ = ["DETECTORS", "TrainTestResize", "build_detector", "first_label", "backbone_prefix"]
+
+logger = logging.getLogger(__name__)
+
+DETECTORS = ("mask_rcnn", "retinanet")
+
+_RESNETS = {
+    18: resnet.resnet18,
+    34: resnet.resnet34,
+    50: resnet.resnet50,
+    101: resnet.resnet101,
+    152: resnet.resnet152,
+}
+
+# Parameters of the ResNet inside a detector: "backbone.body.<torchvision resnet name>".
+_BACKBONE_PREFIX = "backbone.body."
+
+
+def backbone_prefix() -> str:
+    return _BACKBONE_PREFIX
+
+
+def first_label(cfg) -> int:
+    """Label of the first category: 1 for Mask R-CNN (0 is its background), 0 for RetinaNet."""
+    return 1 if cfg.MODEL.DETECTOR == "mask_rcnn" else 0
+
+
+def _norm(name: str, key: str, allow_none: bool = True, allow_frozen: bool = False):
+    """``nn.BatchNorm2d`` for "BN"/"SyncBN" (made SyncBN when world > 1), None for ""."""
+    if name in ("BN", "SyncBN"):
+        return nn.BatchNorm2d
+    if name == "" and allow_none:
+        return None
+    if name == "FrozenBN" and allow_frozen:
+        return FrozenBatchNorm2d
+    allowed = ["BN", "SyncBN"] + (["FrozenBN"] if allow_frozen else []) + ([""] if allow_none else [])
+    raise ValueError(f"{key} must be one of {allowed}, got {name!r}.")
+
+
+class TrainTestResize(GeneralizedRCNNTransform):
+    """torchvision's detection transform with separate train and test sizes.
+
+    In training mode the short side is drawn at random (torch RNG) from ``min_size_train`` for
+    every image and the long side capped at ``max_size_train`` (detectron2's
+    ``ResizeShortestEdge(..., "choice")``); in eval mode they are ``min_size_test`` and
+    ``max_size_test``. (torchvision's own transform uses the last train size at test time.)
+    """
+
+    def __init__(self, min_size_train, max_size_train, min_size_test, max_size_test,
+                 image_mean, image_std, size_divisible: int = 32):
+        super().__init__(tuple(min_size_train), max_size_train, list(image_mean), list(image_std),
+                         size_divisible=size_divisible)
+        self._sizes = {
+            True: (tuple(int(s) for s in min_size_train), int(max_size_train)),
+            False: ((int(min_size_test),), int(max_size_test)),
+        }
+
+    def train(self, mode: bool = True):
+        self.min_size, self.max_size = self._sizes[bool(mode)]
+        return super().train(mode)
+
+
+def _backbone(cfg, returned_layers=None, extra_blocks=None):
+    depth = cfg.MODEL.RESNETS.DEPTH
+    if depth not in _RESNETS:
+        raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {sorted(_RESNETS)}, got {depth}.")
+    freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
+    if not 0 <= freeze_at <= 5:
+        raise ValueError(f"MODEL.BACKBONE.FREEZE_AT must lie in 0..5, got {freeze_at}.")
+    norm = _norm(cfg.MODEL.RESNETS.NORM, "MODEL.RESNETS.NORM", allow_none=False, allow_frozen=True)
+    body = _RESNETS[depth](weights=None, norm_layer=norm)
+    c5_channels = body.inplanes
+    if callable(extra_blocks):
+        extra_blocks = extra_blocks(c5_channels)
+    return _resnet_fpn_extractor(
+        body,
+        trainable_layers=5 - freeze_at,
+        returned_layers=returned_layers,
+        extra_blocks=extra_blocks,
+        norm_layer=_norm(cfg.MODEL.FPN.NORM, "MODEL.FPN.NORM"),
+    )
+
+
+def _mask_rcnn(cfg, num_classes: int) -> nn.Module:
+    backbone = _backbone(cfg)
+    out = backbone.out_channels
+    levels = ["0", "1", "2", "3"]
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    rpn = cfg.MODEL.RPN
+    box = cfg.MODEL.ROI_BOX_HEAD
+    if box.NUM_FC < 1:
+        raise ValueError(f"MODEL.ROI_BOX_HEAD.NUM_FC must be >= 1, got {box.NUM_FC}.")
+    res = box.POOLER_RESOLUTION
+    kwargs = dict(
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(out, anchors.num_anchors_per_location()[0], conv_depth=rpn.NUM_CONV),
+        rpn_pre_nms_top_n_train=rpn.PRE_NMS_TOPK_TRAIN,
+        rpn_pre_nms_top_n_test=rpn.PRE_NMS_TOPK_TEST,
+        rpn_post_nms_top_n_train=rpn.POST_NMS_TOPK_TRAIN,
+        rpn_post_nms_top_n_test=rpn.POST_NMS_TOPK_TEST,
+        box_roi_pool=MultiScaleRoIAlign(levels, res, box.POOLER_SAMPLING_RATIO),
+        box_head=FastRCNNConvFCHead(
+            (out, res, res), [box.CONV_DIM] * box.NUM_CONV, [box.FC_DIM] * box.NUM_FC,
+            norm_layer=_norm(box.NORM, "MODEL.ROI_BOX_HEAD.NORM"),
+        ),
+        box_predictor=FastRCNNPredictor(box.FC_DIM, num_classes),
+        box_batch_size_per_image=cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
+        box_positive_fraction=cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION,
+        box_score_thresh=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+        box_nms_thresh=cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
+        box_detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )
+    if not cfg.MODEL.MASK_ON:
+        return FasterRCNN(backbone, None, **kwargs)  # classes set by box_predictor
+    m = cfg.MODEL.ROI_MASK_HEAD
+    return MaskRCNN(
+        backbone,
+        None,  # classes set by the predictors
+        mask_roi_pool=MultiScaleRoIAlign(levels, m.POOLER_RESOLUTION, box.POOLER_SAMPLING_RATIO),
+        mask_head=MaskRCNNHeads(out, [m.CONV_DIM] * m.NUM_CONV, 1,
+                                norm_layer=_norm(m.NORM, "MODEL.ROI_MASK_HEAD.NORM")),
+        mask_predictor=MaskRCNNPredictor(m.CONV_DIM, 256, num_classes),
+        **kwargs,
+    )
+
+
+def _retinanet(cfg, num_classes: int) -> nn.Module:
+    backbone = _backbone(cfg, returned_layers=[2, 3, 4],
+                         extra_blocks=lambda c5: LastLevelP6P7(c5, 256))
+    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes)
+    r = cfg.MODEL.RETINANET
+    return RetinaNet(
+        backbone,
+        num_classes,
+        anchor_generator=anchors,
+        head=head,
+        score_thresh=r.SCORE_THRESH_TEST,
+        nms_thresh=r.NMS_THRESH_TEST,
+        topk_candidates=r.TOPK_CANDIDATES_TEST,
+        detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )
+
+
+def build_detector(cfg, device: Optional[str] = None) -> nn.Module:
+    """The detector of ``cfg`` (randomly initialised; see :func:`load_detector_weights`).
+
+    ``MODEL.NUM_CLASSES`` counts foreground classes; Mask R-CNN gets one more output for the
+    background. BN layers become ``nn.SyncBatchNorm`` when the world size is > 1.
+    """
+    kind = cfg.MODEL.DETECTOR
+    if kind not in DETECTORS:
+        raise ValueError(f"MODEL.DETECTOR must be one of {DETECTORS}, got {kind!r}.")
+    if cfg.MODEL.NUM_CLASSES < 1:
+        raise ValueError(f"MODEL.NUM_CLASSES must be >= 1, got {cfg.MODEL.NUM_CLASSES}.")
+    if kind == "mask_rcnn":
+        model = _mask_rcnn(cfg, cfg.MODEL.NUM_CLASSES + 1)
+    else:
+        model = _retinanet(cfg, cfg.MODEL.NUM_CLASSES)
+    i = cfg.INPUT
+    model.transform = TrainTestResize(
+        i.MIN_SIZE_TRAIN, i.MAX_SIZE_TRAIN, i.MIN_SIZE_TEST, i.MAX_SIZE_TEST,
+        cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD,
+    )
+    if comm.get_world_size() > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device or cfg.MODEL.DEVICE)
