@@ -1,0 +1,283 @@
+"""Selective-search proposals (OpenCV ``cv2.ximgproc``) and SoCo's box filter.
+
+Proposals are computed on a downscaled copy of the image (``max_size``: longest side, aspect
+kept; never upscaled) and mapped back to original pixels. OpenCV returns integer rects
+``(x, y, w, h)`` where the region covers pixels ``x .. x+w-1``; as a box in continuous pixel
+coordinates this is ``x1=x, x2=x+w`` (SoCo's official code is one pixel short here), which
+rescales exactly by the ratio of the image sizes. Boxes are then rounded to whole pixels (what
+the uint16 proposals file stores), de-duplicated, and filtered with SoCo's ``ratio3size0308``
+rule (see :func:`filter_boxes`), so the returned boxes are exactly the stored ones.
+
+OpenCV ranks its boxes with an unseeded random order; to make the output a pure function of the
+image, the boxes are returned sorted (row-lexicographic), and a ``max_boxes`` cap keeps a uniform
+random subset seeded by the boxes themselves.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import cv2
+import numpy as np
+
+from .image_list import ImageList, UnreadableImageError, read_image
+from .proposals import ProposalWriter
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SS_MODES",
+    "DEFAULT_MAX_SIZE",
+    "filter_mask",
+    "filter_boxes",
+    "downscale",
+    "selective_search",
+    "generate_proposals",
+    "GenerationSummary",
+    "run_generation",
+]
+
+SS_MODES = ("fast", "quality", "single")
+# Longest side of the copy selective search runs on; chosen from benchmarks/bench_proposals.py
+# (see BENCHMARKS.md, "Proposals").
+DEFAULT_MAX_SIZE = 128
+
+
+def filter_mask(
+    boxes: np.ndarray,
+    image_hw: Tuple[int, int],
+    min_side: float = 32,
+    max_aspect: Optional[float] = 3.0,
+    scale_range: Optional[Tuple[float, float]] = (0.3, 0.8),
+) -> np.ndarray:
+    """Boolean mask of the boxes (x1, y1, x2, y2) that pass every rule (bounds inclusive):
+
+    * ``w >= min_side`` and ``h >= min_side`` (w = x2 - x1, h = y2 - y1);
+    * ``1 / max_aspect <= w / h <= max_aspect`` (skipped when ``max_aspect`` is None);
+    * ``lo <= sqrt(w * h) / sqrt(W * H) <= hi`` for ``scale_range = (lo, hi)`` (skipped when None).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    keep = (w >= min_side) & (h >= min_side) & (w > 0) & (h > 0)
+    if max_aspect is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            keep &= (w / h <= max_aspect) & (h / w <= max_aspect)
+    if scale_range is not None:
+        image_h, image_w = image_hw
+        scale = np.sqrt(np.clip(w * h, 0, None)) / np.sqrt(float(image_h) * float(image_w))
+        keep &= (scale >= scale_range[0]) & (scale <= scale_range[1])
+    return keep
+
+
+def filter_boxes(
+    boxes: np.ndarray,
+    image_hw: Tuple[int, int],
+    min_side: float = 32,
+    max_aspect: float = 3.0,
+    scale_range: Tuple[float, float] = (0.3, 0.8),
+    fallback: bool = True,
+) -> np.ndarray:
+    """SoCo's proposal filter ``ratio3size0308`` (see :func:`filter_mask`), vectorised.
+
+    With ``fallback`` (the official post-processing), an image left with no box keeps the boxes
+    that pass the aspect and minimum-side rules only; if none, those that pass the minimum-side
+    rule only; if none, nothing. Returns the kept rows of ``boxes`` (same dtype, input order).
+    """
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    stages = [(max_aspect, scale_range)]
+    if fallback:
+        stages += [(max_aspect, None), (None, None)]
+    for aspect, scales in stages:
+        keep = filter_mask(boxes, image_hw, min_side, aspect, scales)
+        if keep.any():
+            return boxes[keep]
+    return boxes[:0]
+
+
+def downscale(image: np.ndarray, max_size: Optional[int]) -> np.ndarray:
+    """Resize so that the longest side is at most ``max_size`` (aspect kept, area filter)."""
+    h, w = image.shape[:2]
+    if not max_size or max(h, w) <= max_size:
+        return image
+    s = max_size / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def selective_search(image_rgb: np.ndarray, mode: str = "fast") -> np.ndarray:
+    """Raw OpenCV selective search on ``image_rgb`` as float64 boxes (x1, y1, x2, y2)."""
+    if mode not in SS_MODES:
+        raise ValueError(f"selective-search mode {mode!r} is not one of {SS_MODES}")
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(np.ascontiguousarray(image_rgb[:, :, ::-1]))  # OpenCV expects BGR
+    if mode == "fast":
+        ss.switchToSelectiveSearchFast()
+    elif mode == "quality":
+        ss.switchToSelectiveSearchQuality()
+    else:
+        ss.switchToSingleStrategy()
+    rects = ss.process()
+    if rects is None or len(rects) == 0:
+        return np.zeros((0, 4), np.float64)
+    rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4)
+    rects[:, 2:] += rects[:, :2]
+    return rects
+
+
+def generate_proposals(
+    image: np.ndarray,
+    max_size: Optional[int] = DEFAULT_MAX_SIZE,
+    mode: str = "fast",
+    min_side: float = 32,
+    max_boxes: Optional[int] = None,
+    fallback: bool = True,
+) -> np.ndarray:
+    """Filtered selective-search proposals of an RGB image, in its original pixels.
+
+    Returns a float32 (N, 4) array of whole-pixel boxes (x1, y1, x2, y2), sorted, unique,
+    clipped to the image and passing :func:`filter_boxes` (with its fallback). ``max_boxes``
+    caps N with a deterministic uniform random subset.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB image of shape (H, W, 3), got {image.shape}")
+    h, w = image.shape[:2]
+    if min(h, w) < 2 or min(h, w) < min_side:
+        return np.zeros((0, 4), np.float32)  # no box can pass the minimum-side rule
+    small = downscale(image, max_size)
+    boxes = selective_search(small, mode)
+    boxes *= np.array([w / small.shape[1], h / small.shape[0]] * 2)
+    boxes = np.rint(boxes)
+    np.clip(boxes, 0, [w, h, w, h], out=boxes)
+    boxes = np.unique(boxes, axis=0)
+    boxes = filter_boxes(boxes, (h, w), min_side=min_side, fallback=fallback)
+    if max_boxes is not None and len(boxes) > max_boxes:
+        seed = zlib.crc32(boxes.astype(np.int64).tobytes())
+        pick = np.random.default_rng(seed).choice(len(boxes), size=max_boxes, replace=False)
+        boxes = boxes[np.sort(pick)]
+    return boxes.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation over a dataset
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationSummary:
+    """What one :func:`run_generation` call did."""
+
+    images_total: int = 0  # images of this shard
+    images_skipped: int = 0  # already in the (partial) output when resuming
+    images_done: int = 0  # computed and written by this call
+    boxes_total: int = 0
+    boxes_min: int = 0
+    zero_box_images: int = 0
+    unreadable: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def boxes_mean(self) -> float:
+        return self.boxes_total / self.images_done if self.images_done else 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.images_done + len(self.unreadable)) / self.seconds if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        return (
+            f"images done: {self.images_done} (of {self.images_total} in this shard, "
+            f"{self.images_skipped} already done), boxes per image: mean {self.boxes_mean:.1f}, "
+            f"min {self.boxes_min}; images with zero boxes: {self.zero_box_images}; "
+            f"unreadable images skipped: {len(self.unreadable)}; "
+            f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s"
+        )
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would oversubscribe
+
+
+def _process_one(task):
+    """Worker body: (key, path, params) -> (key, boxes uint16 or None, (H, W), error or None)."""
+    key, path, params = task
+    try:
+        image = read_image(path)
+    except UnreadableImageError as e:
+        return key, None, None, e.reason
+    try:
+        boxes = generate_proposals(image, **params)
+    except cv2.error as e:
+        return key, None, None, f"selective search failed ({e})"
+    return key, boxes, image.shape[:2], None
+
+
+def run_generation(
+    images: ImageList,
+    output: str,
+    workers: Optional[int] = None,
+    shard: Tuple[int, int] = (0, 1),
+    resume: bool = False,
+    max_size: Optional[int] = DEFAULT_MAX_SIZE,
+    mode: str = "fast",
+    min_side: float = 32,
+    max_boxes: Optional[int] = None,
+    chunk_size: int = 1000,
+    progress: bool = True,
+) -> GenerationSummary:
+    """Compute the proposals of ``images`` (shard ``(i, n)``: every n-th image from the i-th) into
+    the proposals file ``output``, with a pool of ``workers`` processes (default: all cores).
+
+    Unreadable images are logged, counted and skipped. With ``resume`` the images already in
+    ``output`` or in its partial chunks are skipped. Results are written in chunks of
+    ``chunk_size`` images, so a killed run loses at most the images of one chunk.
+    """
+    from tqdm import tqdm
+
+    index, count = shard
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard {index}/{count} is invalid: need 0 <= I < N")
+    if mode not in SS_MODES:
+        raise ValueError(f"selective-search mode {mode!r} is not one of {SS_MODES}")
+    params = {"max_size": max_size or None, "mode": mode, "min_side": min_side, "max_boxes": max_boxes}
+    metadata = {"generator": "opencv selective search", "opencv": cv2.__version__, **params}
+    summary = GenerationSummary()
+    start = time.perf_counter()
+    shard_ids = range(index, len(images), count)
+    summary.images_total = len(shard_ids)
+    with ProposalWriter(output, chunk_size=chunk_size, resume=resume, metadata=metadata) as writer:
+        tasks = [(images.keys[i], images.path(i), params) for i in shard_ids if images.keys[i] not in writer.done_keys]
+        summary.images_skipped = summary.images_total - len(tasks)
+        workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
+        if workers == 1:
+            _init_worker()
+            results = map(_process_one, tasks)
+            pool = None
+        else:
+            pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker)
+            results = pool.imap_unordered(_process_one, tasks, chunksize=4)
+        min_boxes = None
+        try:
+            for key, boxes, image_hw, error in tqdm(results, total=len(tasks), disable=not progress,
+                                                    desc="proposals", unit="img", smoothing=0.05):
+                if error is not None:
+                    logger.warning("skipping unreadable image %s: %s", key, error)
+                    summary.unreadable.append(key)
+                    continue
+                writer.add(key, boxes, image_hw)
+                summary.images_done += 1
+                summary.boxes_total += len(boxes)
+                summary.zero_box_images += len(boxes) == 0
+                min_boxes = len(boxes) if min_boxes is None else min(min_boxes, len(boxes))
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        summary.boxes_min = min_boxes or 0
+    summary.seconds = time.perf_counter() - start
+    return summary
