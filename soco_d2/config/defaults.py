@@ -72,6 +72,8 @@ _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 4
 # Stop the run when more than this fraction of the images read so far were unreadable.
 _C.DATALOADER.MAX_BAD_IMAGE_FRACTION = 0.01
+# ... checked once this many images (over all processes) have been read.
+_C.DATALOADER.BAD_IMAGE_MIN_SAMPLES = 1000
 
 # ---------------------------------------------------------------------------------------------
 # Solver (pretraining)

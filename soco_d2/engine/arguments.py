@@ -1,0 +1,58 @@
+"""Command-line arguments shared by the ``tools/`` entry points (detectron2's surface)."""
+import argparse
+import sys
+
+
+def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
+    """``--config-file``, ``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``,
+    ``--resume``, ``--eval-only`` and trailing ``KEY VALUE`` config overrides."""
+    prog = sys.argv[0]
+    if epilog is None:
+        epilog = f"""
+Examples:
+
+Single machine, 8 GPUs:
+    $ {prog} --num-gpus 8 --config-file cfg.yaml
+
+Change config values on the command line:
+    $ {prog} --config-file cfg.yaml SOLVER.IMS_PER_BATCH 256 OUTPUT_DIR out/
+
+Several machines (run on each one, machine 0 first):
+    (machine 0)$ {prog} --machine-rank 0 --num-machines 2 --dist-url tcp://<ip of machine 0>:<port> [args]
+    (machine 1)$ {prog} --machine-rank 1 --num-machines 2 --dist-url tcp://<ip of machine 0>:<port> [args]
+
+Under torchrun or srun the rank variables of the environment are used instead of
+--num-gpus/--num-machines/--machine-rank/--dist-url (see docs/TRAINING.md).
+On a machine without GPUs (MODEL.DEVICE cpu), --num-gpus N starts N CPU processes (gloo).
+"""
+    parser = argparse.ArgumentParser(
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume from OUTPUT_DIR/last_checkpoint if it exists (otherwise start fresh)",
+    )
+    parser.add_argument("--eval-only", action="store_true", help="perform evaluation only")
+    parser.add_argument(
+        "--num-gpus", type=int, default=1, help="processes per machine (one per GPU; CPU processes on CPU)"
+    )
+    parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    parser.add_argument(
+        "--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)"
+    )
+    parser.add_argument(
+        "--dist-url",
+        default="auto",
+        help="initialization URL for torch.distributed, e.g. tcp://host:port; "
+        "'auto' picks a free local port (single machine only)",
+    )
+    parser.add_argument(
+        "opts",
+        help="Modify config options at the end of the command: space-separated KEY VALUE pairs, "
+        "e.g. SOLVER.BASE_LR 0.5 OUTPUT_DIR out/",
+        default=None,
+        nargs=argparse.REMAINDER,
+    )
+    return parser

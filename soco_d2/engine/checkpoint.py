@@ -1,0 +1,244 @@
+"""Atomic training checkpoints that resume a run exactly.
+
+fvcore's ``Checkpointer`` writes in place (a crash mid-write leaves a truncated file that
+``last_checkpoint`` points to) and unpickles arbitrary objects, so this module writes to a
+temporary file in the same folder, fsyncs and renames it, and reads with
+``torch.load(weights_only=True)``. Everything saved is therefore tensors and plain containers,
+random-number-generator states included.
+
+A checkpoint holds ``model`` (the whole meta-architecture: online and target networks, queues),
+``optimizer``, ``scaler``, ``iteration`` (the number of finished iterations), ``rng_states`` (one
+per process), ``world_size``, ``config`` (YAML text) and any extra entries given to ``save``.
+"""
+import logging
+import os
+import random
+import re
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from soco_d2.utils import comm
+
+__all__ = [
+    "Checkpointer",
+    "CheckpointMismatchError",
+    "atomic_save",
+    "atomic_write_text",
+    "get_rng_state",
+    "set_rng_state",
+    "check_state_dict_matches",
+    "list_periodic_checkpoints",
+]
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last_checkpoint"
+_PERIODIC = re.compile(r"^model_(\d{7})\.pth$")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The model of a checkpoint does not have the keys / shapes of the model being trained."""
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save(obj, path)`` that leaves either the old file or the complete new one."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def get_rng_state() -> Dict:
+    """Python, numpy, torch CPU and CUDA generator states as tensors and plain containers."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            logger.warning("CUDA RNG states saved for %d devices, %d visible: not restored.",
+                           len(cuda_states), torch.cuda.device_count())
+
+
+def check_state_dict_matches(expected: Dict[str, torch.Tensor], loaded: Dict[str, torch.Tensor],
+                             source: str) -> None:
+    """Raise :class:`CheckpointMismatchError` listing every missing, unexpected or reshaped key."""
+    lines: List[str] = []
+    for k in sorted(set(expected) - set(loaded)):
+        lines.append(f"  missing in checkpoint: {k} (model {tuple(expected[k].shape)})")
+    for k in sorted(set(loaded) - set(expected)):
+        lines.append(f"  not in model:          {k} (checkpoint {tuple(loaded[k].shape)})")
+    for k in sorted(set(expected) & set(loaded)):
+        if tuple(expected[k].shape) != tuple(loaded[k].shape):
+            lines.append(f"  shape mismatch:        {k}: checkpoint {tuple(loaded[k].shape)}"
+                         f" vs model {tuple(expected[k].shape)}")
+    if lines:
+        raise CheckpointMismatchError(
+            f"The model in {source} does not match the model built from the config "
+            f"({len(lines)} keys differ):\n" + "\n".join(lines) + "\nResume with the config the "
+            "checkpoint was written with, or start a new run in another OUTPUT_DIR."
+        )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class Checkpointer:
+    """Saves and restores the full training state in ``output_dir``.
+
+    ``save`` must be called by every process (it gathers their RNG states); only the main
+    process writes. Periodic checkpoints are ``model_{iteration:07d}.pth``; at most
+    ``max_to_keep`` of them are kept (0 keeps all). ``last_checkpoint`` names the newest file.
+    """
+
+    def __init__(self, model: nn.Module, output_dir: str, optimizer=None, scaler=None,
+                 max_to_keep: int = 0):
+        self.model = _unwrap(model)
+        self.output_dir = output_dir
+        self.optimizer, self.scaler, self.max_to_keep = optimizer, scaler, max_to_keep
+
+    # -------------------------------------------------------------------- saving
+    def save(self, name: str, iteration: int, config: str = "", **extra) -> Optional[str]:
+        rng_states = comm.all_gather_object(get_rng_state())
+        if not comm.is_main_process():
+            return None
+        data = {"model": self.model.state_dict(), "iteration": int(iteration),
+                "rng_states": rng_states, "world_size": comm.get_world_size(), "config": config}
+        if self.optimizer is not None:
+            data["optimizer"] = self.optimizer.state_dict()
+        if self.scaler is not None:
+            data["scaler"] = self.scaler.state_dict()
+        data.update(extra)
+        path = os.path.join(self.output_dir, name)
+        atomic_save(data, path)
+        atomic_write_text(os.path.join(self.output_dir, LAST_CHECKPOINT), name)
+        logger.info("Saved checkpoint %s (iteration %d).", path, iteration)
+        if _PERIODIC.match(name):
+            self._remove_old_periodic()
+        return path
+
+    def _remove_old_periodic(self) -> None:
+        if self.max_to_keep <= 0:
+            return
+        for path in list_periodic_checkpoints(self.output_dir)[: -self.max_to_keep]:
+            os.remove(path)
+
+    # -------------------------------------------------------------------- loading
+    def last_checkpoint(self) -> Optional[str]:
+        """Path named by ``output_dir/last_checkpoint``, or ``None`` when there is none."""
+        marker = os.path.join(self.output_dir, LAST_CHECKPOINT)
+        if not os.path.isfile(marker):
+            return None
+        with open(marker) as f:
+            name = f.read().strip()
+        path = os.path.join(self.output_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{marker} names {name!r}, which does not exist in {self.output_dir}. Remove "
+                f"{marker} to start fresh, or point it at an existing checkpoint."
+            )
+        return path
+
+    def load(self, path: str, model_only: bool = False) -> Dict:
+        """Restore from ``path``; return the checkpoint's remaining entries (``iteration``...)."""
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"Cannot read checkpoint {path}: {e}") from e
+        state = data.pop("model") if isinstance(data, dict) and "model" in data else data
+        if not isinstance(state, dict):
+            raise CheckpointMismatchError(f"{path} holds no model state dict.")
+        check_state_dict_matches(self.model.state_dict(), state, path)
+        self.model.load_state_dict(state)
+        if model_only:
+            return {}
+        if self.optimizer is not None and "optimizer" in data:
+            self.optimizer.load_state_dict(data.pop("optimizer"))
+        if self.scaler is not None and "scaler" in data:
+            self.scaler.load_state_dict(data.pop("scaler"))
+        rng_states = data.pop("rng_states", None)
+        if rng_states is not None:
+            if len(rng_states) == comm.get_world_size():
+                set_rng_state(rng_states[comm.get_rank()])
+            else:
+                logger.warning(
+                    "%s was written by %d processes, this run has %d: random states not restored"
+                    " (the data stream is still exact; model-side randomness is not).",
+                    path, len(rng_states), comm.get_world_size())
+        return data
+
+    def resume_or_load(self, weights: str, resume: bool) -> Dict:
+        """With ``resume``: load ``last_checkpoint`` if present (full state); else load model
+        ``weights`` only (if given); else nothing. Returns the loaded entries (``iteration``)."""
+        if resume:
+            path = self.last_checkpoint()
+            if path is not None:
+                logger.info("Resuming from %s.", path)
+                return self.load(path)
+            logger.info("No checkpoint in %s: starting a new run.", self.output_dir)
+        if weights:
+            logger.info("Loading model weights from %s.", weights)
+            self.load(weights, model_only=True)
+        elif not resume:
+            logger.info("Starting a new run (no --resume, no MODEL.WEIGHTS).")
+        return {}
+
+
+def list_periodic_checkpoints(output_dir: str) -> List[str]:
+    """Periodic checkpoint files in ``output_dir``, oldest first."""
+    names = sorted(f for f in os.listdir(output_dir) if _PERIODIC.match(f))
+    return [os.path.join(output_dir, f) for f in names]

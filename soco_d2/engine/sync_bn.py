@@ -1,0 +1,74 @@
+"""Cross-process batch normalisation for CUDA (torch's SyncBatchNorm) and CPU / gloo.
+
+``torch.nn.SyncBatchNorm`` refuses CPU tensors, so multi-process CPU runs (and the tests that
+check multi-process training on two CPU processes) use :class:`GlooSyncBatchNorm`, which
+all-reduces the per-channel sums with torch's differentiable ``all_reduce``. Both keep the
+state-dict keys of ``BatchNorm``, so checkpoints move freely between world sizes.
+"""
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["GlooSyncBatchNorm", "convert_sync_batchnorm"]
+
+
+class GlooSyncBatchNorm(_BatchNorm):
+    """Batch norm whose training statistics are computed over all processes (any backend).
+
+    Statistics are weighted by each process's element count, so processes may hold different
+    batch sizes. Running statistics follow ``BatchNorm``: biased variance for normalisation,
+    unbiased for ``running_var``.
+    """
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        c = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.float()
+        count = xf.numel() / c
+        local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), count)])
+        total = dist_fn.all_reduce(local)
+        n = total[-1]
+        mean = total[:c] / n
+        var = (total[c : 2 * c] / n - mean * mean).clamp_min(0)
+        invstd = torch.rsqrt(var + self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = (1.0 / self.num_batches_tracked.item()) if self.momentum is None else self.momentum
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_mean.mul_(1 - f).add_(mean.detach().to(self.running_mean.dtype), alpha=f)
+                self.running_var.mul_(1 - f).add_(unbiased.detach().to(self.running_var.dtype), alpha=f)
+        scale = invstd if self.weight is None else self.weight * invstd
+        shift = -mean * scale if self.bias is None else self.bias - mean * scale
+        shape = [1, c] + [1] * (x.dim() - 2)
+        return (xf * scale.view(shape) + shift.view(shape)).to(x.dtype)
+
+
+def _to_gloo_sync(module: nn.Module) -> nn.Module:
+    out = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, (nn.SyncBatchNorm, GlooSyncBatchNorm)):
+        out = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats)
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _to_gloo_sync(child))
+    return out
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm of ``model`` by a synchronised one suited to ``device``."""
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _to_gloo_sync(model)

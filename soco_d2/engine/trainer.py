@@ -1,0 +1,304 @@
+"""The pretraining loop shared by SoCo and DetCo.
+
+One iteration: set the scheduled learning rate; ``GRAD_ACCUM_STEPS`` micro-batches (forward under
+autocast when AMP is on, backward of the summed ``loss*`` entries; DDP gradient sync only on the
+last one); optional gradient clipping; optimizer step; ``model.momentum_update(m)`` with the
+scheduled EMA momentum. Losses stay on the device and are checked / averaged over processes once
+per log period and before every checkpoint, so the loop does not wait for the GPU each step.
+"""
+import collections
+import logging
+import os
+import random
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Dict, List
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from soco_d2.data.loader import build_pretrain_loader
+from soco_d2.utils import comm
+
+from .checkpoint import Checkpointer, atomic_write_text
+from .optimizer import build_optimizer
+from .schedules import build_lr_schedule, build_momentum_schedule, max_iter_from_cfg
+from .sync_bn import convert_sync_batchnorm
+from .writers import build_writers, setup_logging
+
+__all__ = ["PretrainTrainer", "seed_all", "resolve_device", "move_to_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``MODEL.DEVICE`` as a device; ``cuda`` becomes this process's GPU (its local rank)."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"MODEL.DEVICE is {name!r} but no CUDA GPU is visible; set MODEL.DEVICE cpu."
+            )
+        if device.index is None:
+            device = torch.device("cuda", comm.get_local_rank())
+    return device
+
+
+def move_to_device(obj, device: torch.device, channels_last: bool = False):
+    """Copy the tensors of a nested dict / list / tuple to ``device`` (non-blocking)."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.to(device, non_blocking=True)
+        if channels_last and obj.dim() == 4:
+            obj = obj.contiguous(memory_format=torch.channels_last)
+        return obj
+    if isinstance(obj, dict):
+        return {k: move_to_device(v, device, channels_last) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_to_device(v, device, channels_last) for v in obj)
+    return obj
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class PretrainTrainer:
+    """Builds everything from ``cfg`` (or takes ``model`` / ``dataset``) and trains.
+
+    Typical use::
+
+        trainer = PretrainTrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
+    """
+
+    def __init__(self, cfg, model: nn.Module = None, dataset=None):
+        self.cfg = cfg
+        self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
+        setup_logging(cfg.OUTPUT_DIR)
+        seed_all(cfg.SEED + self.rank)
+        self.device = resolve_device(cfg.MODEL.DEVICE)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+        if comm.is_main_process():
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+            atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+        s = cfg.SOLVER
+        if s.AMP.ENABLED and s.AMP.DTYPE == "float16" and self.device.type != "cuda":
+            raise ValueError("SOLVER.AMP.DTYPE float16 needs a CUDA device; use bfloat16 on CPU.")
+
+        if model is None:
+            from soco_d2.modeling import build_model
+
+            model = build_model(cfg)
+        model = model.to(self.device)
+        if cfg.CHANNELS_LAST:
+            model = model.to(memory_format=torch.channels_last)
+        if self.world_size > 1:
+            model = convert_sync_batchnorm(model, self.device)
+            model = DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+                find_unused_parameters=False,
+            )
+        self.model = model
+
+        if dataset is None:
+            from soco_d2.data.dataset import build_pretrain_dataset
+
+            dataset = build_pretrain_dataset(cfg)
+        self.dataset = dataset
+        self.max_iter = max_iter_from_cfg(cfg, len(dataset))
+        self.optimizer = build_optimizer(cfg, _unwrap(model))
+        self.lr_schedule = build_lr_schedule(cfg, self.max_iter)
+        self.momentum_schedule = build_momentum_schedule(cfg, self.max_iter)
+        self.amp_dtype = torch.bfloat16 if s.AMP.DTYPE == "bfloat16" else torch.float16
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=s.AMP.ENABLED and s.AMP.DTYPE == "float16"
+        )
+        self.checkpointer = Checkpointer(_unwrap(model), cfg.OUTPUT_DIR, self.optimizer,
+                                         self.scaler, max_to_keep=s.MAX_TO_KEEP)
+        self.start_iter = 0
+        self.iter = 0
+        self.num_skipped_total = 0  # over all processes, since the start of the run
+        self.num_samples_total = 0
+        self._window: List[Dict] = []
+        self._iter_times = collections.deque(maxlen=200)
+        self._loss_names: List[str] = []
+
+    # ------------------------------------------------------------------ resume
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Resume from ``OUTPUT_DIR/last_checkpoint`` when ``resume`` and it exists; otherwise
+        load ``MODEL.WEIGHTS`` (model only) when set; otherwise start fresh."""
+        data = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume)
+        self.start_iter = int(data.get("iteration", 0))
+        self.num_skipped_total = int(data.get("num_skipped_total", 0))
+        self.num_samples_total = int(data.get("num_samples_total", 0))
+        if self.start_iter:
+            logger.info("Continuing at iteration %d of %d.", self.start_iter, self.max_iter)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        cfg = self.cfg
+        logger.info("Training %d iterations from iteration %d, %d process(es), %d images per step.",
+                    self.max_iter, self.start_iter, self.world_size, cfg.SOLVER.IMS_PER_BATCH)
+        self._data = build_pretrain_loader(cfg, self.dataset, self.start_iter)
+        self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter)
+        self.model.train()
+        try:
+            for it in range(self.start_iter, self.max_iter):
+                self.iter = it
+                self.run_step(it)
+                done = it + 1
+                is_ckpt = cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0
+                if done % cfg.LOG_PERIOD == 0 or is_ckpt or done == self.max_iter:
+                    self._flush_metrics(done)
+                if is_ckpt and done < self.max_iter:
+                    self._save(f"model_{done:07d}.pth", done)
+            if self.start_iter < self.max_iter or not os.path.exists(
+                os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+            ):
+                self._save("model_final.pth", self.max_iter)
+        finally:
+            for w in self.writers:
+                w.close()
+            self._data = None  # stops the loader's worker processes
+
+    def run_step(self, it: int) -> None:
+        cfg, s = self.cfg, self.cfg.SOLVER
+        t0 = time.perf_counter()
+        lr = self.lr_schedule.lr_at(it)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        accum = s.GRAD_ACCUM_STEPS
+        data_time, skipped, samples = 0.0, 0, 0
+        summed: Dict[str, torch.Tensor] = {}
+        for j in range(accum):
+            td = time.perf_counter()
+            batch = next(self._data)
+            data_time += time.perf_counter() - td
+            if isinstance(batch, dict) and "num_skipped" in batch:
+                skipped += int(torch.as_tensor(batch.pop("num_skipped")).sum())
+            samples += cfg.SOLVER.IMS_PER_BATCH // (self.world_size * accum)
+            batch = move_to_device(batch, self.device, cfg.CHANNELS_LAST)
+            sync = isinstance(self.model, DistributedDataParallel) and j < accum - 1
+            with self.model.no_sync() if sync else nullcontext():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                    enabled=s.AMP.ENABLED):
+                    out = self.model(batch)
+                loss_terms = [v for k, v in out.items() if k.startswith("loss")]
+                if not loss_terms:
+                    raise RuntimeError(
+                        f"The model returned no entry whose key starts with 'loss' "
+                        f"(got {sorted(out)}); nothing to optimise."
+                    )
+                losses = sum(loss_terms)
+                self.scaler.scale(losses / accum).backward()
+            out = {k: torch.as_tensor(v).detach().float() for k, v in out.items()}
+            out["total_loss"] = losses.detach().float()
+            for k, v in out.items():
+                summed[k] = summed[k] + v / accum if k in summed else v / accum
+        if s.CLIP_GRAD_NORM > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], s.CLIP_GRAD_NORM
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        momentum = self.momentum_schedule.momentum_at(it)
+        _unwrap(self.model).momentum_update(momentum)
+        self._record(it, summed, lr, momentum, data_time, time.perf_counter() - t0, skipped, samples)
+
+    # ------------------------------------------------------------------ metrics
+    def _record(self, it, values, lr, momentum, data_time, iter_time, skipped, samples):
+        if not self._loss_names:
+            self._loss_names = sorted(values)
+        if sorted(values) != self._loss_names:
+            raise RuntimeError(
+                f"The model's outputs changed at iteration {it + 1}: {sorted(values)} "
+                f"instead of {self._loss_names}; every iteration must return the same keys."
+            )
+        vec = torch.stack([values[k].to(self.device).reshape(()) for k in self._loss_names])
+        self._window.append(dict(it=it, vec=vec, lr=lr, momentum=momentum, data_time=data_time,
+                                 iter_time=iter_time, skipped=skipped, samples=samples))
+        self._iter_times.append(iter_time)
+
+    def _flush_metrics(self, done: int) -> None:
+        """Average the window over processes, stop on a non-finite loss or too many bad images,
+        and write the metrics (main process). Collective: every process calls it."""
+        if not self._window:
+            return
+        window, self._window = self._window, []
+        vecs = comm.all_reduce_sum(torch.stack([w["vec"] for w in window])) / self.world_size
+        counts = comm.all_reduce_sum(torch.tensor(
+            [sum(w["skipped"] for w in window), sum(w["samples"] for w in window)],
+            dtype=torch.float64))
+        vecs = vecs.double().cpu()
+        loss_cols = [i for i, k in enumerate(self._loss_names)
+                     if k.startswith("loss") or k == "total_loss"]
+        bad_rows = (~torch.isfinite(vecs[:, loss_cols])).any(dim=1).nonzero().flatten()
+        if len(bad_rows):
+            row = int(bad_rows[0])
+            terms = ", ".join(f"{k}={vecs[row, i].item():.4g}"
+                              for i, k in enumerate(self._loss_names) if i in loss_cols)
+            last = self.checkpointer.last_checkpoint()
+            raise FloatingPointError(
+                f"Non-finite loss in iteration {window[row]['it'] + 1} of {self.max_iter} "
+                f"(averaged over processes): {terms}. Stopping; no checkpoint of this state was "
+                f"written, the last good one is {last or 'none (no checkpoint yet)'}. Lower "
+                f"SOLVER.BASE_LR, enable SOLVER.CLIP_GRAD_NORM or switch SOLVER.AMP.DTYPE."
+            )
+        skipped, samples = int(counts[0]), int(counts[1])
+        self.num_skipped_total += skipped
+        self.num_samples_total += samples
+        self._check_bad_images()
+        if not self.writers:
+            return
+        mean = vecs.mean(dim=0).tolist()
+        metrics = dict(zip(self._loss_names, mean))
+        iter_time = statistics.median(self._iter_times)
+        metrics.update(
+            lr=window[-1]["lr"],
+            momentum=window[-1]["momentum"],
+            data_time=float(np.mean([w["data_time"] for w in window])),
+            iter_time=float(np.mean([w["iter_time"] for w in window])),
+            images_per_sec=self.cfg.SOLVER.IMS_PER_BATCH / max(iter_time, 1e-9),
+            num_skipped=skipped,
+            num_skipped_total=self.num_skipped_total,
+            eta_seconds=iter_time * (self.max_iter - done),
+        )
+        if self.device.type == "cuda":
+            metrics["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        for w in self.writers:
+            w.write(done, metrics)
+
+    def _check_bad_images(self) -> None:
+        dl = self.cfg.DATALOADER
+        read = self.num_skipped_total + self.num_samples_total
+        if read < dl.BAD_IMAGE_MIN_SAMPLES or read == 0:
+            return
+        frac = self.num_skipped_total / read
+        if frac > dl.MAX_BAD_IMAGE_FRACTION:
+            raise RuntimeError(
+                f"{self.num_skipped_total} of {read} images read so far ({frac:.2%}) were "
+                f"unreadable and skipped, more than DATALOADER.MAX_BAD_IMAGE_FRACTION="
+                f"{dl.MAX_BAD_IMAGE_FRACTION}. Check the dataset (the log names the bad files) or "
+                f"raise the threshold."
+            )
+
+    def _save(self, name: str, iteration: int) -> None:
+        self.checkpointer.save(name, iteration, config=self.cfg.dump(),
+                               num_skipped_total=self.num_skipped_total,
+                               num_samples_total=self.num_samples_total)

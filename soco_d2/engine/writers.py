@@ -1,0 +1,130 @@
+"""Training metrics: ``metrics.json``, TensorBoard events and a console progress line.
+
+Only the main process writes. ``iteration`` is the number of finished iterations.
+"""
+import datetime
+import json
+import logging
+import os
+import sys
+from typing import Dict, List
+
+from soco_d2.utils import comm
+
+__all__ = ["JSONWriter", "TensorboardWriter", "ConsolePrinter", "build_writers", "setup_logging",
+           "format_progress_line"]
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(output_dir: str = "", name: str = "soco_d2") -> logging.Logger:
+    """Console (main process: INFO, others: WARNING) and ``output_dir/log.txt[.rankN]`` logging
+    for the ``soco_d2`` loggers. Calling it again changes nothing."""
+    log = logging.getLogger(name)
+    if getattr(log, "_soco_configured", False):
+        return log
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    rank = comm.get_rank()
+    fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        fname = "log.txt" if rank == 0 else f"log.txt.rank{rank}"
+        fh = logging.FileHandler(os.path.join(output_dir, fname))
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    log._soco_configured = True
+    return log
+
+
+class JSONWriter:
+    """Appends one JSON object per line to ``path``."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "a")
+
+    def write(self, iteration: int, metrics: Dict[str, float]) -> None:
+        self._file.write(json.dumps({"iteration": iteration, **metrics}, sort_keys=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorboardWriter:
+    """Scalars to TensorBoard event files in ``log_dir``."""
+
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir)
+
+    def write(self, iteration: int, metrics: Dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self._writer.add_scalar(k, v, iteration)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+# Entries with a fixed place in the progress line (the model's other outputs are listed as-is).
+_KNOWN = {"total_loss", "lr", "momentum", "data_time", "iter_time", "images_per_sec", "max_mem_mb",
+          "eta_seconds", "num_skipped", "num_skipped_total", "num_samples_total"}
+
+
+def format_progress_line(iteration: int, max_iter: int, m: Dict[str, float]) -> str:
+    """``iter 120/62500  loss 1.234 (loss_a 0.6 loss_b 0.6)  lr 0.0800  m 0.99001  data 0.012s
+    iter 0.520s  245.1 img/s  ETA 9:01:02``"""
+    parts = [f"iter {iteration}/{max_iter}"]
+    terms = " ".join(f"{k} {v:.4g}" for k, v in m.items() if k.startswith("loss"))
+    if "total_loss" in m:
+        parts.append(f"loss {m['total_loss']:.4f}" + (f" ({terms})" if terms else ""))
+    others = " ".join(f"{k} {v:.4g}" for k, v in m.items()
+                      if not k.startswith("loss") and k not in _KNOWN)
+    if others:
+        parts.append(others)
+    if "lr" in m:
+        parts.append(f"lr {m['lr']:.4f}")
+    if "momentum" in m:
+        parts.append(f"m {m['momentum']:.5f}")
+    if "data_time" in m:
+        parts.append(f"data {m['data_time']:.3f}s")
+    if "iter_time" in m:
+        parts.append(f"iter {m['iter_time']:.3f}s")
+    if "images_per_sec" in m:
+        parts.append(f"{m['images_per_sec']:.1f} img/s")
+    if "max_mem_mb" in m:
+        parts.append(f"mem {m['max_mem_mb']:.0f}M")
+    if m.get("num_skipped", 0) > 0:
+        parts.append(f"skipped {int(m['num_skipped'])} bad images")
+    if "eta_seconds" in m:
+        parts.append(f"ETA {datetime.timedelta(seconds=int(m['eta_seconds']))}")
+    return "  ".join(parts)
+
+
+class ConsolePrinter:
+    """Logs :func:`format_progress_line` through the ``soco_d2`` logger."""
+
+    def __init__(self, max_iter: int):
+        self.max_iter = max_iter
+        self._log = logging.getLogger("soco_d2.train")
+
+    def write(self, iteration: int, metrics: Dict[str, float]) -> None:
+        self._log.info(format_progress_line(iteration, self.max_iter, metrics))
+
+    def close(self) -> None:
+        pass
+
+
+def build_writers(output_dir: str, max_iter: int) -> List:
+    """Console, ``metrics.json`` and TensorBoard writers on the main process; none elsewhere."""
+    if not comm.is_main_process():
+        return []
+    os.makedirs(output_dir, exist_ok=True)
+    return [ConsolePrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
+            TensorboardWriter(output_dir)]
