@@ -1,0 +1,97 @@
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from soco_d2.modeling.contrastive import FeatureQueue, check_queue_size, info_nce
+
+
+def test_info_nce_matches_hand_computed_value():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    k = torch.tensor([[0.6, 0.8], [0.0, 1.0]], requires_grad=True)
+    queue = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    loss = info_nce(q, k, queue, temperature=0.5)
+    # Query 1: logits 1.2 (positive), 0, -2. Query 2: logits 2 (positive), 2, 0.
+    l1 = -math.log(math.exp(1.2) / (math.exp(1.2) + 1 + math.exp(-2)))
+    l2 = -math.log(math.exp(2) / (2 * math.exp(2) + 1))
+    assert loss.item() == pytest.approx((l1 + l2) / 2, rel=1e-6)
+    loss.backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    assert k.grad is None  # keys are targets: no gradient through them
+
+
+def test_queue_starts_normalised_and_is_in_state_dict():
+    qu = FeatureQueue(dim=4, size=6)
+    assert set(qu.state_dict()) == {"queue", "ptr"}
+    torch.testing.assert_close(qu.queue.norm(dim=1), torch.ones(6))
+    assert int(qu.ptr) == 0
+
+
+def test_enqueue_advances_pointer_and_wraps_around():
+    qu = FeatureQueue(dim=2, size=5)
+    a = torch.arange(6.0).view(3, 2)
+    qu.enqueue(a)
+    torch.testing.assert_close(qu.queue[:3], a)
+    assert int(qu.ptr) == 3
+    b = -torch.arange(1.0, 7.0).view(3, 2)
+    qu.enqueue(b)
+    torch.testing.assert_close(qu.queue[[3, 4, 0]], b)
+    torch.testing.assert_close(qu.queue[1:3], a[1:])
+    assert int(qu.ptr) == 1
+    with pytest.raises(ValueError, match="QUEUE_SIZE"):
+        qu.enqueue(torch.zeros(6, 2))
+
+
+def test_negatives_is_a_copy():
+    qu = FeatureQueue(dim=2, size=2)
+    neg = qu.negatives()
+    qu.enqueue(torch.ones(2, 2))
+    assert not torch.equal(neg, qu.queue)
+
+
+def test_queue_size_must_be_a_multiple_of_the_keys_per_step():
+    assert check_queue_size(65536, 256) == 256
+    assert check_queue_size(64, 256, grad_accum_steps=4) == 64
+    with pytest.raises(ValueError, match=r"QUEUE_SIZE \(100\).*IMS_PER_BATCH.*multiple of 32"):
+        check_queue_size(100, 32)
+    with pytest.raises(ValueError, match="QUEUE_SIZE"):
+        check_queue_size(16, 32)
+
+
+def test_resume_restores_queue_and_pointer_exactly():
+    qu = FeatureQueue(dim=3, size=4)
+    qu.enqueue(torch.randn(3, 3))
+    fresh = FeatureQueue(dim=3, size=4)
+    fresh.load_state_dict(qu.state_dict())
+    assert torch.equal(fresh.queue, qu.queue) and int(fresh.ptr) == 3
+
+
+def test_loading_a_queue_of_another_size_names_the_config_key():
+    saved = FeatureQueue(dim=3, size=8).state_dict()
+    with pytest.raises(ValueError, match=r"MODEL.DETCO.QUEUE_SIZE = 8"):
+        FeatureQueue(dim=3, size=4).load_state_dict(saved)
+
+
+def _gather_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        qu = FeatureQueue(dim=2, size=8)
+        torch.manual_seed(0)
+        qu.enqueue(torch.full((2, 2), float(rank + 1)))  # rank 0 -> 1s, rank 1 -> 2s
+        qu.enqueue(torch.full((2, 2), float(10 * (rank + 1))))
+        torch.save({"queue": qu.queue, "ptr": qu.ptr}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_keys_from_two_processes_land_in_rank_order(tmp_path):
+    mp.start_processes(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    expected = torch.tensor([1.0] * 2 + [2.0] * 2 + [10.0] * 2 + [20.0] * 2)[:, None].expand(8, 2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(got["queue"], expected)
+        assert int(got["ptr"]) == 0
