@@ -1,0 +1,90 @@
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from soco_d2.data.proposals import ProposalStore
+
+TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "generate_proposals.py")
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("generate_proposals_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _main(*args):
+    """In-process run (a subprocess costs seconds of imports on a loaded 2-core machine)."""
+    return _tool().main([str(a) for a in args])
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def _images(folder):
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        a = (rng.random((80, 120, 3)) * 30 + 90).astype(np.uint8)
+        a[10:60, 15 + 5 * i : 80 + 5 * i] = (40 * i, 200, 60)
+        (folder / f"cls{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(folder / f"cls{i % 2}" / f"{i}.jpg", quality=95)
+    (folder / "cls0" / "bad.jpg").write_bytes(b"not a jpeg")
+
+
+def test_generate_shard_merge_resume(tmp_path):
+    _images(tmp_path / "img")
+    full = tmp_path / "full.socoprop"
+    r = _run("--images", tmp_path / "img", "--output", full, "--workers", 2, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "cls0/bad.jpg" in r.stderr  # unreadable image logged with its path
+    assert "images done: 4" in r.stderr and "unreadable images skipped: 1" in r.stderr
+    assert "images/s" in r.stderr and "boxes per image: mean" in r.stderr
+    store = ProposalStore.open(full)
+    assert store.keys == ["cls0/0.jpg", "cls0/2.jpg", "cls1/1.jpg", "cls1/3.jpg"]
+    assert store.image_size("cls1/3.jpg") == (80, 120)
+    assert store.metadata["max_size"] == 128 and store.metadata["mode"] == "fast"
+
+    for i in range(2):
+        assert _main("--images", tmp_path / "img", "--output", tmp_path / f"s{i}.socoprop", "--shard", f"{i}/2",
+                     "--workers", 1, "--no-progress") == 0
+    r = _run("--merge", tmp_path / "merged.socoprop", tmp_path / "s0.socoprop", tmp_path / "s1.socoprop")
+    assert r.returncode == 0, r.stderr
+    assert "4 images" in r.stderr
+    assert (tmp_path / "merged.socoprop").read_bytes() == full.read_bytes()
+
+
+def test_resume_and_usage_errors(tmp_path, caplog, capsys):
+    _images(tmp_path / "img")
+    out = tmp_path / "p.socoprop"
+    with caplog.at_level(logging.INFO):
+        assert _main("--images", tmp_path / "img", "--output", out, "--workers", 1, "--no-progress") == 0
+        with pytest.raises(FileExistsError, match="--resume"):
+            _main("--images", tmp_path / "img", "--output", out, "--no-progress")
+        caplog.clear()
+        assert _main("--images", tmp_path / "img", "--output", out, "--resume", "--no-progress") == 0
+    assert "images done: 0" in caplog.text and "4 already done" in caplog.text
+
+    for args, message in [
+        (["--images", tmp_path, "--output", out, "--shard", "2/2"], "0 <= I < N"),
+        (["--images", tmp_path, "--output", out, "--shard", "x"], "expected I/N"),
+        (["--output", out], "--images and --output are required"),
+        (["--merge", out], "at least one SHARD"),
+        (["--images", tmp_path, "--output", out, "--mode", "slow"], "invalid choice"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            _main(*args)
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="missing"):
+        _main("--images", tmp_path / "missing", "--output", out)
+    with pytest.raises(SystemExit):
+        _main("--help")
+    assert "--merge OUTPUT SHARD" in capsys.readouterr().out
