@@ -28,7 +28,7 @@ def soco_pair_loss(q: Tensor, k: Tensor, ids_q: Tensor, ids_k: Tensor, eps: floa
         q = F.normalize(q.float(), dim=-1)
         k = F.normalize(k.float(), dim=-1)
         sim = torch.bmm(q, k.transpose(1, 2))  # (N, M, M')
-        positive = (ids_q[:, :, None] == ids_k[:, None, :]) & (ids_q >= 0)[:, :, None] & (ids_k >= 0)[:, None, :]
-        positive = positive.float()
+        valid = (ids_q >= 0)[:, :, None] & (ids_k >= 0)[:, None, :]
+        positive = ((ids_q[:, :, None] == ids_k[:, None, :]) & valid).float()
         per_image = (positive * sim).sum(dim=(1, 2)) / (positive.sum(dim=(1, 2)) + eps)
         return -2.0 * per_image.mean()

@@ -3,7 +3,9 @@ import torch
 import torchvision
 
 from soco_d2.config import get_cfg
-from soco_d2.modeling.heads import MLP, box_head_output_dim, build_box_head, build_predictor, build_projector
+from soco_d2.modeling.heads import (
+    MLP, box_head_output_dim, build_box_head, build_predictor, build_projector,
+)
 
 
 def test_box_head_keys_match_torchvision_maskrcnn_v2():

@@ -1,0 +1,195 @@
+"""SoCo: Selective Object COntrastive learning (BYOL on selective-search boxes, FPN + R-CNN head).
+
+Online network: ``backbone`` (ResNet-FPN, P2-P5) -> scale-aware RoIAlign -> ``box_head``
+(4conv1fc) -> ``projector`` -> ``predictor``. Target network: ``target_backbone``,
+``target_box_head``, ``target_projector``, deep copies of the online ones that get no gradient,
+move by EMA (:meth:`SoCo.momentum_update`) and run in train mode with their own BN statistics.
+
+For a pair of views (a, b) with boxes ``boxes_a`` / ``boxes_b`` and ids ``ids_a`` / ``ids_b``::
+
+    loss_a_b = L(q_a, k_b, ids_a, ids_b) + L(q_b, k_a, ids_b, ids_a)
+
+with ``L`` = :func:`soco_pair_loss`, q the online predictions and k the target projections
+(SoCo: pairs V1-V2 and V1-V3, 4 terms, minimum -8; SoCo*: also V1-V4, 6 terms).
+
+Compute pattern: every view goes once through each backbone; a view that belongs to several
+pairs (V1) has all its box sets pooled in one RoIAlign call per network, and each box is pooled
+on its assigned level only (the official code pools every box on all four levels and masks three
+quarters of the results out of the loss: same loss terms, 4x the RoI-head work). The RoI head,
+projector and predictor then run once per view (``MODEL.SOCO.HEAD_BATCHING = "per_view"``: BN
+statistics over one view's boxes, as the official code, which computes them per view, box set
+and level) or once over all views (``"all"``: fewer, larger calls; BN statistics mix views).
+"""
+import copy
+from typing import Dict, List, NamedTuple, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..backbone import build_resnet_fpn_backbone
+from ..ema import momentum_update
+from ..heads import box_head_output_dim, build_box_head, build_predictor, build_projector
+from ..losses import soco_pair_loss
+from ..pooler import build_soco_pooler
+from .build import META_ARCH_REGISTRY
+
+_HEAD_BATCHING = ("per_view", "all")
+
+
+class BoxSet(NamedTuple):
+    """The boxes of one side of one pair, in pixels of ``view``."""
+
+    key: Tuple[int, str]  # (pair index, "a" or "b")
+    view: str
+    boxes: Tensor  # (N, K, 4)
+    ids: Tensor  # (N, K)
+
+
+def _view_name(value, key: str) -> str:
+    """A pair's view name: a string, or the list of N equal strings made by default collate."""
+    if isinstance(value, str):
+        return value
+    names = set(value)
+    if len(names) != 1:
+        raise ValueError(f"pair[{key!r}] must name one view for the whole batch; got {sorted(names)}.")
+    return names.pop()
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+@META_ARCH_REGISTRY.register()
+class SoCo(nn.Module):
+    """SoCo meta-architecture; ``forward(batch)`` returns ``{"loss_<a>_<b>": loss}`` per pair."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.head_batching = cfg.MODEL.SOCO.HEAD_BATCHING
+        if self.head_batching not in _HEAD_BATCHING:
+            raise ValueError(
+                f"MODEL.SOCO.HEAD_BATCHING = {self.head_batching!r}; use one of {list(_HEAD_BATCHING)}."
+            )
+        self.channels_last = cfg.CHANNELS_LAST
+        self.backbone = build_resnet_fpn_backbone(cfg)
+        channels = self.backbone.out_channels
+        self.pooler = build_soco_pooler(cfg)
+        self.box_head = build_box_head(cfg, channels)
+        self.projector = build_projector(cfg, box_head_output_dim(cfg, channels))
+        self.predictor = build_predictor(cfg)
+        self.target_backbone = _frozen_copy(self.backbone)
+        self.target_box_head = _frozen_copy(self.box_head)
+        self.target_projector = _frozen_copy(self.projector)
+        for name, value in (("pixel_mean", cfg.MODEL.PIXEL_MEAN), ("pixel_std", cfg.MODEL.PIXEL_STD)):
+            self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def online_modules(self) -> List[nn.Module]:
+        return [self.backbone, self.box_head, self.projector]
+
+    @property
+    def target_modules(self) -> List[nn.Module]:
+        return [self.target_backbone, self.target_box_head, self.target_projector]
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """Move the target network towards the online one: ``t = m t + (1 - m) o``."""
+        momentum_update(self.online_modules, self.target_modules, m)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (or 0-255 float) N x 3 x H x W images -> normalised float on the model's device."""
+        x = images.to(self.pixel_mean.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x.float() - self.pixel_mean) / self.pixel_std  # keeps the memory format
+
+    def forward(self, batch: Dict) -> Dict[str, Tensor]:
+        pairs = self._box_sets(batch)
+        sets_of_view: Dict[str, List[BoxSet]] = {}
+        for a, b in pairs:
+            for s in (a, b):
+                sets_of_view.setdefault(s.view, []).append(s)
+        if any(v not in batch["images"] for v in sets_of_view):
+            raise KeyError(
+                f"Pairs name views {sorted(sets_of_view)}; batch['images'] has {sorted(batch['images'])}."
+            )
+
+        # One RoIAlign call per view and network; level plans for all views read in one sync.
+        boxes = {v: torch.cat([s.boxes for s in sets], dim=1) for v, sets in sets_of_view.items()}
+        plans = {v: self.pooler.level_plan(b) for v, b in boxes.items()}
+        all_counts = torch.stack([counts for _, counts in plans.values()]).tolist()
+        plans = {v: (order, counts) for (v, (order, _)), counts in zip(plans.items(), all_counts)}
+
+        online, target, unused_levels = {}, {}, []
+        for v in sets_of_view:
+            x = self.normalize(batch["images"][v])
+            size = tuple(x.shape[-2:])
+            features = list(self.backbone(x).values())
+            online[v] = self.pooler(features, boxes[v], size, plans[v])
+            unused_levels += [f for f, count in zip(features, plans[v][1]) if count == 0]
+            with torch.no_grad():
+                target[v] = self.pooler(self.target_backbone(x).values(), boxes[v], size, plans[v])
+
+        q = self._heads(online, [self.box_head, self.projector, self.predictor])
+        with torch.no_grad():
+            k = self._heads(target, self.target_modules[1:])
+        q = self._split(q, sets_of_view)
+        k = self._split(k, sets_of_view)
+
+        losses = {}
+        for a, b in pairs:
+            losses[f"loss_{a.view}_{b.view}"] = soco_pair_loss(
+                q[a.key], k[b.key], a.ids, b.ids
+            ) + soco_pair_loss(q[b.key], k[a.key], b.ids, a.ids)
+        if unused_levels:
+            # A level without boxes in a view still gets a (zero) gradient, as in the official
+            # code (which pools every level and masks the loss): otherwise that level's FPN
+            # output conv and SyncBN would be skipped in backward on some processes only, and
+            # SyncBN's backward all-reduce and DDP's gradient reduction would hang.
+            first = next(iter(losses))
+            losses[first] = losses[first] + 0.0 * sum(f.float().sum() for f in unused_levels)
+        return losses
+
+    def _box_sets(self, batch: Dict) -> List[Sequence[BoxSet]]:
+        device = self.pixel_mean.device
+        pairs = []
+        for i, p in enumerate(batch["pairs"]):
+            sides = []
+            for side in ("a", "b"):
+                bx = p[f"boxes_{side}"].to(device, non_blocking=True).float()
+                ids = p[f"ids_{side}"].to(device, non_blocking=True)
+                if bx.dim() != 3 or bx.shape[-1] != 4 or ids.shape != bx.shape[:2]:
+                    raise ValueError(
+                        f"batch['pairs'][{i}]: boxes_{side} must be (N, K, 4) and ids_{side} (N, K); "
+                        f"got {tuple(bx.shape)} and {tuple(ids.shape)}."
+                    )
+                sides.append(BoxSet((i, side), _view_name(p[side], side), bx, ids))
+            pairs.append(tuple(sides))
+        return pairs
+
+    def _heads(self, pooled: Dict[str, Tensor], modules: Sequence[nn.Module]) -> Dict[str, Tensor]:
+        """Run ``modules`` in sequence on each view's pooled boxes (or once on all of them)."""
+
+        def run(x):
+            for m in modules:
+                x = m(x)
+            return x
+
+        if self.head_batching == "per_view":
+            return {v: run(x) for v, x in pooled.items()}
+        out = run(torch.cat(list(pooled.values())))
+        return dict(zip(pooled, out.split([len(x) for x in pooled.values()])))
+
+    @staticmethod
+    def _split(outputs: Dict[str, Tensor], sets_of_view: Dict[str, List[BoxSet]]) -> Dict[tuple, Tensor]:
+        """Per-view rows (image-major over the view's concatenated box sets) -> (N, K, C) per set."""
+        result = {}
+        for v, sets in sets_of_view.items():
+            n = sets[0].boxes.shape[0]
+            per_image = outputs[v].view(n, -1, outputs[v].shape[-1])
+            parts = per_image.split([s.boxes.shape[1] for s in sets], dim=1)
+            result.update({s.key: part for s, part in zip(sets, parts)})
+        return result
