@@ -32,10 +32,15 @@ def add_soco_config(cfg: CN) -> None:
     cfg.INPUT.SOCO.FLIP_PROB = 0.5
     # Cutout inside boxes (official FPN-100ep recipe only).
     cfg.INPUT.SOCO.CUTOUT = False
-    cfg.INPUT.SOCO.CUTOUT_RATIO = (0.1, 0.3)
+    cfg.INPUT.SOCO.CUTOUT_RATIO = (0.1, 0.3)  # square area as a fraction of the box area
+    cfg.INPUT.SOCO.CUTOUT_PROB = 0.5  # per box
+    # Proposals whose part inside a view is narrower or shorter than this (original-image pixels)
+    # are not used for that view (the official code kept any positive overlap: 0).
+    cfg.INPUT.SOCO.MIN_BOX_SIZE = 1.0
     # BYOL asymmetric colour augmentation: index 0 is V1, index 1 is V2/V3/V4.
     cfg.INPUT.SOCO.COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)
     cfg.INPUT.SOCO.COLOR_JITTER_PROB = 0.8
     cfg.INPUT.SOCO.GRAYSCALE_PROB = 0.2
     cfg.INPUT.SOCO.BLUR_PROB = (1.0, 0.1)
     cfg.INPUT.SOCO.SOLARIZE_PROB = (0.0, 0.2)
+    cfg.INPUT.SOCO.BLUR_SIGMA = (0.1, 2.0)  # Gaussian blur standard deviation range, pixels

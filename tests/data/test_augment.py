@@ -177,3 +177,19 @@ def test_color_augment_rejects_bad_settings():
         A.ColorAugment(grayscale_prob=1.5)
     with pytest.raises(ValueError, match="brightness"):
         A.ColorAugment(brightness=-0.1)
+
+
+def test_resize_antialiases_large_reductions_like_area_averaging():
+    import cv2
+
+    noise = np.random.default_rng(0).integers(0, 256, size=(375, 500, 3)).astype(np.uint8)
+    area = cv2.resize(noise, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float64)
+    plain = cv2.resize(noise, (64, 64), interpolation=cv2.INTER_LINEAR).astype(np.float64)
+    ours = A.resize(noise, (64, 64)).astype(np.float64)
+    # White noise: area averaging leaves std ~10, aliased bilinear ~50 (no averaging at all).
+    assert np.abs(ours - area).mean() < 0.2 * np.abs(plain - area).mean()
+    assert ours.std() < 1.3 * area.std() < 0.5 * plain.std()
+    # A 4x reduction of 4x4 blocks gives their means exactly.
+    blocks = np.kron(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20, np.ones((4, 4), np.uint8))
+    out = A.resize(np.repeat(blocks[..., None], 3, axis=2), (3, 4))
+    np.testing.assert_array_equal(out[..., 0], np.arange(12).reshape(3, 4) * 20)

@@ -1,0 +1,284 @@
+"""SoCo's views of one image and the proposal boxes that link them.
+
+The sample format is the "SoCo sample" of docs/ARCHITECTURE.md. All geometry follows the
+continuous coordinate convention of :mod:`soco_d2.data.augment`.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from .augment import ColorAugment, hflip, random_resized_crop_params, resize
+from .boxes import crop_boxes, hflip_boxes, jitter_boxes, sample_k_with_padding, scale_boxes
+from .registry import MAPPER_REGISTRY
+
+__all__ = ["SoCoViewMapper"]
+
+Crop = Tuple[int, int, int, int]  # y0, x0, h, w in original pixels
+
+
+def _to_chw_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+@MAPPER_REGISTRY.register()
+class SoCoViewMapper:
+    """Builds SoCo's views V1, V2, V3 (and SoCo*'s V4) with K corresponding proposals per pair.
+
+    Views (config ``INPUT.SOCO``):
+
+    * **V1**: the whole image resized to ``VIEW1_SIZE`` squared (aspect ratio not kept).
+    * **V2**: a random resized crop (``CROP_SCALE``, ``CROP_RATIO``) of the original image,
+      resized to ``VIEW2_SIZE``.
+    * **V3**, ``V3_MODE``:
+
+      - ``"independent"`` (the official code): its own random resized crop of the original image,
+        resized to ``VIEW3_SIZE``, its own flip, and its own K proposals paired with V1;
+      - ``"downsample"`` (the paper's wording): V2 (after V2's flip) resized to ``VIEW3_SIZE``;
+        its boxes and ids are V2's, scaled.
+
+    * **V4** (SoCo*, ``VIEW4_SIZE > 0``): V2 before its flip resized to ``VIEW4_SIZE``, with its
+      own flip; its boxes are V2's scaled and its V1 partner boxes are those of the V1-V2 pair
+      (as the official ``...Multi3ResizeExtra`` dataset).
+
+    Geometry: V1 is flipped once (all its box sets flip together), V2/V3/V4 each with their own
+    coin, all with probability ``FLIP_PROB``.
+
+    Proposals of a pair (V1-V2, V1-V3, drawn independently): the proposals overlapping both views
+    by at least ``MIN_BOX_SIZE`` original pixels in width and height, clipped to each view;
+    K = ``NUM_PROPOSALS`` of them drawn without replacement, padded to K with duplicates (drawn
+    with replacement among the chosen). If some pair has fewer than ``max(K // 2, 1)``
+    candidates, the crops are redrawn and the requirement halved, at most ``MAX_TRIES`` times;
+    the last draw is used anyway. With no candidate at all, the pair uses the crop rectangle
+    itself (V2's / V3's whole view and the same region of V1) with id N (one past the last
+    proposal): the official code used the whole of each view with id 1, which collides with
+    proposal 1 and pairs regions that do not show the same content. Ids are the proposals' row
+    numbers, so equal ids mean the same proposal. V1's chosen boxes are jittered (``JITTER_PROB``,
+    ``JITTER_RATIO``, :func:`~soco_d2.data.boxes.jitter_boxes`) and clipped to V1 before padding,
+    so duplicates are exact copies (official); V2/V3/V4 boxes are never jittered.
+
+    Colour (:class:`~soco_d2.data.augment.ColorAugment`, independent draws per view): V1 uses
+    index 0 of ``BLUR_PROB`` / ``SOLARIZE_PROB``, V2/V3/V4 index 1 (BYOL's asymmetric recipe).
+    ``CUTOUT``: on V2 and V3, each distinct box, with probability ``CUTOUT_PROB``, gets a square
+    of area ``U(CUTOUT_RATIO)`` x box area centred at a uniform point of the box, filled with
+    ``MODEL.PIXEL_MEAN`` (zero after normalisation, as the official code).
+
+    Draw order from ``rng``: crops (retry loop), V1-V2 pair, V1-V3 pair, flips (V1, V2, V3, V4),
+    colour (V1, V2, V3, V4), cutout (V2, V3).
+    """
+
+    def __init__(self, cfg):
+        c = cfg.INPUT.SOCO
+        self.size1, self.size2, self.size3, self.size4 = (
+            int(c.VIEW1_SIZE),
+            int(c.VIEW2_SIZE),
+            int(c.VIEW3_SIZE),
+            int(c.VIEW4_SIZE),
+        )
+        for key, value in (("VIEW1_SIZE", self.size1), ("VIEW2_SIZE", self.size2), ("VIEW3_SIZE", self.size3)):
+            if value < 1:
+                raise ValueError(f"INPUT.SOCO.{key} must be a positive size in pixels, got {value}")
+        if self.size4 < 0:
+            raise ValueError(f"INPUT.SOCO.VIEW4_SIZE must be >= 0 (0 disables V4), got {self.size4}")
+        if c.V3_MODE not in ("independent", "downsample"):
+            raise ValueError(f"INPUT.SOCO.V3_MODE must be 'independent' or 'downsample', got {c.V3_MODE!r}")
+        self.v3_independent = c.V3_MODE == "independent"
+        self.crop_scale = tuple(float(v) for v in c.CROP_SCALE)
+        self.crop_ratio = tuple(float(v) for v in c.CROP_RATIO)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1]:
+            raise ValueError(f"INPUT.SOCO.CROP_SCALE must be (min, max) with 0 < min <= max, got {c.CROP_SCALE}")
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"INPUT.SOCO.CROP_RATIO must be (min, max) with 0 < min <= max, got {c.CROP_RATIO}")
+        self.k = int(c.NUM_PROPOSALS)
+        if self.k < 1:
+            raise ValueError(f"INPUT.SOCO.NUM_PROPOSALS must be >= 1, got {self.k}")
+        self.max_tries = int(c.MAX_TRIES)
+        if self.max_tries < 1:
+            raise ValueError(f"INPUT.SOCO.MAX_TRIES must be >= 1, got {self.max_tries}")
+        self.jitter_prob, self.jitter_ratio = float(c.JITTER_PROB), float(c.JITTER_RATIO)
+        self.flip_prob = float(c.FLIP_PROB)
+        self.min_box_size = float(c.MIN_BOX_SIZE)
+        self.cutout = bool(c.CUTOUT)
+        self.cutout_ratio = tuple(float(v) for v in c.CUTOUT_RATIO)
+        self.cutout_prob = float(c.CUTOUT_PROB)
+        self.fill = np.clip(np.rint(np.asarray(cfg.MODEL.PIXEL_MEAN, dtype=np.float64)), 0, 255).astype(np.uint8)
+
+        if len(c.COLOR_JITTER) != 4:
+            raise ValueError(
+                f"INPUT.SOCO.COLOR_JITTER must be (brightness, contrast, saturation, hue), got {c.COLOR_JITTER}"
+            )
+        for key in ("BLUR_PROB", "SOLARIZE_PROB"):
+            if len(c[key]) != 2:
+                raise ValueError(f"INPUT.SOCO.{key} must have two entries (V1, V2/V3/V4), got {c[key]}")
+        self.color = [
+            ColorAugment(
+                *c.COLOR_JITTER,
+                jitter_prob=c.COLOR_JITTER_PROB,
+                grayscale_prob=c.GRAYSCALE_PROB,
+                blur_prob=c.BLUR_PROB[i],
+                blur_sigma=tuple(c.BLUR_SIGMA),
+                solarize_prob=c.SOLARIZE_PROB[i],
+            )
+            for i in (0, 1)
+        ]
+
+    # ------------------------------------------------------------------------------- geometry
+
+    def _crop(self, height: int, width: int, rng: np.random.Generator) -> Crop:
+        return random_resized_crop_params(height, width, self.crop_scale, self.crop_ratio, rng)
+
+    def _sample_crops(self, proposals: np.ndarray, keep1: np.ndarray, height: int, width: int, rng):
+        """Crops of V2 (and V3 when independent) with the candidate proposals of each pair."""
+        need = max(self.k // 2, 1)
+        for attempt in range(self.max_tries):
+            crop2 = self._crop(height, width, rng)
+            boxes2, keep2 = crop_boxes(proposals, crop2, self.min_box_size)
+            common2 = np.flatnonzero(keep1 & keep2)
+            crop3 = boxes3 = common3 = None
+            if self.v3_independent:
+                crop3 = self._crop(height, width, rng)
+                boxes3, keep3 = crop_boxes(proposals, crop3, self.min_box_size)
+                common3 = np.flatnonzero(keep1 & keep3)
+            enough = len(common2) >= need and (common3 is None or len(common3) >= need)
+            if enough or len(proposals) == 0:
+                break
+            need //= 2  # official: halve the requirement (reaching 0 accepts any draw)
+        return (crop2, boxes2, common2), (crop3, boxes3, common3)
+
+    def _pair(self, boxes1, crop, boxes_b, common, num_props, height, width, rng):
+        """K boxes in V1 (original pixels) and in the crop (crop pixels) with their ids."""
+        chosen, take = sample_k_with_padding(len(common), self.k, rng)
+        if len(chosen):
+            idx = common[chosen]
+            a, b, ids = boxes1[idx], boxes_b[idx], idx.astype(np.int64)
+        else:
+            y0, x0, h, w = crop
+            a = np.array([[x0, y0, x0 + w, y0 + h]], np.float32)
+            b = np.array([[0, 0, w, h]], np.float32)
+            ids = np.array([num_props], np.int64)
+            take = np.zeros(self.k, np.int64)
+        a = jitter_boxes(a, self.jitter_prob, self.jitter_ratio, rng)
+        a, _ = crop_boxes(a, (0, 0, height, width), min_size=0)
+        return a[take], b[take], ids[take]
+
+    # ------------------------------------------------------------------------------- pixels
+
+    def _cutout(self, img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Fill a random square inside each box (probability ``CUTOUT_PROB``) with the pixel mean."""
+        n = len(boxes)
+        apply = rng.random(n) < self.cutout_prob
+        area = rng.uniform(*self.cutout_ratio, size=n)
+        centre = rng.random((n, 2))
+        if not apply.any():
+            return img
+        img = img.copy()
+        h, w = img.shape[:2]
+        bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        half = np.sqrt(area * bw * bh) / 2
+        cx, cy = boxes[:, 0] + centre[:, 0] * bw, boxes[:, 1] + centre[:, 1] * bh
+        x1 = np.clip(np.rint(cx - half), 0, w).astype(int)
+        x2 = np.clip(np.rint(cx + half), 0, w).astype(int)
+        y1 = np.clip(np.rint(cy - half), 0, h).astype(int)
+        y2 = np.clip(np.rint(cy + half), 0, h).astype(int)
+        for i in np.flatnonzero(apply):  # at most K boxes
+            img[y1[i] : y2[i], x1[i] : x2[i]] = self.fill
+        return img
+
+    @staticmethod
+    def _unique_boxes(boxes: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        _, first = np.unique(ids, return_index=True)
+        return boxes[np.sort(first)]
+
+    # ------------------------------------------------------------------------------- sample
+
+    def __call__(self, image: np.ndarray, proposals, rng: np.random.Generator) -> Dict:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"SoCoViewMapper expects a uint8 HxWx3 RGB image, got {image.dtype} {image.shape}")
+        height, width = image.shape[:2]
+        proposals = np.zeros((0, 4), np.float32) if proposals is None else np.asarray(proposals, np.float32)
+        proposals = proposals.reshape(-1, 4)
+        num_props = len(proposals)
+        boxes1, keep1 = crop_boxes(proposals, (0, 0, height, width), self.min_box_size)
+
+        (crop2, boxes2, common2), (crop3, boxes3, common3) = self._sample_crops(
+            proposals, keep1, height, width, rng
+        )
+        a12, b2, ids12 = self._pair(boxes1, crop2, boxes2, common2, num_props, height, width, rng)
+        if self.v3_independent:
+            a13, b3, ids13 = self._pair(boxes1, crop3, boxes3, common3, num_props, height, width, rng)
+
+        flip1, flip2, flip3, flip4 = rng.random(4) < self.flip_prob
+        if not self.v3_independent:
+            flip3 = flip2
+
+        # V1: whole image.
+        s1 = self.size1
+        img1 = resize(image, (s1, s1))
+        sx1, sy1 = s1 / width, s1 / height
+
+        def v1_boxes(a):
+            a = scale_boxes(a, sx1, sy1)
+            return hflip_boxes(a, s1) if flip1 else a
+
+        if flip1:
+            img1 = hflip(img1)
+
+        # V2: crop of the original image.
+        y0, x0, h2, w2 = crop2
+        s2 = self.size2
+        img2_geom = resize(image[y0 : y0 + h2, x0 : x0 + w2], (s2, s2))
+        box2 = scale_boxes(b2, s2 / w2, s2 / h2)
+        img2 = hflip(img2_geom) if flip2 else img2_geom
+        box2_view = hflip_boxes(box2, s2) if flip2 else box2
+
+        # V3.
+        s3 = self.size3
+        if self.v3_independent:
+            y0, x0, h3, w3 = crop3
+            img3 = resize(image[y0 : y0 + h3, x0 : x0 + w3], (s3, s3))
+            box3 = scale_boxes(b3, s3 / w3, s3 / h3)
+            if flip3:
+                img3, box3 = hflip(img3), hflip_boxes(box3, s3)
+        else:
+            img3 = resize(img2, (s3, s3))
+            box3 = scale_boxes(box2_view, s3 / s2, s3 / s2)
+            a13, ids13 = a12, ids12
+
+        views = {"v1": img1, "v2": img2, "v3": img3}
+        pairs = [("v2", v1_boxes(a12), box2_view, ids12), ("v3", v1_boxes(a13), box3, ids13)]
+
+        # V4 (SoCo*): V2 downsampled.
+        if self.size4 > 0:
+            s4 = self.size4
+            img4 = resize(img2_geom, (s4, s4))
+            box4 = scale_boxes(box2, s4 / s2, s4 / s2)
+            if flip4:
+                img4, box4 = hflip(img4), hflip_boxes(box4, s4)
+            views["v4"] = img4
+            pairs.append(("v4", pairs[0][1], box4, ids12))
+
+        views["v1"] = self.color[0](views["v1"], rng)
+        for name in ("v2", "v3", "v4"):
+            if name in views:
+                views[name] = self.color[1](views[name], rng)
+
+        if self.cutout:
+            views["v2"] = self._cutout(views["v2"], self._unique_boxes(box2_view, ids12), rng)
+            views["v3"] = self._cutout(views["v3"], self._unique_boxes(box3, ids13), rng)
+
+        return {
+            "images": {name: _to_chw_tensor(img) for name, img in views.items()},
+            "pairs": [
+                {
+                    "a": "v1",
+                    "b": name,
+                    "boxes_a": torch.from_numpy(np.ascontiguousarray(boxes_a, dtype=np.float32)),
+                    "boxes_b": torch.from_numpy(np.ascontiguousarray(boxes_b, dtype=np.float32)),
+                    "ids_a": torch.from_numpy(ids.copy()),
+                    "ids_b": torch.from_numpy(ids.copy()),
+                }
+                for name, boxes_a, boxes_b, ids in pairs
+            ],
+        }

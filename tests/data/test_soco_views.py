@@ -1,0 +1,293 @@
+import numpy as np
+import pytest
+import torch
+
+from soco_d2.config import get_cfg
+from soco_d2.data import build_mapper
+from soco_d2.data.soco_views import SoCoViewMapper
+
+RECTS = {  # x1, y1, x2, y2 in a 200x300 image -> colour
+    (20, 30, 120, 110): (230, 20, 20),
+    (150, 60, 280, 180): (20, 230, 20),
+    (40, 130, 130, 190): (20, 20, 230),
+}
+
+
+def _cfg(**soco):
+    cfg = get_cfg()
+    c = cfg.INPUT.SOCO
+    # No colour change and no jitter unless a test asks for it.
+    c.COLOR_JITTER_PROB = 0.0
+    c.GRAYSCALE_PROB = 0.0
+    c.BLUR_PROB = (0.0, 0.0)
+    c.SOLARIZE_PROB = (0.0, 0.0)
+    c.JITTER_PROB = 0.0
+    for k, v in soco.items():
+        c[k] = v
+    return cfg
+
+
+def _painted():
+    img = np.full((200, 300, 3), 128, np.uint8)
+    for (x1, y1, x2, y2), colour in RECTS.items():
+        img[y1:y2, x1:x2] = colour
+    props = np.array(list(RECTS), np.float32)
+    colours = np.array(list(RECTS.values()), np.float32)
+    return img, props, colours
+
+
+def _mean_inside(img_chw, box, margin=1.5):
+    x1, y1, x2, y2 = box.tolist()
+    xs, xe = int(np.ceil(x1 + margin)), int(np.floor(x2 - margin))
+    ys, ye = int(np.ceil(y1 + margin)), int(np.floor(y2 - margin))
+    if xe <= xs or ye <= ys:
+        return None  # too thin to judge away from resampled edges
+    return img_chw[:, ys:ye, xs:xe].float().mean(dim=(1, 2)).numpy()
+
+
+@pytest.mark.parametrize("mode", ["independent", "downsample"])
+@pytest.mark.parametrize("flip_prob", [0.0, 1.0, 0.5])
+def test_boxes_stay_aligned_with_pixels_in_every_view(mode, flip_prob):
+    img, props, colours = _painted()
+    mapper = SoCoViewMapper(_cfg(V3_MODE=mode, VIEW4_SIZE=64, FLIP_PROB=flip_prob))
+    checked = 0
+    for seed in range(12):
+        out = mapper(img, props, np.random.default_rng(seed))
+        for pair in out["pairs"]:
+            assert torch.equal(pair["ids_a"], pair["ids_b"])
+            for side in ("a", "b"):
+                view = out["images"][pair[side]]
+                for box, i in zip(pair["boxes_" + side], pair["ids_" + side].tolist()):
+                    assert 0 <= i < len(props)  # painted boxes always overlap enough here
+                    mean = _mean_inside(view, box)
+                    if mean is not None:
+                        np.testing.assert_allclose(mean, colours[i], atol=6)
+                        checked += 1
+    assert checked > 200
+
+
+def test_flip_moves_pixels_and_boxes_together():
+    img, props, colours = _painted()
+    red = props[:1]
+    for flip_prob in (0.0, 1.0):
+        out = SoCoViewMapper(_cfg(FLIP_PROB=flip_prob))(img, red, np.random.default_rng(0))
+        box = out["pairs"][0]["boxes_a"][0]
+        # The red rectangle is on the left of the image: on the right of V1 after a flip.
+        assert (box[0] > 112) == (flip_prob == 1.0)
+        np.testing.assert_allclose(_mean_inside(out["images"]["v1"], box), colours[0], atol=6)
+
+
+def test_gradient_content_of_matched_boxes_agrees_across_views():
+    # R encodes x, G encodes y: the mean colour inside a box gives its centre in the original.
+    # Checked for proposals entirely inside the crop (a proposal cut by the crop is whole in V1
+    # and partial in V2, as in the official code) and for the no-proposal fallback.
+    h, w = 240, 320
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 / w, yy * 255 / h, np.full_like(xx, 100)], axis=-1).astype(np.uint8)
+    props = np.array([[130, 100, 170, 150], [140, 110, 190, 140], [120, 90, 160, 130]], np.float32)
+    checked = 0
+    for props_used in (props, np.zeros((0, 4), np.float32)):  # with proposals, and the fallback
+        mapper = SoCoViewMapper(_cfg(VIEW4_SIZE=96, FLIP_PROB=0.0))
+        for seed in range(6):
+            out = mapper(img, props_used, np.random.default_rng(seed))
+            for pair in out["pairs"]:
+                size = out["images"][pair["b"]].shape[-1]
+                for ba, bb, i in zip(pair["boxes_a"], pair["boxes_b"], pair["ids_a"].tolist()):
+                    inside = bool((bb[:2] > 0).all() and (bb[2:] < size).all())
+                    if i < len(props_used) and not inside:
+                        continue
+                    checked += 1
+                    ma = _mean_inside(out["images"][pair["a"]], ba, margin=0)
+                    mb = _mean_inside(out["images"][pair["b"]], bb, margin=0)
+                    np.testing.assert_allclose(ma[:2], mb[:2], atol=2.5)
+    assert checked > 60
+
+
+def test_k_sampling_padding_and_ids():
+    img, props, _ = _painted()
+    out = SoCoViewMapper(_cfg(NUM_PROPOSALS=8, CROP_SCALE=(1.0, 1.0), CROP_RATIO=(1.5, 1.5)))(
+        img, props, np.random.default_rng(3)
+    )
+    for pair in out["pairs"]:
+        ids = pair["ids_a"].numpy()
+        assert ids.dtype == np.int64 and ids.shape == (8,)
+        assert sorted(ids[:3].tolist()) == [0, 1, 2]  # all three distinct first, then duplicates
+        for j in range(3, 8):
+            first = int(np.flatnonzero(ids == ids[j])[0])
+            assert torch.equal(pair["boxes_a"][j], pair["boxes_a"][first])
+            assert torch.equal(pair["boxes_b"][j], pair["boxes_b"][first])
+        assert pair["boxes_a"].dtype == torch.float32 and pair["boxes_a"].shape == (8, 4)
+
+    many = np.tile(props, (5, 1))  # 15 proposals, K = 4: four distinct ids
+    out = SoCoViewMapper(_cfg(CROP_SCALE=(1.0, 1.0), CROP_RATIO=(1.5, 1.5)))(img, many, np.random.default_rng(0))
+    for pair in out["pairs"]:
+        assert len(set(pair["ids_a"].tolist())) == 4 and pair["ids_a"].max() < 15
+
+
+def test_no_common_proposal_uses_the_crop_rectangle_with_a_fresh_id():
+    img, props, _ = _painted()
+    out = SoCoViewMapper(_cfg(FLIP_PROB=0.0))(img, np.zeros((0, 4), np.float32), np.random.default_rng(0))
+    for pair in out["pairs"]:
+        assert pair["ids_a"].tolist() == [0] * 4 and torch.equal(pair["ids_a"], pair["ids_b"])
+        size = out["images"][pair["b"]].shape[-1]
+        np.testing.assert_allclose(pair["boxes_b"].numpy(), [[0, 0, size, size]] * 4)
+    # A proposal in a corner, never inside a small crop: the fallback id is 1 (one past the last).
+    corner = np.array([[0, 0, 4, 4]], np.float32)
+    out = SoCoViewMapper(_cfg(CROP_SCALE=(0.05, 0.05), MAX_TRIES=1))(img, corner, np.random.default_rng(0))
+    assert set(out["pairs"][0]["ids_a"].tolist()) <= {0, 1}
+    ids = np.concatenate([p["ids_a"].numpy() for p in out["pairs"]])
+    assert (ids >= 0).all()
+
+
+def test_retry_loop_resamples_crops_until_proposals_are_shared():
+    img = np.zeros((100, 100, 3), np.uint8)
+    props = np.array([[0, 0, 40, 40], [2, 2, 42, 42]], np.float32)  # a corner; crops of 10-20%
+
+    def both_pairs_matched(tries):
+        mapper = SoCoViewMapper(
+            _cfg(MAX_TRIES=tries, CROP_SCALE=(0.1, 0.2), VIEW1_SIZE=16, VIEW2_SIZE=16, VIEW3_SIZE=8)
+        )
+        hits = 0
+        for seed in range(200):
+            out = mapper(img, props, np.random.default_rng(seed))
+            hits += all(not (p["ids_a"] == 2).any() for p in out["pairs"])  # id 2: fallback
+        return hits / 200
+
+    one, three, eight = both_pairs_matched(1), both_pairs_matched(3), both_pairs_matched(8)
+    assert three > one + 0.15
+    # K = 4: the requirement goes 2, 1, 0, so the third draw is always accepted (official).
+    assert eight == three
+
+
+def test_downsample_mode_boxes_are_v2_boxes_scaled():
+    img, props, _ = _painted()
+    out = SoCoViewMapper(_cfg(V3_MODE="downsample", VIEW3_SIZE=112, JITTER_PROB=1.0))(
+        img, props, np.random.default_rng(5)
+    )
+    p12, p13 = out["pairs"]
+    torch.testing.assert_close(p13["boxes_b"], p12["boxes_b"] * (112 / 224))
+    assert torch.equal(p13["ids_a"], p12["ids_a"]) and torch.equal(p13["boxes_a"], p12["boxes_a"])
+
+
+def test_soco_star_v4_shapes_and_partner_boxes():
+    img, props, _ = _painted()
+    out = SoCoViewMapper(_cfg(VIEW3_SIZE=192, VIEW4_SIZE=112, JITTER_PROB=1.0, FLIP_PROB=0.0))(
+        img, props, np.random.default_rng(1)
+    )
+    shapes = {k: tuple(v.shape) for k, v in out["images"].items()}
+    assert shapes == {"v1": (3, 224, 224), "v2": (3, 224, 224), "v3": (3, 192, 192), "v4": (3, 112, 112)}
+    assert all(v.dtype == torch.uint8 for v in out["images"].values())
+    p12, _, p14 = out["pairs"]
+    assert [p["b"] for p in out["pairs"]] == ["v2", "v3", "v4"]
+    assert torch.equal(p14["boxes_a"], p12["boxes_a"]) and torch.equal(p14["ids_b"], p12["ids_b"])
+    torch.testing.assert_close(p14["boxes_b"], p12["boxes_b"] * (112 / 224))
+
+
+def test_default_sample_format():
+    img, props, _ = _painted()
+    out = build_mapper(get_cfg())(img, props, np.random.default_rng(0))
+    assert set(out["images"]) == {"v1", "v2", "v3"}
+    assert tuple(out["images"]["v3"].shape) == (3, 112, 112)
+    assert [(p["a"], p["b"]) for p in out["pairs"]] == [("v1", "v2"), ("v1", "v3")]
+    for p in out["pairs"]:
+        assert set(p) == {"a", "b", "boxes_a", "boxes_b", "ids_a", "ids_b"}
+        assert p["boxes_a"].shape == (4, 4) and p["ids_b"].dtype == torch.int64
+
+
+def test_same_seed_same_sample_different_seed_different_sample():
+    img, props, _ = _painted()
+    mapper = SoCoViewMapper(get_cfg())  # full colour augmentation and jitter
+
+    def flat(out):
+        return [out["images"][k] for k in sorted(out["images"])] + [
+            t for p in out["pairs"] for t in (p["boxes_a"], p["boxes_b"], p["ids_a"])
+        ]
+
+    a = flat(mapper(img, props, np.random.default_rng(11)))
+    b = flat(mapper(img, props, np.random.default_rng(11)))
+    c = flat(mapper(img, props, np.random.default_rng(12)))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_jitter_changes_only_v1_boxes():
+    img, props, _ = _painted()
+    still = SoCoViewMapper(_cfg(JITTER_PROB=0.0))(img, props, np.random.default_rng(4))
+    moved = SoCoViewMapper(_cfg(JITTER_PROB=1.0))(img, props, np.random.default_rng(4))
+    for p0, p1 in zip(still["pairs"], moved["pairs"]):
+        assert torch.equal(p0["ids_a"], p1["ids_a"])
+        assert not torch.equal(p0["boxes_a"], p1["boxes_a"])
+        assert (p1["boxes_a"] >= 0).all() and (p1["boxes_a"] <= 224).all()  # clipped to V1
+        # Relative jitter of at most 10% of the size per coordinate.
+        size = p0["boxes_a"][:, 2:] - p0["boxes_a"][:, :2]
+        assert ((p1["boxes_a"] - p0["boxes_a"]).abs() <= 0.21 * size.repeat(1, 2) + 1e-3).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 300), (300, 5), (7, 9)])
+def test_tiny_images(shape):
+    img = np.random.default_rng(0).integers(0, 256, size=shape + (3,)).astype(np.uint8)
+    whole = np.array([[0, 0, shape[1], shape[0]]], np.float32)
+    mapper = SoCoViewMapper(get_cfg())
+    for props in (whole, None):
+        out = mapper(img, props, np.random.default_rng(0))
+        assert tuple(out["images"]["v2"].shape) == (3, 224, 224)
+        for p in out["pairs"]:
+            assert torch.isfinite(p["boxes_a"]).all() and torch.isfinite(p["boxes_b"]).all()
+            assert (p["boxes_b"][:, 2:] > p["boxes_b"][:, :2]).all()
+
+
+def test_cutout_fills_a_square_inside_each_box_with_the_pixel_mean():
+    img = np.full((200, 300, 3), 255, np.uint8)
+    props = np.array([[40, 40, 160, 160]], np.float32)
+    cfg = _cfg(CUTOUT=True, CUTOUT_PROB=1.0, CUTOUT_RATIO=(0.25, 0.25), FLIP_PROB=0.0, CROP_SCALE=(1.0, 1.0))
+    out = SoCoViewMapper(cfg)(img, props, np.random.default_rng(0))
+    fill = torch.tensor(np.rint(cfg.MODEL.PIXEL_MEAN), dtype=torch.uint8)
+    for name, pair in (("v2", out["pairs"][0]), ("v3", out["pairs"][1])):
+        view = out["images"][name]
+        filled = (view == fill[:, None, None]).all(dim=0)
+        box = pair["boxes_b"][0]
+        ys, xs = torch.nonzero(filled, as_tuple=True)
+        bw, bh = float(box[2] - box[0]), float(box[3] - box[1])
+        side = np.sqrt(0.25 * bw * bh)
+        # One square of side ~ side (clipped to the view), centred inside the box.
+        assert xs.max() - xs.min() + 1 <= side + 1 and ys.max() - ys.min() + 1 <= side + 1
+        assert len(ys) == (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)  # a full rectangle
+        cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+        size = view.shape[-1]
+        if 0 < xs.min() and xs.max() < size - 1 and 0 < ys.min() and ys.max() < size - 1:
+            assert len(ys) >= (side - 1) ** 2  # not clipped: the whole square
+            assert box[0] - 1 <= cx <= box[2] + 1 and box[1] - 1 <= cy <= box[3] + 1
+    assert not (out["images"]["v1"] == fill[:, None, None]).all(dim=0).any()
+
+
+def test_color_settings_follow_the_view_index():
+    img = np.full((50, 60, 3), 128, np.uint8)
+    # Solarize V2/V3 always, V1 never: grey 128 becomes 127 in V2/V3 only.
+    out = SoCoViewMapper(_cfg(SOLARIZE_PROB=(0.0, 1.0)))(img, None, np.random.default_rng(0))
+    assert (out["images"]["v1"] == 128).all()
+    assert (out["images"]["v2"] == 127).all() and (out["images"]["v3"] == 127).all()
+    # Blur always on V1 only: a sharp edge is smoothed in V1 and stays sharp in V2.
+    img[:, 30:] = 255
+    cfg = _cfg(BLUR_PROB=(1.0, 0.0), BLUR_SIGMA=(2.0, 2.0), CROP_SCALE=(1.0, 1.0), CROP_RATIO=(1.2, 1.2))
+    out = SoCoViewMapper(cfg)(img, None, np.random.default_rng(0))
+
+    def ramp_width(view):
+        row = out["images"][view][0, 0]
+        return int(((row > 128) & (row < 255)).sum())
+
+    assert ramp_width("v1") >= ramp_width("v2") + 6
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("V3_MODE", "paper", "V3_MODE"),
+        ("NUM_PROPOSALS", 0, "NUM_PROPOSALS"),
+        ("VIEW2_SIZE", 0, "VIEW2_SIZE"),
+        ("BLUR_PROB", (1.0,), "BLUR_PROB"),
+        ("CROP_SCALE", (0.9, 0.5), "CROP_SCALE"),
+    ],
+)
+def test_bad_config_is_named(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        SoCoViewMapper(_cfg(**{key: value}))
