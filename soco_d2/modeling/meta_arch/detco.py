@@ -1,0 +1,245 @@
+"""DetCo (Xie et al., ICCV 2021): MoCo v2 with multi-level, global-and-local contrast.
+
+The official pretraining code was never published; docs/DETCO.md lists what this
+reconstruction takes from the paper and what it chooses where the paper is silent.
+
+Per backbone stage ``i`` in ``MODEL.DETCO.LEVELS`` (res2..res5), with global views ``I_q, I_k``
+and patch sets ``P_q, P_k`` (query encoder / momentum key encoder)::
+
+    L_i = a * L_gg(q_g(I_q), k_g(I_k), queue_g[i])      # global-global (MoCo v2)
+        + b * L_ll(q_l(P_q), k_l(P_k), queue_l[i])      # local-local
+        + c * L_lg(q_l(P_q), k_g(I_k), queue_g[i])      # local query vs global key
+    L = sum_i w_i L_i                                   # w = LEVEL_WEIGHTS, (a, b, c) = LOSS_WEIGHTS
+
+Features are globally average-pooled stage outputs; each level has its own global and local
+2-layer MLP head (MoCo v2) to ``FEATURE_DIM``, L2-normalised. The local feature combines the 9
+pooled patch features (``LOCAL_COMBINE``). Each level has one global and one local queue, fed
+with the keys of all processes (rank order). State-dict prefixes: ``encoder_q.body.*`` and
+``encoder_k.body.*`` are torchvision ResNet names (``conv1.weight``, ``layer1.0.conv1.weight``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+
+from ...utils import comm
+from ..contrastive import FeatureQueue, check_queue_size, info_nce
+from ..ema import momentum_update
+from .build import META_ARCH_REGISTRY
+
+__all__ = ["DetCo", "DetCoEncoder"]
+
+_STAGES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
+_COMBINE = ("concat", "concat_shuffled", "mean")
+_KEY_BN = ("shuffle", "sync")
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """MoCo v2 projection head: fc -> ReLU -> fc (no BN)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+class DetCoEncoder(nn.Module):
+    """ResNet body (stages res2..res5) + one global and one local projection head per level."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.MODEL.DETCO
+        r = cfg.MODEL.RESNETS
+        if r.NORM != "BN":
+            raise ValueError(
+                f"MODEL.RESNETS.NORM = {r.NORM!r} is not supported by DetCo; use 'BN' "
+                "(cross-process BN of the key encoder is MODEL.DETCO.KEY_BN)."
+            )
+        resnet = getattr(torchvision.models, f"resnet{r.DEPTH}")(
+            weights=None, zero_init_residual=r.ZERO_INIT_RESIDUAL
+        )
+        self.levels = tuple(d.LEVELS)
+        # The stem and the stages up to the last used one, with torchvision's names (the getter
+        # drops the later stages, avgpool and fc).
+        self.body = IntermediateLayerGetter(
+            resnet, return_layers={_STAGES[lvl]: lvl for lvl in self.levels}
+        )
+        expansion = 4 if r.DEPTH >= 50 else 1
+        channels = {lvl: 64 * 2 ** (int(lvl[3:]) - 2) * expansion for lvl in self.levels}
+        self.combine = d.LOCAL_COMBINE
+        n_patches = cfg.INPUT.DETCO.GRID ** 2
+        local_in = {
+            lvl: c if self.combine == "mean" else c * n_patches for lvl, c in channels.items()
+        }
+        hidden = lambda c: d.HEAD_HIDDEN_DIM or c  # noqa: E731
+        self.global_heads = nn.ModuleDict(
+            {lvl: _mlp(c, hidden(c), d.FEATURE_DIM) for lvl, c in channels.items()}
+        )
+        self.local_heads = nn.ModuleDict(
+            {lvl: _mlp(local_in[lvl], hidden(channels[lvl]), d.FEATURE_DIM) for lvl in self.levels}
+        )
+
+    def pooled(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Global-average-pooled stage features, ``{level: (B, C)}``."""
+        return {lvl: f.mean(dim=(2, 3)) for lvl, f in self.body(images).items()}
+
+    def forward(
+        self, images: torch.Tensor, patches: torch.Tensor, perm: torch.Tensor
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """``images`` (N, 3, S, S), ``patches`` (N, G*G, 3, P, P) float, ``perm`` (N, G*G) cell
+        index of each patch. Returns L2-normalised ``{level: (N, D)}`` global and local features."""
+        n, g = patches.shape[:2]
+        glob = self.pooled(images)
+        loc = self.pooled(patches.flatten(0, 1))
+        if self.combine == "concat":
+            # Un-shuffle: position c of the concatenation holds the patch cut from cell c.
+            inv = torch.argsort(perm, dim=1)
+        q_g, q_l = {}, {}
+        for lvl in self.levels:
+            q_g[lvl] = F.normalize(self.global_heads[lvl](glob[lvl]), dim=1)
+            f = loc[lvl].view(n, g, -1)
+            if self.combine == "mean":
+                f = f.mean(dim=1)
+            else:
+                if self.combine == "concat":
+                    f = torch.gather(f, 1, inv[:, :, None].expand_as(f))
+                f = f.flatten(1)
+            q_l[lvl] = F.normalize(self.local_heads[lvl](f), dim=1)
+        return q_g, q_l
+
+
+@META_ARCH_REGISTRY.register()
+class DetCo(nn.Module):
+    """DetCo pretraining model; ``forward(batch)`` returns the losses (see module docstring).
+
+    ``batch`` is the collated output of ``DetCoViewMapper``: ``"global"`` uint8 (N, 2, 3, S, S),
+    ``"local"`` uint8 (N, 2, G*G, 3, P, P), ``"local_perm"`` int64 (N, 2, G*G); index 0 of the
+    second dimension goes to the query encoder, index 1 to the key encoder.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.MODEL.DETCO
+        self.levels = tuple(d.LEVELS)
+        bad = [lvl for lvl in self.levels if lvl not in _STAGES]
+        if not self.levels or bad:
+            raise ValueError(f"MODEL.DETCO.LEVELS must be a subset of {tuple(_STAGES)}, got {d.LEVELS}.")
+        if len(d.LEVEL_WEIGHTS) != len(self.levels):
+            raise ValueError(
+                f"MODEL.DETCO.LEVEL_WEIGHTS {tuple(d.LEVEL_WEIGHTS)} needs one weight per level "
+                f"of MODEL.DETCO.LEVELS {self.levels}."
+            )
+        if len(d.LOSS_WEIGHTS) != 3:
+            raise ValueError(
+                "MODEL.DETCO.LOSS_WEIGHTS needs 3 weights (global-global, local-local, "
+                f"local-global), got {tuple(d.LOSS_WEIGHTS)}."
+            )
+        if d.LOCAL_COMBINE not in _COMBINE:
+            raise ValueError(f"MODEL.DETCO.LOCAL_COMBINE must be one of {_COMBINE}, got {d.LOCAL_COMBINE!r}.")
+        if d.KEY_BN not in _KEY_BN:
+            raise ValueError(f"MODEL.DETCO.KEY_BN must be one of {_KEY_BN}, got {d.KEY_BN!r}.")
+        if d.TEMPERATURE <= 0:
+            raise ValueError(f"MODEL.DETCO.TEMPERATURE must be positive, got {d.TEMPERATURE}.")
+        world = comm.get_world_size()
+        per_process = cfg.SOLVER.IMS_PER_BATCH // (world * cfg.SOLVER.GRAD_ACCUM_STEPS)
+        if per_process * world * cfg.SOLVER.GRAD_ACCUM_STEPS != cfg.SOLVER.IMS_PER_BATCH:
+            raise ValueError(
+                f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the world "
+                f"size ({world}) times SOLVER.GRAD_ACCUM_STEPS ({cfg.SOLVER.GRAD_ACCUM_STEPS})."
+            )
+        check_queue_size(d.QUEUE_SIZE, cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.GRAD_ACCUM_STEPS)
+
+        self.level_weights = dict(zip(self.levels, (float(w) for w in d.LEVEL_WEIGHTS)))
+        self.loss_weights = tuple(float(w) for w in d.LOSS_WEIGHTS)
+        self.temperature = float(d.TEMPERATURE)
+        self.key_bn = d.KEY_BN
+        self.encoder_q = DetCoEncoder(cfg)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+        self.queues_global = nn.ModuleDict({lvl: FeatureQueue(d.FEATURE_DIM, d.QUEUE_SIZE) for lvl in self.levels})
+        self.queues_local = nn.ModuleDict({lvl: FeatureQueue(d.FEATURE_DIM, d.QUEUE_SIZE) for lvl in self.levels})
+        mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.MODEL.PIXEL_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    # ------------------------------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> float, standardised with MODEL.PIXEL_MEAN / PIXEL_STD."""
+        shape = images.shape
+        x = images.to(self.pixel_mean.device, non_blocking=True).reshape(-1, *shape[-3:]).float()
+        return ((x - self.pixel_mean) / self.pixel_std).view(shape)
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        device = self.pixel_mean.device
+        glob = self.normalize(batch["global"])
+        local = self.normalize(batch["local"])
+        perm = batch["local_perm"].to(device, non_blocking=True)
+
+        q_g, q_l = self.encoder_q(glob[:, 0], local[:, 0], perm[:, 0])
+        with torch.no_grad():
+            k_g, k_l = self._keys(glob[:, 1], local[:, 1], perm[:, 1])
+
+        w_gg, w_ll, w_lg = self.loss_weights
+        terms = {"global_global": [], "local_local": [], "local_global": []}
+        out = {}
+        for lvl in self.levels:
+            neg_g = self.queues_global[lvl].negatives()
+            neg_l = self.queues_local[lvl].negatives()
+            per_level = {
+                "global_global": w_gg * info_nce(q_g[lvl], k_g[lvl], neg_g, self.temperature),
+                "local_local": w_ll * info_nce(q_l[lvl], k_l[lvl], neg_l, self.temperature),
+                "local_global": w_lg * info_nce(q_l[lvl], k_g[lvl], neg_g, self.temperature),
+            }
+            for kind, value in per_level.items():
+                terms[kind].append(self.level_weights[lvl] * value)
+                out[f"{kind}_{lvl}"] = value.detach()
+        for kind, values in terms.items():
+            out[f"loss_{kind}"] = torch.stack(values).sum()
+        for lvl in self.levels:
+            self.queues_global[lvl].enqueue(k_g[lvl])
+            self.queues_local[lvl].enqueue(k_l[lvl])
+        return out
+
+    @torch.no_grad()
+    def _keys(self, images: torch.Tensor, patches: torch.Tensor, perm: torch.Tensor):
+        """Key features; with ``KEY_BN "shuffle"`` the samples are shuffled across processes
+        for the key encoder's BN and restored afterwards (MoCo's shuffle-BN)."""
+        if self.key_bn == "shuffle" and comm.get_world_size() > 1:
+            (images, patches, perm), restore = batch_shuffle((images, patches, perm))
+            k_g, k_l = self.encoder_k(images, patches, perm)
+            return restore(k_g), restore(k_l)
+        return self.encoder_k(images, patches, perm)
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """``key = m * key + (1 - m) * query`` for every parameter of the encoders and heads."""
+        momentum_update(self.encoder_q, self.encoder_k, m)
+
+
+@torch.no_grad()
+def batch_shuffle(tensors):
+    """MoCo's batch shuffle across processes: all processes gather the batches (rank order),
+    rank 0's random permutation is broadcast, and each process takes its slice of the shuffled
+    global batch. Returns the shuffled tensors and ``restore(dict_of_tensors)``, which brings
+    per-sample outputs back to this process's original samples. All processes must hold the
+    same number of samples."""
+    world, rank = comm.get_world_size(), comm.get_rank()
+    n = tensors[0].shape[0]
+    gathered = [comm.all_gather(t) for t in tensors]
+    device = gathered[0].device
+    comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    order = torch.randperm(n * world, device=comm_device)
+    dist.broadcast(order, src=0)
+    order = order.to(device)
+    mine = order.view(world, n)[rank]
+    back = torch.argsort(order).view(world, n)[rank]
+
+    def restore(outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {k: comm.all_gather(v)[back] for k, v in outputs.items()}
+
+    return [t[mine] for t in gathered], restore
