@@ -214,3 +214,36 @@ def test_shuffle_bn_batch_shuffle_across_two_processes(tmp_path):
     assert set(got[0]["xs"].flatten().tolist()) != {0.0, 1.0, 2.0, 3.0}  # samples moved rank
     for r, g in enumerate(got):  # outputs come back to their own samples
         torch.testing.assert_close(g["back"].flatten(), (torch.arange(4.0) + 4 * r) * 2)
+
+
+@pytest.mark.parametrize("name", ["detco_r50_200ep", "detco_r50_800ep", "detco_r50_200ep_aa"])
+def test_shipped_configs_train_a_step_on_mapped_samples(name):
+    import numpy as np
+    from torch.utils.data._utils.collate import default_collate
+
+    from soco_d2.config import load_config
+    from soco_d2.data import build_mapper
+    from soco_d2.modeling import build_model
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "..")
+    cfg = load_config(
+        os.path.join(root, "configs", "detco", f"{name}.yaml"),
+        ["MODEL.RESNETS.DEPTH", "18", "SOLVER.IMS_PER_BATCH", "2", "MODEL.DETCO.QUEUE_SIZE", "4",
+         "MODEL.DETCO.HEAD_HIDDEN_DIM", "16", "INPUT.DETCO.GLOBAL_SIZE", "32",
+         "INPUT.DETCO.LOCAL_CROP_SIZE", "96", "INPUT.DETCO.PATCH_SIZE", "24"],
+    )
+    assert cfg.MODEL.META_ARCHITECTURE == "DetCo" and cfg.SOLVER.OPTIMIZER == "SGD"
+    mapper, model = build_mapper(cfg), build_model(cfg).train()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (50 + 10 * i, 70, 3), dtype=np.uint8) for i in range(4)]
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.SOLVER.BASE_LR, momentum=0.9)
+    for step in range(2):
+        batch = default_collate([mapper(img, None, rng) for img in images[2 * step: 2 * step + 2]])
+        out = model(batch)
+        loss = sum(v for k, v in out.items() if k.startswith("loss"))
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.momentum_update(cfg.MODEL.EMA.BASE_MOMENTUM)
+    assert int(model.queues_local["res5"].ptr) == 0  # 2 steps x 2 keys wrapped a queue of 4
