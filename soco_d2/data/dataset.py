@@ -1,0 +1,271 @@
+"""The pretraining dataset: an image, its proposals, and the view mapper's sample.
+
+``PretrainDataset[(index, sample_seed)]`` builds ``rng = numpy.random.default_rng(sample_seed)``
+and hands it to the view mapper, so a sample depends only on ``(index, sample_seed)`` (see
+docs/ARCHITECTURE.md). An unreadable image is logged, counted in the sample's ``"num_skipped"``
+and replaced by the next index; the trainer sums the counts over all processes and stops the run
+above ``DATALOADER.MAX_BAD_IMAGE_FRACTION``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import cv2
+import numpy as np
+from torch.utils.data import Dataset, get_worker_info
+
+from .boxes import scale_boxes
+from .image_list import ImageList, UnreadableImageError, list_images, read_image
+from .proposals import ProposalStore
+from .registry import build_mapper
+
+__all__ = [
+    "PretrainDataset",
+    "build_pretrain_dataset",
+    "register_pretrain_dataset",
+    "registered_pretrain_datasets",
+    "check_proposal_coverage",
+    "datasets_root",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class PretrainDataset(Dataset):
+    """Images of an :class:`~soco_d2.data.image_list.ImageList` with their proposals, mapped to views.
+
+    Args:
+        images: the image list.
+        proposals: a :class:`~soco_d2.data.proposals.ProposalStore` (memory-mapped, cheap to send
+            to DataLoader workers) or ``None``. An image without an entry or with an empty entry
+            gets one whole-image box (the official fallback). Boxes computed on an image of another
+            size than the one read (e.g. proposals of full-size ImageNet, training on a resized
+            copy) are rescaled to it.
+        mapper: ``mapper(image, proposals, rng) -> dict`` (a registered view mapper).
+        max_consecutive_failures: raise after this many unreadable images in a row (a wrong image
+            root or a dead disk, not a few corrupt files).
+    """
+
+    def __init__(
+        self,
+        images: ImageList,
+        proposals: Optional[ProposalStore],
+        mapper: Callable,
+        max_consecutive_failures: int = 50,
+    ):
+        if len(images) == 0:
+            raise ValueError(f"PretrainDataset: the image list {images!r} is empty")
+        self.images = images
+        self.proposals = proposals
+        self.mapper = mapper
+        self.max_consecutive_failures = int(max_consecutive_failures)
+        self._warned_resize = False
+        self._cv2_single_thread = False
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def proposals_for(self, index: int, height: int, width: int) -> np.ndarray:
+        """float32 (N, 4) boxes of image ``index`` in the pixels of its ``height x width`` array."""
+        boxes = None
+        if self.proposals is not None:
+            key = self.images.keys[index]
+            boxes = self.proposals.get(key)
+            if boxes is not None and len(boxes):
+                stored_h, stored_w = self.proposals.image_size(key)
+                if (stored_h, stored_w) != (height, width):
+                    if not self._warned_resize:
+                        logger.warning(
+                            "Proposals of %r were computed on a %dx%d image but it reads as %dx%d; "
+                            "rescaling its boxes (and those of any other such image, without "
+                            "further warnings).",
+                            key, stored_h, stored_w, height, width,
+                        )
+                        self._warned_resize = True
+                    boxes = scale_boxes(boxes, width / stored_w, height / stored_h)
+        if boxes is None or len(boxes) == 0:
+            return np.array([[0, 0, width, height]], dtype=np.float32)
+        return boxes
+
+    def __getitem__(self, item) -> Dict:
+        if isinstance(item, (tuple, list)):
+            index, seed = int(item[0]), int(item[1])
+        else:
+            index = seed = int(item)
+        if not self._cv2_single_thread and get_worker_info() is not None:
+            cv2.setNumThreads(1)  # DataLoader workers already run in parallel
+            self._cv2_single_thread = True
+        n = len(self.images)
+        for attempt in range(self.max_consecutive_failures + 1):
+            i = (index + attempt) % n
+            # The first try uses sample_seed itself (the contract); replacements derive from it.
+            rng = np.random.default_rng(seed if attempt == 0 else [seed, attempt])
+            try:
+                image = read_image(self.images.path(i))
+            except UnreadableImageError as e:
+                logger.warning("Skipping unreadable image %s: %s", e.path, e.reason)
+                continue
+            sample = self.mapper(image, self.proposals_for(i, *image.shape[:2]), rng)
+            sample["num_skipped"] = attempt
+            return sample
+        raise RuntimeError(
+            f"{self.max_consecutive_failures + 1} consecutive images could not be read, starting "
+            f"at {self.images.path(index)!r} (see the warnings above). The image root "
+            f"{self.images.root!r} is probably wrong or unreadable."
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Named datasets
+# ------------------------------------------------------------------------------------------------
+
+_DATASETS: Dict[str, Dict[str, Optional[str]]] = {}
+
+
+def register_pretrain_dataset(
+    name: str, image_source: str, proposals: Optional[str] = None, layout: str = ""
+) -> None:
+    """Register ``name`` for ``DATASETS.PRETRAIN.NAME``.
+
+    Args:
+        image_source: a folder, ``.txt`` list file or COCO ``.json`` (see
+            :func:`~soco_d2.data.image_list.list_images`); a relative path is taken under the
+            ``$SOCO_DATASETS`` folder.
+        proposals: default proposals file (relative paths under ``$SOCO_DATASETS`` too), used
+            when ``DATASETS.PRETRAIN.PROPOSALS`` is empty.
+
+    ``$SOCO_DATASETS`` defaults to ``./datasets``.
+        layout: a one-line description of the expected files, shown when they are missing.
+    """
+    if name in _DATASETS:
+        raise KeyError(f"pretraining dataset {name!r} is already registered")
+    _DATASETS[name] = {"image_source": image_source, "proposals": proposals, "layout": layout}
+
+
+def registered_pretrain_datasets():
+    return sorted(_DATASETS)
+
+
+register_pretrain_dataset(
+    "imagenet_train", "imagenet/train", layout="$SOCO_DATASETS/imagenet/train/<wnid>/<image>.JPEG"
+)
+register_pretrain_dataset(
+    "imagenet_val", "imagenet/val", layout="$SOCO_DATASETS/imagenet/val/[<wnid>/]<image>.JPEG"
+)
+register_pretrain_dataset(
+    "coco_2017_train_unlabeled",
+    "coco/annotations/instances_train2017.json",
+    layout="$SOCO_DATASETS/coco/annotations/instances_train2017.json and coco/train2017/<image>.jpg "
+    "(the train2017 images, labels unused)",
+)
+register_pretrain_dataset(
+    "coco_2017_unlabeled", "coco/unlabeled2017", layout="$SOCO_DATASETS/coco/unlabeled2017/<image>.jpg"
+)
+
+
+def datasets_root() -> str:
+    """``$SOCO_DATASETS``, or ``./datasets`` when unset (as the fine-tuning datasets)."""
+    return os.environ.get("SOCO_DATASETS", "") or "datasets"
+
+
+def _under_datasets_root(path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(datasets_root(), path)
+
+
+def _resolve_source(cfg) -> Tuple[str, Optional[str]]:
+    """(image source, default proposals file or None) from DATASETS.PRETRAIN."""
+    d = cfg.DATASETS.PRETRAIN
+    if d.IMAGE_ROOT:
+        if d.NAME:
+            logger.info("DATASETS.PRETRAIN.IMAGE_ROOT %r is used instead of NAME %r.", d.IMAGE_ROOT, d.NAME)
+        return d.IMAGE_ROOT, None
+    if not d.NAME:
+        raise ValueError(
+            "No pretraining images: set DATASETS.PRETRAIN.NAME (one of "
+            f"{registered_pretrain_datasets()}) or DATASETS.PRETRAIN.IMAGE_ROOT (a folder, a .txt "
+            "list of image paths or a COCO .json)."
+        )
+    if d.NAME not in _DATASETS:
+        raise KeyError(
+            f"DATASETS.PRETRAIN.NAME {d.NAME!r} is not registered; known: {registered_pretrain_datasets()} "
+            f"(or use DATASETS.PRETRAIN.IMAGE_ROOT, or soco_d2.data.dataset.register_pretrain_dataset)"
+        )
+    entry = _DATASETS[d.NAME]
+    source = _under_datasets_root(entry["image_source"])
+    if not os.path.exists(source):
+        where = (
+            f"$SOCO_DATASETS={os.environ['SOCO_DATASETS']!r}"
+            if os.environ.get("SOCO_DATASETS")
+            else "$SOCO_DATASETS is not set, so the default ./datasets"
+        )
+        raise FileNotFoundError(
+            f"DATASETS.PRETRAIN.NAME {d.NAME!r}: {source!r} does not exist ({where}). Expected "
+            f"layout: {entry['layout'] or entry['image_source']}. Set SOCO_DATASETS to the folder "
+            f"holding it, or set DATASETS.PRETRAIN.IMAGE_ROOT to the images instead."
+        )
+    proposals = entry["proposals"]
+    return source, _under_datasets_root(proposals) if proposals else None
+
+
+def check_proposal_coverage(
+    images: ImageList, store: ProposalStore, max_missing_fraction: float, image_source: str = ""
+) -> Tuple[int, int]:
+    """Count the images without a proposals entry and those with an empty one; log both.
+
+    Raises ``ValueError`` when the images without an entry exceed ``max_missing_fraction``
+    (the proposals were made for another image set). Returns ``(missing, empty)``.
+    """
+    stored_keys = store.keys
+    stored = set(stored_keys)
+    missing = sum(1 for k in images.keys if k not in stored)
+    image_keys = set(images.keys)
+    counts = store.box_counts()
+    empty = sum(1 for k, c in zip(stored_keys, counts) if c == 0 and k in image_keys)
+    n = len(images)
+    source = image_source or images.root
+    if missing:
+        example = next(k for k in images.keys if k not in stored)
+        logger.warning(
+            "%d of %d images (%.2f%%) of %r have no entry in the proposals file %r (e.g. %r); "
+            "they use one whole-image box.",
+            missing, n, 100.0 * missing / n, source, store.path, example,
+        )
+    if missing / n > max_missing_fraction:
+        raise ValueError(
+            f"{missing} of {n} images ({missing / n:.2%}) of {source!r} have no entry in the proposals "
+            f"file {store.path!r}, more than DATASETS.PRETRAIN.MAX_MISSING_PROPOSALS="
+            f"{max_missing_fraction}. The proposals were made for another image set (or another "
+            f"image root: keys are paths relative to {images.root!r}, e.g. {images.keys[0]!r}). "
+            f"Generate proposals for this image set with tools/generate_proposals.py."
+        )
+    if empty:
+        logger.info(
+            "%d of %d images (%.2f%%) have an empty proposal list; they use one whole-image box.",
+            empty, n, 100.0 * empty / n,
+        )
+    return missing, empty
+
+
+def build_pretrain_dataset(cfg) -> PretrainDataset:
+    """The :class:`PretrainDataset` of ``cfg.DATASETS.PRETRAIN`` with the mapper ``cfg.INPUT.MAPPER``.
+
+    Images: ``IMAGE_ROOT`` if set, else the registered ``NAME`` (under ``$SOCO_DATASETS``).
+    Proposals: ``PROPOSALS`` if set, else the registered default, else none (every image gets
+    one whole-image box, with a warning).
+    """
+    source, default_proposals = _resolve_source(cfg)
+    images = list_images(source)
+    logger.info("Pretraining images: %d from %r.", len(images), source)
+    proposals_path = cfg.DATASETS.PRETRAIN.PROPOSALS or default_proposals
+    store = None
+    if proposals_path:
+        store = ProposalStore.open(proposals_path)
+        check_proposal_coverage(images, store, cfg.DATASETS.PRETRAIN.MAX_MISSING_PROPOSALS, source)
+    else:
+        logger.warning(
+            "DATASETS.PRETRAIN.PROPOSALS is empty: every image uses one whole-image box (image-level "
+            "pretraining). Generate proposals with tools/generate_proposals.py for SoCo."
+        )
+    return PretrainDataset(images, store, build_mapper(cfg))
