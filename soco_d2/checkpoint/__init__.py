@@ -1,1 +1,24 @@
+"""Safe loading of checkpoints and conversion to detectron2 ``.pkl`` / torchvision weights."""
+from .convert import (
+    ConversionError,
+    ConversionReport,
+    convert_to_d2,
+    convert_to_torchvision,
+    d2_to_torchvision,
+    save_d2_pkl,
+    save_torchvision_state_dict,
+)
+from .io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file
 
+__all__ = [
+    "CheckpointError",
+    "ConversionError",
+    "ConversionReport",
+    "UnsafeCheckpointError",
+    "convert_to_d2",
+    "convert_to_torchvision",
+    "d2_to_torchvision",
+    "load_checkpoint_file",
+    "save_d2_pkl",
+    "save_torchvision_state_dict",
+]
