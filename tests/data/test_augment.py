@@ -92,17 +92,26 @@ def test_brightness_contrast_saturation_by_hand():
 def test_hue_shift_zero_is_identity_and_half_turn_maps_red_to_cyan():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, size=(8, 8, 3)).astype(np.float32)
-    np.testing.assert_allclose(A.adjust_hue(img, 0.0), img)
-    # A full turn is also the identity (exercises the HSV round trip).
-    np.testing.assert_allclose(A.adjust_hue(img, 1.0), img, atol=1e-2)
+    np.testing.assert_array_equal(A.adjust_hue(img, 0.0), img)
+    np.testing.assert_array_equal(A.adjust_hue(img, 1 / 1024), img)  # below one hue step
+    # Hue bytes on PIL's scale (255 = a full turn): half a turn is 128 steps (180.7 deg).
     red = np.array([[[255, 0, 0], [100, 0, 0]]], np.float32)
-    np.testing.assert_allclose(A.adjust_hue(red, 0.5), [[[0, 255, 255], [0, 100, 100]]], atol=1e-2)
+    cyan = [[[0, 255, 255], [0, 100, 100]]]
+    np.testing.assert_allclose(A.adjust_hue(red, 0.5), cyan, atol=3)
+    np.testing.assert_allclose(A.adjust_hue(red, -0.5), cyan, atol=3)
+    # A quarter turn: red -> chartreuse (90 deg), cyan -> violet (270 deg); one hue byte (1.4 deg)
+    # moves a channel by 6 levels.
+    rc = np.array([[[255, 0, 0], [0, 255, 255]]], np.float32)
+    np.testing.assert_allclose(A.adjust_hue(rc, 0.25), [[[128, 255, 0], [128, 0, 255]]], atol=6)
     # One third of a turn: red -> green, green -> blue.
     rg = np.array([[[255, 0, 0], [0, 255, 0]]], np.float32)
-    np.testing.assert_allclose(A.adjust_hue(rg, 1 / 3), [[[0, 255, 0], [0, 0, 255]]], atol=1e-2)
-    # Grey has no hue.
+    np.testing.assert_allclose(A.adjust_hue(rg, 1 / 3), [[[0, 255, 0], [0, 0, 255]]], atol=3)
+    # Grey has no hue; the round trip keeps a colour's value (max) and saturation.
     grey = np.full((1, 1, 3), 77, np.float32)
-    np.testing.assert_allclose(A.adjust_hue(grey, 0.3), grey, atol=1e-3)
+    np.testing.assert_array_equal(A.adjust_hue(grey, 0.3), grey)
+    out = A.adjust_hue(img, 0.1)
+    np.testing.assert_allclose(out.max(axis=2), img.max(axis=2), atol=1)
+    assert out.dtype == np.float32
 
 
 def test_grayscale_weights():
