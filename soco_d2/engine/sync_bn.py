@@ -2,16 +2,33 @@
 
 ``torch.nn.SyncBatchNorm`` refuses CPU tensors, so multi-process CPU runs (and the tests that
 check multi-process training on two CPU processes) use :class:`GlooSyncBatchNorm`, which
-all-reduces the per-channel sums with torch's differentiable ``all_reduce``. Both keep the
+all-reduces the per-channel sums with a differentiable ``all_reduce``. Both keep the
 state-dict keys of ``BatchNorm``, so checkpoints move freely between world sizes.
 """
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["GlooSyncBatchNorm", "convert_sync_batchnorm"]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over processes (the gradient is summed likewise). Written here because
+    ``torch.distributed.nn.functional`` is deprecated and the autograd support of its successor
+    differs across the torch versions this package supports."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class GlooSyncBatchNorm(_BatchNorm):
@@ -34,7 +51,7 @@ class GlooSyncBatchNorm(_BatchNorm):
         xf = x.float()
         count = xf.numel() / c
         local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), count)])
-        total = dist_fn.all_reduce(local)
+        total = _AllReduceSum.apply(local)
         n = total[-1]
         mean = total[:c] / n
         var = (total[c : 2 * c] / n - mean * mean).clamp_min(0)

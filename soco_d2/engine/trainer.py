@@ -7,6 +7,7 @@ scheduled EMA momentum. Losses stay on the device and are checked / averaged ove
 per log period and before every checkpoint, so the loop does not wait for the GPU each step.
 """
 import collections
+import inspect
 import logging
 import os
 import random
@@ -68,6 +69,14 @@ def move_to_device(obj, device: torch.device, channels_last: bool = False):
     return obj
 
 
+def _no_buffer_broadcast() -> Dict:
+    """DDP option that keeps buffers (BN statistics, queues) process-local after the initial
+    sync: ``forward_sync_buffers=False`` in recent torch, ``broadcast_buffers=False`` before."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -109,8 +118,8 @@ class PretrainTrainer:
             model = DistributedDataParallel(
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
                 find_unused_parameters=False,
+                **_no_buffer_broadcast(),
             )
         self.model = model
 

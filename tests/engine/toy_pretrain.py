@@ -20,7 +20,7 @@ class EngineToyNet(nn.Module):
         super().__init__()
         self.online = nn.Sequential(
             nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4), nn.BatchNorm1d(4),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4, bias=False), nn.BatchNorm1d(4),
         )
         self.predictor = nn.Linear(4, 4)
         self.target = copy.deepcopy(self.online)
@@ -99,3 +99,20 @@ def toy_cfg(output_dir, **overrides):
             node = getattr(node, p)
         setattr(node, leaf, v)
     return cfg
+
+
+def train_and_dump(output_dir, dump_path, overrides):
+    """Train the toy model without input noise (so every process count sees the same data) and
+    let rank 0 save the final state dict and the last gradients to ``dump_path``."""
+    from soco_d2.engine.trainer import PretrainTrainer
+    from soco_d2.utils import comm
+
+    cfg = toy_cfg(output_dir, **overrides)
+    torch.manual_seed(0)
+    trainer = PretrainTrainer(cfg, model=EngineToyNet(cfg, noise=0.0), dataset=ToyDataset())
+    trainer.train()
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    if comm.is_main_process():
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        torch.save({"state": model.state_dict(), "grads": grads,
+                    "bn_type": type(model.online[1]).__name__}, dump_path)
