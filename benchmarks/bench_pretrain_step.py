@@ -1,0 +1,198 @@
+"""Time one SoCo pretraining step on CPU: soco_d2's model vs. its floor (vs. the official model).
+
+Step = forward + backward (+ EMA update) of a batch of N images with views 224/224/112 and K
+boxes per view pair. Three contestants, timed round-robin in one process so machine noise hits
+all of them alike:
+
+* ``soco_d2``  — this project's SoCo meta-architecture.
+* ``floor``    — the same ResNet-FPN: online forward + backward on the three views plus target
+  forward on them, no RoI heads, no loss. No SoCo implementation can be faster than this.
+* ``official`` — ``contrast/models/SoCo_FPN.py`` of the official code (pass its checkout with
+  ``--official-repo``; it is not part of this project). Its FPN imports ``mmcv.cnn.ConvModule``;
+  this script supplies a minimal stand-in (conv + BN + optional activation) so mmcv is not needed.
+
+Example: ``python benchmarks/bench_pretrain_step.py --rounds 5 --official-repo /path/to/SoCo``
+"""
+import argparse
+import math
+import statistics
+import sys
+import time
+import types
+
+import torch
+from torch import nn
+
+from soco_d2.config import load_config
+from soco_d2.modeling import build_model
+from soco_d2.modeling.backbone import build_resnet_fpn_backbone
+
+
+def make_batch(n, k, sizes=(224, 224, 112), seed=0):
+    """Random uint8 views and K boxes per pair with sides 0.3-0.8 of the view (as after SoCo's filter)."""
+    g = torch.Generator().manual_seed(seed)
+    images = {f"v{i + 1}": torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, generator=g)
+              for i, s in enumerate(sizes)}
+
+    def boxes(size):
+        side = (0.3 + 0.5 * torch.rand(n, k, 2, generator=g)) * size
+        x1y1 = torch.rand(n, k, 2, generator=g) * (size - side)
+        return torch.cat([x1y1, x1y1 + side], dim=-1)
+
+    ids = torch.arange(k).repeat(n, 1)
+    pairs = [
+        {"a": "v1", "b": b, "boxes_a": boxes(sizes[0]), "boxes_b": boxes(sizes[i + 1]),
+         "ids_a": ids, "ids_b": ids}
+        for i, b in enumerate(("v2", "v3"))
+    ]
+    return {"images": images, "pairs": pairs}
+
+
+class Floor(nn.Module):
+    """Online ResNet-FPN forward+backward on every view plus target forward; nothing else."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.online = build_resnet_fpn_backbone(cfg)
+        self.target = build_resnet_fpn_backbone(cfg)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+
+    def step(self, batch):
+        loss = 0.0
+        for x in batch["images"].values():
+            x = x.float()
+            loss = loss + sum(f.float().mean() for f in self.online(x).values())
+            with torch.no_grad():
+                self.target(x)
+        loss.backward()
+
+
+def _mmcv_stand_in():
+    """Just enough of ``mmcv.cnn`` for the official FPN: ConvModule = conv (+ BN) (+ ReLU)."""
+
+    class ConvModule(nn.Module):
+        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                     conv_cfg=None, norm_cfg=None, act_cfg=dict(type="ReLU"), inplace=True, **_):
+            super().__init__()
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                                  bias=norm_cfg is None)
+            self.bn = nn.BatchNorm2d(out_channels) if norm_cfg is not None else None
+            self.act = nn.ReLU(inplace=inplace) if act_cfg is not None else None
+
+        def forward(self, x):
+            x = self.conv(x)
+            if self.bn is not None:
+                x = self.bn(x)
+            return self.act(x) if self.act is not None else x
+
+    def xavier_init(module, gain=1, bias=0, distribution="normal"):
+        init = nn.init.xavier_uniform_ if distribution == "uniform" else nn.init.xavier_normal_
+        init(module.weight, gain=gain)
+        if getattr(module, "bias", None) is not None:
+            nn.init.constant_(module.bias, bias)
+
+    mmcv = types.ModuleType("mmcv")
+    cnn = types.ModuleType("mmcv.cnn")
+    cnn.ConvModule, cnn.xavier_init = ConvModule, xavier_init
+    mmcv.cnn = cnn
+    sys.modules.update({"mmcv": mmcv, "mmcv.cnn": cnn})
+
+
+class Official(nn.Module):
+    """The official SoCo_FPN model, fed the same pixels and boxes in its own input format."""
+
+    def __init__(self, repo, depth):
+        super().__init__()
+        _mmcv_stand_in()
+        sys.path.insert(0, repo)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # the official __init__ asks for the world size
+            dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+        nn.SyncBatchNorm.convert_sync_batchnorm = staticmethod(lambda m, *a, **k: m)  # 1 process: BN
+        from contrast import resnet
+        from contrast.models.SoCo_FPN import SoCo_FPN
+
+        args = argparse.Namespace(
+            contrast_num_negative=4096, contrast_momentum=0.99, contrast_temperature=0.2,
+            output_size=7, aligned=True, feature_dim=256, head_type="multi_layer",
+            in_channels=[c * (4 if depth >= 50 else 1) for c in (64, 128, 256, 512)], out_channels=256,
+            num_outs=4, start_level=0, end_level=-1, add_extra_convs=False, extra_convs_on_inputs=True,
+            relu_before_extra_convs=False, num_instances=1000, batch_size=4, epochs=100,
+            start_epoch=1,
+        )
+        self.model = SoCo_FPN(getattr(resnet, f"resnet{depth}"), args)
+
+    def step(self, batch, mean, std):
+        im = {v: (x.float() - mean) / std for v, x in batch["images"].items()}
+        (p12, p13) = batch["pairs"]
+        norm = lambda b, s: b / s  # official boxes are fractions of the view
+        n, k, _ = p12["boxes_a"].shape
+        # Every box id matches its counterpart on its assigned level: a dense 16x16 stand-in
+        # (the correspondence values do not change the compute).
+        corres = torch.eye(4 * k).repeat(n, 1, 1)
+        loss = self.model(
+            im["v1"], im["v2"], im["v3"],
+            norm(p12["boxes_a"], 224), norm(p13["boxes_a"], 224),
+            norm(p12["boxes_b"], 224), norm(p13["boxes_b"], 112), corres, corres,
+        )
+        loss.backward()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--depth", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--official-repo", default="", help="checkout of the official SoCo code")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = load_config("configs/soco/soco_fpn_r50_100ep.yaml",
+                      ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", str(args.depth),
+                       "CHANNELS_LAST", "False"])
+    batch = make_batch(args.batch, args.k)
+    mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
+
+    ours = build_model(cfg).train()
+
+    def ours_step():
+        losses = ours(batch)
+        sum(losses.values()).backward()
+        ours.momentum_update(0.99)
+
+    floor = Floor(cfg).train()
+    steps = {"soco_d2": ours_step, "floor": lambda: floor.step(batch)}
+    if args.official_repo:
+        official = Official(args.official_repo, args.depth).train()
+        steps["official"] = lambda: official.step(batch, mean, std)
+
+    times = {name: [] for name in steps}
+    for r in range(args.warmup + args.rounds):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            for m in (ours, floor):
+                m.zero_grad(set_to_none=True)
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+
+    print(f"CPU step, R{args.depth}-FPN, batch {args.batch}, views 224/224/112, K {args.k}, "
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds (median s)")
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in med.items():
+        print(f"  {name:9s} {t:7.3f} s   (min {min(times[name]):.3f}, max {max(times[name]):.3f})")
+    print(f"  soco_d2 / floor    = {med['soco_d2'] / med['floor']:.3f}")
+    if "official" in med:
+        print(f"  soco_d2 / official = {med['soco_d2'] / med['official']:.3f}")
+    assert all(math.isfinite(v) for v in med.values())
+
+
+if __name__ == "__main__":
+    main()
