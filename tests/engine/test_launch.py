@@ -1,0 +1,115 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from soco_d2.config import load_config
+from soco_d2.engine.arguments import default_argument_parser
+from soco_d2.engine.launch import default_backend, dist_env_from_environ, first_slurm_host
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    from soco_d2.engine.launch import launch
+    from soco_d2.utils import comm
+
+    def main(out_dir):
+        info = {"rank": comm.get_rank(), "world": comm.get_world_size(),
+                "local_rank": comm.get_local_rank(), "pid": os.getpid()}
+        with open(os.path.join(out_dir, f"rank{comm.get_rank()}.json"), "w") as f:
+            json.dump(info, f)
+
+    if __name__ == "__main__":
+        # --num-gpus 3 must be ignored: the launcher already started the processes
+        launch(main, num_gpus_per_machine=3, backend="gloo", args=(sys.argv[1],))
+''')
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODELIST",
+                 "SLURM_JOB_ID", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _read(out_dir):
+    files = sorted(f for f in os.listdir(out_dir) if f.startswith("rank"))
+    return [json.loads(open(os.path.join(out_dir, f)).read()) for f in files]
+
+
+def test_parser_and_overrides():
+    args = default_argument_parser().parse_args(
+        ["--config-file", "", "--num-gpus", "4", "--resume", "SOLVER.IMS_PER_BATCH", "256",
+         "OUTPUT_DIR", "out/x"])
+    assert args.num_gpus == 4 and args.num_machines == 1 and args.machine_rank == 0
+    assert args.dist_url == "auto" and args.resume and not args.eval_only
+    assert args.opts == ["SOLVER.IMS_PER_BATCH", "256", "OUTPUT_DIR", "out/x"]
+    cfg = load_config(args.config_file, args.opts)
+    assert cfg.SOLVER.IMS_PER_BATCH == 256 and cfg.OUTPUT_DIR == "out/x"
+
+
+def test_default_backend_on_cpu():
+    assert default_backend("cpu") == "gloo"
+
+
+def test_environment_detection():
+    assert dist_env_from_environ({}) is None
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
+    d = dist_env_from_environ(env)
+    assert (d.launcher, d.rank, d.world_size, d.local_rank, d.local_world_size) == ("torchrun", 3, 8, 1, 2)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+             "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "42"}
+    d = dist_env_from_environ(slurm)
+    assert (d.launcher, d.rank, d.world_size, d.local_rank, d.local_world_size) == ("slurm", 5, 8, 1, 4)
+    assert d.master_port == 15042
+    assert d.master_addr.startswith("gpu0")  # "gpu07" (from scontrol, or parsed without it)
+    # one SLURM task (e.g. an salloc shell): --num-gpus decides, as without SLURM
+    assert dist_env_from_environ({**slurm, "SLURM_NTASKS": "1"}) is None
+
+
+def test_first_slurm_host(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert first_slurm_host("node[03-05,9],cpu1") == "node03"
+    assert first_slurm_host("single") == "single"
+    assert first_slurm_host("a12,b3") == "a12"
+
+
+@pytest.mark.slow
+def test_torchrun_does_not_spawn(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), str(script), str(tmp_path)],
+        check=True, env=_clean_env(), timeout=300)
+    infos = _read(tmp_path)
+    assert [(i["rank"], i["local_rank"], i["world"]) for i in infos] == [(0, 0, 2), (1, 1, 2)]
+    assert infos[0]["pid"] != infos[1]["pid"]
+
+
+@pytest.mark.slow
+def test_slurm_tasks_form_one_job(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    port = _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=_clean_env(
+            SLURM_PROCID=r, SLURM_NTASKS=2, SLURM_LOCALID=r, SLURM_NODELIST="localhost",
+            SLURM_JOB_ID=7, MASTER_PORT=port))
+        for r in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    infos = _read(tmp_path)
+    assert [(i["rank"], i["local_rank"], i["world"]) for i in infos] == [(0, 0, 2), (1, 1, 2)]
