@@ -16,6 +16,10 @@ A dataset is a name bound to ``(json_file, image_root)``:
   pennfudan_val        ``pennfudan/annotations/instances_val.json``          ``pennfudan/PNGImages``
   ===================  ====================================================  =====================
 
+* a name that is the path of a COCO ``.json`` file stands for itself; its images are in the
+  folder named after the json's split next to the json's folder (``annotations/
+  instances_train2017.json`` -> ``train2017/``) if that exists, else in the json's folder.
+
 :class:`COCODetection` turns a json into training targets in torchvision's detection format:
 category ids become contiguous labels ``first_label .. first_label + C - 1`` (1..C for Mask
 R-CNN, whose label 0 is the background; 0..C-1 for RetinaNet), boxes go from ``xywh`` to
@@ -37,7 +41,7 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from soco_d2.data.image_list import UnreadableImageError, read_image
+from soco_d2.data.image_list import UnreadableImageError, default_coco_image_root, read_image
 from soco_d2.data.loader import per_process_batch_size
 from soco_d2.data.samplers import ResumableInfiniteSampler
 from soco_d2.utils import comm
@@ -98,8 +102,11 @@ def get_dataset_paths(name: str) -> Tuple[str, str]:
         root = datasets_root()
         json_rel, images_rel = _BUILTIN[name]
         return os.path.join(root, json_rel), os.path.join(root, images_rel)
+    if name.lower().endswith(".json") and os.path.isfile(name):
+        return name, default_coco_image_root(name)
     raise KeyError(
-        f"Dataset {name!r} is not registered; known: {registered_datasets()}. Register it with "
+        f"Dataset {name!r} is not registered; known: {registered_datasets()}. Give the path of "
+        "a COCO json instead, or register it with "
         "soco_d2.finetune.register_coco_instances(name, json_file, image_root)."
     )
 

@@ -35,6 +35,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from soco_d2.engine.sync_bn import convert_sync_batchnorm
 from soco_d2.utils import comm
 
 __all__ = ["DETECTORS", "TrainTestResize", "build_detector", "first_label", "backbone_prefix"]
@@ -202,6 +203,8 @@ def build_detector(cfg, device: Optional[str] = None) -> nn.Module:
         i.MIN_SIZE_TRAIN, i.MAX_SIZE_TRAIN, i.MIN_SIZE_TEST, i.MAX_SIZE_TEST,
         cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD,
     )
+    device = torch.device(device or cfg.MODEL.DEVICE)
     if comm.get_world_size() > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(device or cfg.MODEL.DEVICE)
+        # nn.SyncBatchNorm on CUDA; a gloo-capable equivalent for multi-process CPU runs.
+        model = convert_sync_batchnorm(model, device)
+    return model.to(device)

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Fine-tune and evaluate a detector (torchvision Mask R-CNN / RetinaNet) on COCO-format data.
+
+    python tools/train_net.py --config-file configs/finetune/mask_rcnn_R50_FPN_1x.yaml \
+        --num-gpus 8 MODEL.WEIGHTS soco_r50_fpn.pkl OUTPUT_DIR out/mask_rcnn_1x
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
+    python tools/train_net.py --config-file ... --resume OUTPUT_DIR out/mask_rcnn_1x
+
+Same command line as pretraining (``--num-gpus``, ``--num-machines``, ``--machine-rank``,
+``--dist-url``, ``--resume``, ``--eval-only``, ``KEY VALUE`` overrides; torchrun / SLURM
+environments are detected). See docs/FINETUNE.md.
+"""
+import os
+import sys
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from soco_d2.config import load_config  # noqa: E402
+from soco_d2.engine.arguments import default_argument_parser  # noqa: E402
+from soco_d2.engine.launch import default_backend, launch  # noqa: E402
+
+
+def main(args):
+    from soco_d2.finetune.trainer import FinetuneTrainer
+
+    cfg = load_config(args.config_file, args.opts)
+    if args.eval_only:
+        trainer = FinetuneTrainer(cfg, train=False)
+        iteration = trainer.load_for_eval(resume=args.resume)
+        return trainer.test(iteration)
+    trainer = FinetuneTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    cfg = load_config(args.config_file, args.opts)  # fail early, before spawning processes
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        backend=default_backend(cfg.MODEL.DEVICE),
+    )
+
+
+if __name__ == "__main__":
+    cli()
