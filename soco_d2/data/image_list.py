@@ -14,6 +14,9 @@ An image source is one of
   next to the json's folder if that exists (``annotations/instances_train2017.json`` ->
   ``../train2017``), else the json's own folder.
 
+A builtin name (:data:`BUILTIN_IMAGE_SOURCES`, e.g. ``imagenet_train``) stands for its folder
+under ``$SOCO_DATASETS`` (default ``./datasets``), e.g. ``imagenet/train/<class>/<image>``.
+
 Images are identified by a *key*: their path relative to :attr:`ImageList.root`, with ``/``
 separators. Keys, not absolute paths, are what proposals files store, so a proposals file stays
 valid when the dataset moves to another machine.
@@ -29,6 +32,8 @@ import numpy as np
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "BUILTIN_IMAGE_SOURCES",
+    "resolve_image_source",
     "UnreadableImageError",
     "read_image",
     "ImageList",
@@ -36,6 +41,18 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+# Unlabeled image sources by name, relative to $SOCO_DATASETS.
+BUILTIN_IMAGE_SOURCES = {
+    "imagenet_train": "imagenet/train",
+    "imagenet_val": "imagenet/val",
+    "coco_2017_train": "coco/train2017",
+    "coco_2017_unlabeled": "coco/unlabeled2017",
+    "coco_mini_train": "coco_mini/train2017",
+    "coco_mini_val": "coco_mini/val2017",
+    "pennfudan": "pennfudan/PNGImages",
+    "caltech101_subset": "caltech101_subset",
+}
 
 
 class UnreadableImageError(Exception):
@@ -266,15 +283,31 @@ def _list_coco(json_file: str, image_root: Optional[str], check_exists: bool) ->
     return ImageList(root, _keys_under(root, paths))
 
 
+def resolve_image_source(source) -> str:
+    """``source`` itself, or the folder a builtin name stands for (see module doc)."""
+    source = os.fspath(source)
+    if source in BUILTIN_IMAGE_SOURCES and not os.path.exists(source):
+        return os.path.join(os.environ.get("SOCO_DATASETS", "datasets"), BUILTIN_IMAGE_SOURCES[source])
+    return source
+
+
 def list_images(source, image_root: Optional[str] = None, check_exists: bool = True) -> ImageList:
-    """List the images of ``source`` (folder, ``.txt`` list file or COCO ``.json``; see module doc).
+    """List the images of ``source`` (folder, ``.txt`` list file, COCO ``.json`` or builtin name;
+    see module doc).
 
     ``image_root`` applies to COCO json sources only. ``check_exists`` verifies that every image
     named by a list file or json exists (one ``stat`` per image).
     """
-    source = os.fspath(source)
+    name, source = os.fspath(source), resolve_image_source(source)
     if not os.path.exists(source):
-        raise FileNotFoundError(f"image source {source!r} does not exist")
+        if name != source:
+            raise FileNotFoundError(
+                f"builtin image source {name!r} is {source!r}, which does not exist: "
+                "set $SOCO_DATASETS to the folder holding it"
+            )
+        raise FileNotFoundError(
+            f"image source {source!r} does not exist (builtin names: {', '.join(sorted(BUILTIN_IMAGE_SOURCES))})"
+        )
     if os.path.isdir(source):
         images = _list_folder(source)
     elif source.lower().endswith(".json"):

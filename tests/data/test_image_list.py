@@ -13,6 +13,7 @@ from soco_d2.data.image_list import (
     default_coco_image_root,
     list_images,
     read_image,
+    resolve_image_source,
 )
 
 
@@ -224,6 +225,19 @@ def test_coco_mini_real(data_root):
     assert len(images) == 79
     image = read_image(images.path(0))
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+
+
+def test_builtin_names(tmp_path, monkeypatch):
+    _touch_images(tmp_path, ["imagenet/train/n01/a.JPEG"])
+    monkeypatch.setenv("SOCO_DATASETS", str(tmp_path))
+    assert resolve_image_source("imagenet_train") == os.path.join(str(tmp_path), "imagenet/train")
+    assert resolve_image_source("some/folder") == "some/folder"
+    images = list_images("imagenet_train")
+    assert images.keys == ["n01/a.JPEG"] and images.root == str(tmp_path / "imagenet" / "train")
+    with pytest.raises(FileNotFoundError, match="'coco_2017_unlabeled'.*SOCO_DATASETS"):
+        list_images("coco_2017_unlabeled")
+    with pytest.raises(FileNotFoundError, match="builtin names: caltech101_subset"):
+        list_images(tmp_path / "nowhere")
 
 
 def test_image_list_dedups_and_sorts():
