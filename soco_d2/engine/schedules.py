@@ -1,11 +1,11 @@
 """Per-iteration schedules: learning rate (linear warmup + cosine) and EMA momentum."""
-import math
-
 from fvcore.common.param_scheduler import (
     CompositeParamScheduler,
     CosineParamScheduler,
     LinearParamScheduler,
 )
+
+from soco_d2.modeling.ema import cosine_momentum
 
 __all__ = [
     "scaled_lr",
@@ -72,11 +72,6 @@ class LRSchedule:
     def lr_at(self, it: int) -> float:
         """Learning rate of (0-based) iteration ``it``; ``it == max_iter`` gives ``min_lr``."""
         return float(self._sched(min(max(it, 0), self.max_iter) / self.max_iter))
-
-
-def cosine_momentum(base: float, it: int, max_iter: int) -> float:
-    """``1 - (1 - base) * (cos(pi * it / max_iter) + 1) / 2``: ``base`` at 0, 1 at ``max_iter``."""
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * it / max_iter) + 1.0) / 2.0
 
 
 class MomentumSchedule:

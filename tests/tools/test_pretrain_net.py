@@ -1,0 +1,59 @@
+import importlib.util
+import os
+
+import pytest
+
+from soco_d2.config import ConfigError
+
+TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "pretrain_net.py")
+
+
+@pytest.fixture
+def tool():
+    spec = importlib.util.spec_from_file_location("pretrain_net_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_parses_and_launches(tool, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tool, "launch", lambda *a, **k: calls.append((a, k)))
+    tool.cli(["--num-gpus", "2", "--resume", "MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "64",
+              "OUTPUT_DIR", "out/p"])
+    (args, kwargs), = calls
+    assert args[0] is tool.main and args[1] == 2
+    assert kwargs["backend"] == "gloo" and kwargs["dist_url"] == "auto"
+    assert kwargs["num_machines"] == 1 and kwargs["machine_rank"] == 0
+    (parsed,) = kwargs["args"]
+    assert parsed.resume and parsed.opts == ["MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "64",
+                                             "OUTPUT_DIR", "out/p"]
+
+
+def test_cli_rejects_bad_overrides_before_launching(tool, monkeypatch):
+    monkeypatch.setattr(tool, "launch", lambda *a, **k: pytest.fail("launched"))
+    with pytest.raises(ConfigError, match="SOLVER.NO_SUCH_KEY"):
+        tool.cli(["SOLVER.NO_SUCH_KEY", "1"])
+    with pytest.raises(SystemExit):
+        tool.cli(["--eval-only"])
+
+
+def test_main_builds_resumes_and_trains(tool, monkeypatch):
+    import soco_d2.engine.trainer as trainer_mod
+
+    events = []
+
+    class FakeTrainer:
+        def __init__(self, cfg):
+            events.append(("init", cfg.SOLVER.IMS_PER_BATCH, cfg.is_frozen()))
+
+        def resume_or_load(self, resume):
+            events.append(("resume", resume))
+
+        def train(self):
+            events.append(("train",))
+
+    monkeypatch.setattr(trainer_mod, "PretrainTrainer", FakeTrainer)
+    args = tool.default_argument_parser().parse_args(["--resume", "SOLVER.IMS_PER_BATCH", "32"])
+    tool.main(args)
+    assert events == [("init", 32, True), ("resume", True), ("train",)]

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Self-supervised pretraining (SoCo, DetCo).
+
+    python tools/pretrain_net.py --config-file configs/soco/soco_R50_FPN_100ep.yaml --num-gpus 8
+    python tools/pretrain_net.py --config-file ... --resume OUTPUT_DIR out/soco_100ep
+    torchrun --nproc_per_node 8 tools/pretrain_net.py --config-file ...
+    srun --ntasks-per-node 8 python tools/pretrain_net.py --config-file ...
+
+``KEY VALUE`` pairs after the options override config values. See docs/TRAINING.md.
+"""
+import os
+import sys
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from soco_d2.config import load_config  # noqa: E402
+from soco_d2.engine.arguments import default_argument_parser  # noqa: E402
+from soco_d2.engine.launch import default_backend, launch  # noqa: E402
+
+
+def main(args):
+    import soco_d2.data  # noqa: F401  (registers the view mappers)
+    import soco_d2.modeling  # noqa: F401  (registers the meta-architectures)
+    from soco_d2.engine.trainer import PretrainTrainer
+
+    cfg = load_config(args.config_file, args.opts)
+    trainer = PretrainTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+
+
+def cli(argv=None):
+    parser = default_argument_parser()
+    args = parser.parse_args(argv)
+    if args.eval_only:
+        parser.error("pretraining has no evaluation; evaluate transfer with tools/train_net.py")
+    cfg = load_config(args.config_file, args.opts)  # fail early, before starting processes
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        backend=default_backend(cfg.MODEL.DEVICE),
+    )
+
+
+if __name__ == "__main__":
+    cli()
