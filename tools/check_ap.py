@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Compare a fine-tuning run's COCO AP with the number reported in the SoCo / DetCo papers.
+
+Examples:
+
+  python tools/check_ap.py --list
+  python tools/check_ap.py output/finetune/mask_rcnn_R50_FPN_1x --reference soco_fpn_100ep_mask_rcnn_1x
+  python tools/check_ap.py output/retina --reference detco_200ep_retinanet_1x --tolerance 0.5
+
+Reads the last evaluation results of OUTPUT_DIR/metrics.json and prints reported, measured and
+delta per metric. Exit status: 0 when every metric is at most --tolerance AP below the reported
+value, 1 when one falls short (or is missing), 2 for unusable input (no metrics file, no
+evaluation results, unknown reference).
+"""
+import argparse
+import sys
+
+from soco_d2.evaluation.reported_ap import (
+    MetricsError,
+    compare_to_reference,
+    format_comparison,
+    format_references,
+    get_reference,
+    read_eval_metrics,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument("output_dir", nargs="?", help="run directory holding metrics.json (or the file itself)")
+    p.add_argument("--reference", help="name of the reported result (see --list)")
+    p.add_argument("--tolerance", type=float, default=0.3,
+                   help="allowed shortfall in AP points (default 0.3, the run-to-run spread reported "
+                        "for COCO fine-tuning)")
+    p.add_argument("--dataset", default=None, help="test set name when the run evaluated several")
+    p.add_argument("--list", action="store_true", help="print the known references and exit")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        print(format_references())
+        return 0
+    if not args.output_dir or not args.reference:
+        parser.print_usage(sys.stderr)
+        print("error: OUTPUT_DIR and --reference are required (or --list)", file=sys.stderr)
+        return 2
+    if args.tolerance < 0:
+        print(f"error: --tolerance must be >= 0, got {args.tolerance}", file=sys.stderr)
+        return 2
+    try:
+        get_reference(args.reference)
+        measured, iteration = read_eval_metrics(args.output_dir, args.dataset)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    except MetricsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    comparison = compare_to_reference(measured, args.reference, args.tolerance)
+    print(f"evaluation at iteration {iteration}")
+    print(format_comparison(comparison))
+    return 0 if comparison.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
