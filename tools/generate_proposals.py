@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Either --images and --output (generate) or --merge OUTPUT SHARD... (merge shard files).",
     )
-    p.add_argument("--images", help="image folder (tree), .txt list file or COCO .json")
+    p.add_argument("--images", help="image folder (tree), .txt list file, COCO .json, or a builtin name "
+                                    "such as imagenet_train (under $SOCO_DATASETS)")
     p.add_argument("--image-root", default=None, help="image folder for a COCO json (default: next to the json)")
     p.add_argument("--output", help="proposals file to write (partial results go to OUTPUT.parts/)")
     p.add_argument("--merge", nargs="+", metavar=("OUTPUT", "SHARD"),

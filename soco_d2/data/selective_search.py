@@ -253,7 +253,7 @@ def run_generation(
     with ProposalWriter(output, chunk_size=chunk_size, resume=resume, metadata=metadata) as writer:
         tasks = [(images.keys[i], images.path(i), params) for i in shard_ids if images.keys[i] not in writer.done_keys]
         summary.images_skipped = summary.images_total - len(tasks)
-        workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
+        workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks) or 1))
         if workers == 1:
             _init_worker()
             results = map(_process_one, tasks)
