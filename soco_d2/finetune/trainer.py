@@ -191,8 +191,7 @@ def _fpn_levels(model: nn.Module):
 
 
 def _group(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[:3]) if parts[0] == "roi_heads" else ".".join(parts[:2])
+    return ".".join(name.split(".")[:2])  # backbone.body, backbone.fpn, rpn.head, roi_heads.box_head
 
 
 def load_detector_weights(model: nn.Module, path: str, trust: bool = False) -> Dict[str, List[str]]:
@@ -233,7 +232,24 @@ def load_detector_weights(model: nn.Module, path: str, trust: bool = False) -> D
             f"{prefix}layer1.0.conv1.weight). Convert the checkpoint with tools/convert_to_d2.py "
             "first, or check MODEL.RESNETS.DEPTH."
         )
+    # The backbone must load completely: a partial match means another architecture or depth.
+    partial = [k for k in report["missing"]
+               if k.startswith(prefix) and not k.endswith("num_batches_tracked")]
+    partial += [k for k in report["unused"] if k.startswith(prefix) and not k.startswith(prefix + "fc.")]
+    partial += [m for m in mismatch if m.startswith(prefix)]
+    if partial:
+        raise WeightsLoadingError(
+            f"The backbone in MODEL.WEIGHTS {path!r} matches the detector's only in part "
+            f"({len(partial)} tensors missing, extra or of another shape, e.g. {partial[:3]}): "
+            f"check MODEL.RESNETS.DEPTH (now {_depth_hint(model)})."
+        )
     return report
+
+
+def _depth_hint(model: nn.Module) -> str:
+    body = model.backbone.body
+    blocks = [len(getattr(body, f"layer{i}", [])) for i in (1, 2, 3, 4)]
+    return f"blocks per stage {blocks}"
 
 
 def _log_weights_report(path: str, report: Dict[str, List[str]]) -> None:
