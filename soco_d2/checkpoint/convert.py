@@ -692,10 +692,9 @@ def _d2_short_to_torchvision(name: str, fpn_levels: Sequence[int], num_conv: int
         return f"roi_heads.box_head.{int(m[1]) - 1}.{tv}"
     m = re.match(r"^box_head\.fc(\d+)\.(weight|bias)$", name)
     if m:
-        j = int(m[1]) - 1
-        if num_conv == 0:  # detectron2 2fc head -> torchvision TwoMLPHead
-            return f"roi_heads.box_head.fc{6 + j}.{m[2]}" if j < 2 else None
-        return f"roi_heads.box_head.{num_conv + 1 + 2 * j}.{m[2]}"
+        # FastRCNNConvFCHead: convs, Flatten, then (Linear, ReLU) pairs; also for a 2fc head
+        # (NUM_CONV 0), which this project builds with the same class.
+        return f"roi_heads.box_head.{num_conv + 1 + 2 * (int(m[1]) - 1)}.{m[2]}"
     return None
 
 

@@ -490,6 +490,59 @@ def test_d2_to_torchvision_retinanet_levels(soco_state):
 def test_d2_to_torchvision_two_fc_head():
     d2 = {"box_head.fc1.weight": np.ones((1024, 12544), np.float32), "box_head.fc2.bias": np.ones(1024, np.float32)}
     tv, _ = d2_to_torchvision(d2)
-    assert set(tv) == {"roi_heads.box_head.fc6.weight", "roi_heads.box_head.fc7.bias"}
+    # FastRCNNConvFCHead((256, 7, 7), [], [1024, 1024]): Flatten at 0, fc at 1 and 3
+    assert set(tv) == {"roi_heads.box_head.1.weight", "roi_heads.box_head.3.bias"}
     with pytest.raises(ConversionError, match="no detectron2"):
         d2_to_torchvision({"rpn.head.weight": np.ones(1)})
+
+
+# ------------------------------------------------------------------------------------------------
+# The project's own pretraining models, as built from configs
+# ------------------------------------------------------------------------------------------------
+def _small_cfg(arch):
+    from soco_d2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_list([
+        "MODEL.META_ARCHITECTURE", arch, "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18,
+        "MODEL.FPN.OUT_CHANNELS", 16, "MODEL.ROI_BOX_HEAD.NUM_CONV", 2, "MODEL.ROI_BOX_HEAD.CONV_DIM", 16,
+        "MODEL.ROI_BOX_HEAD.FC_DIM", 32, "MODEL.SOCO.PROJECTOR_HIDDEN_DIM", 32,
+        "MODEL.SOCO.PROJECTOR_OUT_DIM", 16, "MODEL.SOCO.PREDICTOR_HIDDEN_DIM", 32,
+        "MODEL.DETCO.QUEUE_SIZE", 8, "SOLVER.IMS_PER_BATCH", 4, "MODEL.DETCO.HEAD_HIDDEN_DIM", 32, "MODEL.DETCO.FEATURE_DIM", 16,
+    ])
+    return cfg
+
+
+def test_project_soco_model_converts():
+    from soco_d2.modeling import build_model
+
+    model = build_model(_small_cfg("SoCo"))
+    with torch.no_grad():
+        for p in model.target_backbone.parameters():
+            p.add_(1.0)
+    state = model.state_dict()
+    d2, report = convert_to_d2({"model": state, "iteration": 10})
+    assert report.depth == 18 and not report.unmapped
+    assert set(report.mapped.values()) == set(d2) and "box_head.conv2.norm.running_var" in d2
+    assert sorted({k.split(".")[0] for k in report.dropped}) == [
+        "predictor", "projector", "target_backbone", "target_box_head", "target_projector"]
+    np.testing.assert_array_equal(d2["box_head.fc1.weight"], state["box_head.3.weight"].numpy())
+    d2_t, _ = convert_to_d2(state, branch="target")
+    np.testing.assert_array_equal(d2_t["res3.1.conv2.weight"], state["target_backbone.body.layer2.1.conv2.weight"].numpy())
+    # and back to the same torchvision names the model uses
+    tv, _ = convert_to_torchvision(state)
+    assert all(torch.equal(tv[k], state[k]) for k in state if k.startswith("backbone."))
+    assert all(torch.equal(tv["roi_heads." + k], state[k]) for k in state if k.startswith("box_head."))
+
+
+def test_project_detco_model_converts():
+    from soco_d2.modeling import build_model
+
+    model = build_model(_small_cfg("DetCo"))
+    state = model.state_dict()
+    d2, report = convert_to_d2(state, parts="backbone")
+    assert report.depth == 18 and not report.unmapped and set(d2) == set(expected_backbone_shapes(18))
+    np.testing.assert_array_equal(d2["res4.0.shortcut.norm.weight"], state["encoder_q.body.layer3.0.downsample.1.weight"].numpy())
+    reasons = Counter(report.dropped.values())
+    assert set(reasons) == {"target branch", "head (not transferred)", "queue"}
+    assert reasons["queue"] == len([k for k in state if k.startswith("queues_")])
