@@ -13,9 +13,13 @@ value, 1 when one falls short (or is missing), 2 for unusable input (no metrics 
 evaluation results, unknown reference).
 """
 import argparse
+import os
 import sys
 
-from soco_d2.evaluation.reported_ap import (
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from soco_d2.evaluation.reported_ap import (  # noqa: E402
     MetricsError,
     compare_to_reference,
     format_comparison,
@@ -33,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", nargs="?", help="run directory holding metrics.json (or the file itself)")
     p.add_argument("--reference", help="name of the reported result (see --list)")
     p.add_argument("--tolerance", type=float, default=0.3,
-                   help="allowed shortfall in AP points (default 0.3, the run-to-run spread reported "
+                   help="allowed shortfall in AP points (default 0.3, about the run-to-run variation "
                         "for COCO fine-tuning)")
     p.add_argument("--dataset", default=None, help="test set name when the run evaluated several")
     p.add_argument("--list", action="store_true", help="print the known references and exit")

@@ -20,9 +20,13 @@ printed. The tool fails (exit status 1) on an unknown layout, a missing requeste
 incomplete backbone, or keys it does not know how to handle (see --allow-unmapped).
 """
 import argparse
+import os
 import sys
 
-from soco_d2.checkpoint.convert import (
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from soco_d2.checkpoint.convert import (  # noqa: E402
     PARTS,
     ConversionError,
     convert_to_d2,
@@ -30,7 +34,7 @@ from soco_d2.checkpoint.convert import (
     save_d2_pkl,
     save_torchvision_state_dict,
 )
-from soco_d2.checkpoint.io import CheckpointError
+from soco_d2.checkpoint.io import CheckpointError  # noqa: E402
 
 DETECTRON2_SETTINGS = """\
 Fine-tune with detectron2 (weights are torchvision-style: RGB input, stride in the 3x3 conv):

@@ -125,3 +125,23 @@ def test_compare_tolerance_and_missing():
     cmp = compare_to_reference(measured, "soco_fpn_100ep_mask_rcnn_1x", tolerance=1.0)
     assert cmp.missing == ["segm/AP50", "segm/AP75"] and not cmp.passed
     assert "missing" in format_comparison(cmp)
+
+
+def test_docs_table_matches():
+    """docs/TRANSFER.md lists every reference with the same numbers."""
+    import os
+
+    doc = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "TRANSFER.md")
+    rows = {}
+    with open(doc) as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 10 and cells[0].startswith("`"):
+                rows[cells[0].strip("`")] = cells
+    assert set(rows) == set(REPORTED)
+    keys = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75")
+    for name, cells in rows.items():
+        r = REPORTED[name]
+        assert cells[1:3] == [r.detector, r.schedule]
+        assert cells[3:9] == [f"{r.metrics[k]:.1f}" if k in r.metrics else "-" for k in keys], name
+        assert r.config.endswith(cells[9].strip("`"))
