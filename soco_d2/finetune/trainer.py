@@ -70,7 +70,8 @@ class WeightsLoadingError(RuntimeError):
 def resolve_steps(steps, max_iter: int) -> List[int]:
     """``SOLVER.STEPS`` as iterations: values in (0, 1) are fractions of ``max_iter``.
 
-    Steps at or beyond ``max_iter`` are dropped with a warning (as detectron2 does).
+    Steps at or beyond ``max_iter`` (or rounding to 0) are dropped with a warning (as detectron2
+    drops steps beyond ``MAX_ITER``).
     """
     out = []
     for s in steps:
@@ -79,10 +80,10 @@ def resolve_steps(steps, max_iter: int) -> List[int]:
         out.append(int(round(s * max_iter)) if s < 1 else int(s))
     if out != sorted(out) or len(set(out)) != len(out):
         raise ValueError(f"SOLVER.STEPS must increase strictly; got {tuple(steps)} -> {out}.")
-    kept = [s for s in out if s < max_iter]
+    kept = [s for s in out if 0 < s < max_iter]
     if len(kept) < len(out):
-        logger.warning("SOLVER.STEPS %s reach SOLVER.MAX_ITER=%d; ignoring %s.",
-                       tuple(steps), max_iter, out[len(kept):])
+        logger.warning("SOLVER.STEPS %s -> %s: only steps within 1..%d are used (SOLVER.MAX_ITER=%d).",
+                       tuple(steps), out, max_iter - 1, max_iter)
     return kept
 
 

@@ -1,0 +1,98 @@
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from soco_d2.data.synthetic import make_synthetic_coco
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "tools", "train_net.py")
+CONFIG = os.path.join(REPO, "configs", "finetune", "mask_rcnn_R50_FPN_1x.yaml")
+
+# CPU-sized model and inputs (module names unchanged).
+TINY = [
+    "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.NUM_CLASSES", "3",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50", "MODEL.RPN.POST_NMS_TOPK_TEST", "30",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.ROI_BOX_HEAD.CONV_DIM", "16",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "32", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "(0.5,)",
+    "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False",
+    "LOG_PERIOD", "1",
+]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("train_net_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def data(tmp_path):
+    train, _ = make_synthetic_coco(str(tmp_path / "data"), 4, image_size=64, seed=0, split="train")
+    val, _ = make_synthetic_coco(str(tmp_path / "data"), 2, image_size=64, seed=1, split="val")
+    return ["DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)"]
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_eval_only_and_resume(data, tmp_path):
+    tool = _load_tool()
+    out = str(tmp_path / "run")
+    args = ["--config-file", CONFIG] + TINY + data + ["OUTPUT_DIR", out]
+    results = tool.cli(args + ["SOLVER.MAX_ITER", "2"])
+    assert set(results) == {"bbox", "segm"}
+    evals = [r for r in _metrics(out) if "bbox/AP" in r]
+    assert [r["iteration"] for r in evals] == [2]
+    assert {"bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/APl"} <= set(evals[0])
+
+    # --eval-only with explicit weights, then from the last checkpoint of OUTPUT_DIR.
+    final = os.path.join(out, "model_final.pth")
+    again = tool.cli(["--eval-only"] + args + ["MODEL.WEIGHTS", final])
+    assert again["bbox"] == pytest.approx(results["bbox"], nan_ok=True)
+    tool.cli(["--eval-only"] + args)
+    evals = [r for r in _metrics(out) if "bbox/AP" in r]
+    assert [r["iteration"] for r in evals] == [2, 2, 2]
+
+    # --resume with a longer schedule trains only the new iteration.
+    tool.cli(["--resume"] + args + ["SOLVER.MAX_ITER", "3"])
+    losses = [r["iteration"] for r in _metrics(out) if "total_loss" in r]
+    assert losses == [1, 2, 3]
+
+
+def test_missing_weights_file_is_a_clear_error(data, tmp_path):
+    tool = _load_tool()
+    from soco_d2.finetune.trainer import WeightsLoadingError
+
+    with pytest.raises(WeightsLoadingError, match="nowhere.pkl"):
+        tool.cli(["--config-file", CONFIG] + TINY + data + [
+            "OUTPUT_DIR", str(tmp_path / "o"), "SOLVER.MAX_ITER", "1",
+            "MODEL.WEIGHTS", str(tmp_path / "nowhere.pkl")])
+
+
+def test_unknown_key_fails_before_launch(tmp_path):
+    proc = subprocess.run([sys.executable, TOOL, "--config-file", CONFIG, "SOLVER.NO_SUCH", "1"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and "SOLVER.NO_SUCH" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_syncbn_ddp_and_gathered_evaluation(data, tmp_path):
+    out = str(tmp_path / "ddp")
+    proc = subprocess.run(
+        [sys.executable, TOOL, "--num-gpus", "2", "--config-file", CONFIG] + TINY + data +
+        ["OUTPUT_DIR", out, "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "4"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    evals = [r for r in _metrics(out) if "bbox/AP" in r]
+    assert len(evals) == 1 and "segm/AP" in evals[0]
+    assert "Evaluation of 2 images" in open(os.path.join(out, "log.txt")).read()
