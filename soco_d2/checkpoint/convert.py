@@ -31,7 +31,6 @@ Online / target branches are told apart by their prefix: a prefix component such
 target (key / EMA) network.
 """
 import functools
-import math
 import os
 import pickle
 import re
@@ -758,13 +757,10 @@ def convert_to_torchvision(
         src = inverse[d2_key]
         del report.mapped[src]
         report.dropped[src] = reason
+    num_conv = sum(1 for k in d2 if re.match(r"^box_head\.conv\d+\.weight$", k))
     for src, d2_key in report.mapped.items():
-        report.mapped[src] = _d2_short_to_torchvision(d2_key, fpn_levels, _num_conv(d2))
+        report.mapped[src] = _d2_short_to_torchvision(d2_key, fpn_levels, num_conv)
     return tv, report
-
-
-def _num_conv(d2: Mapping[str, Any]) -> int:
-    return sum(1 for k in d2 if re.match(r"^box_head\.conv\d+\.weight$", k))
 
 
 # ------------------------------------------------------------------------------------------------
