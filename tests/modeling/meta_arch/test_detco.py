@@ -247,3 +247,42 @@ def test_shipped_configs_train_a_step_on_mapped_samples(name):
         opt.step()
         model.momentum_update(cfg.MODEL.EMA.BASE_MOMENTUM)
     assert int(model.queues_local["res5"].ptr) == 0  # 2 steps x 2 keys wrapped a queue of 4
+
+
+def _model_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same model on both ranks
+        m = DetCo(_cfg(KEY_BN="shuffle")).train()
+        m.encoder_k.eval()  # per-sample key features, so shuffling must not change them
+        batch = _batch(n=2, seed=10 + rank)
+        glob, local = m.normalize(batch["global"]), m.normalize(batch["local"])
+        perm = batch["local_perm"]
+        with torch.no_grad():
+            direct = m.encoder_k(glob[:, 1], local[:, 1], perm[:, 1])
+            shuffled = m._keys(glob[:, 1], local[:, 1], perm[:, 1])
+        m(batch)
+        m.encoder_k.train()  # with batch statistics, the shuffle changes the keys
+        with torch.no_grad():
+            train_direct = m.encoder_k(glob[:, 1], local[:, 1], perm[:, 1])[0]["res2"]
+            train_shuffled = m._keys(glob[:, 1], local[:, 1], perm[:, 1])[0]["res2"]
+        torch.save({"direct": direct, "shuffled": shuffled,
+                    "train_changed": not torch.allclose(train_direct, train_shuffled),
+                    "queue": m.queues_local["res3"].queue.clone()},
+                   os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_shuffle_bn_and_shared_queues(tmp_path):
+    mp.start_processes(_model_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for g in got:
+        for direct, shuffled in zip(g["direct"], g["shuffled"]):
+            for lvl in LEVELS:
+                torch.testing.assert_close(shuffled[lvl], direct[lvl], rtol=1e-5, atol=1e-6)
+    assert got[0]["train_changed"] and got[1]["train_changed"]
+    assert torch.equal(got[0]["queue"], got[1]["queue"])
+    keys = torch.cat([got[0]["direct"][1]["res3"], got[1]["direct"][1]["res3"]])
+    torch.testing.assert_close(got[0]["queue"][:4], keys, rtol=1e-5, atol=1e-6)
