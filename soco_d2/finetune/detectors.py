@@ -26,7 +26,11 @@ from torchvision.models import resnet
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import (
+    FastRCNNConvFCHead,
+    FastRCNNPredictor,
+    TwoMLPHead,
+)
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
@@ -121,6 +125,18 @@ def _backbone(cfg, returned_layers=None, extra_blocks=None):
     )
 
 
+def _box_head(box, in_channels: int) -> nn.Module:
+    """4conv1fc (SoCo, torchvision v2) or, with NUM_CONV 0 and NUM_FC 2, torchvision's
+    ``TwoMLPHead`` (the standard 2fc head of the MoCo / DetCo recipe; names ``fc6`` / ``fc7``)."""
+    res = box.POOLER_RESOLUTION
+    if box.NUM_CONV == 0 and box.NUM_FC == 2:
+        return TwoMLPHead(in_channels * res * res, box.FC_DIM)
+    return FastRCNNConvFCHead(
+        (in_channels, res, res), [box.CONV_DIM] * box.NUM_CONV, [box.FC_DIM] * box.NUM_FC,
+        norm_layer=_norm(box.NORM, "MODEL.ROI_BOX_HEAD.NORM"),
+    )
+
+
 def _mask_rcnn(cfg, num_classes: int) -> nn.Module:
     backbone = _backbone(cfg)
     out = backbone.out_channels
@@ -139,10 +155,7 @@ def _mask_rcnn(cfg, num_classes: int) -> nn.Module:
         rpn_post_nms_top_n_train=rpn.POST_NMS_TOPK_TRAIN,
         rpn_post_nms_top_n_test=rpn.POST_NMS_TOPK_TEST,
         box_roi_pool=MultiScaleRoIAlign(levels, res, box.POOLER_SAMPLING_RATIO),
-        box_head=FastRCNNConvFCHead(
-            (out, res, res), [box.CONV_DIM] * box.NUM_CONV, [box.FC_DIM] * box.NUM_FC,
-            norm_layer=_norm(box.NORM, "MODEL.ROI_BOX_HEAD.NORM"),
-        ),
+        box_head=_box_head(box, out),
         box_predictor=FastRCNNPredictor(box.FC_DIM, num_classes),
         box_batch_size_per_image=cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
         box_positive_fraction=cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION,

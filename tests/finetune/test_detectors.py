@@ -85,3 +85,13 @@ def test_training_forward_returns_losses(tiny_overrides):
                            "loss_rpn_box_reg"}
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_two_fc_box_head_of_the_moco_recipe():
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
+
+    model = build_detector(_cfg("MODEL.ROI_BOX_HEAD.NUM_CONV", 0, "MODEL.ROI_BOX_HEAD.NUM_FC", 2,
+                                "MODEL.ROI_BOX_HEAD.NORM", "", "MODEL.ROI_MASK_HEAD.NORM", ""))
+    assert isinstance(model.roi_heads.box_head, TwoMLPHead)
+    assert "roi_heads.box_head.fc7.weight" in model.state_dict()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.roi_heads.mask_head.modules())
