@@ -113,3 +113,30 @@ def test_cli_subprocess(soco_checkpoint, tmp_path):
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "wrote 120 tensors" in ok.stdout and (tmp_path / "s.pkl").is_file()
+
+
+def test_engine_checkpoint_of_the_soco_model(tmp_path, capsys):
+    """A checkpoint written by the training engine (model + optimizer + RNG states) converts
+    without --trust-checkpoint."""
+    from soco_d2.config import get_cfg
+    from soco_d2.engine.checkpoint import Checkpointer
+    from soco_d2.modeling import build_model
+
+    cfg = get_cfg()
+    cfg.merge_from_list([
+        "MODEL.META_ARCHITECTURE", "SoCo", "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18,
+        "MODEL.FPN.OUT_CHANNELS", 16, "MODEL.ROI_BOX_HEAD.CONV_DIM", 16, "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
+        "MODEL.SOCO.PROJECTOR_HIDDEN_DIM", 32, "MODEL.SOCO.PROJECTOR_OUT_DIM", 16,
+        "MODEL.SOCO.PREDICTOR_HIDDEN_DIM", 32,
+    ])
+    model = build_model(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    Checkpointer(model, str(tmp_path), optimizer=optimizer).save("model_final.pth", 7, config=cfg.dump())
+    assert _main(tmp_path / "model_final.pth", tmp_path / "soco.pkl") == 0
+    out = capsys.readouterr().out
+    assert "unmapped        0" in out and "ResNet depth: 18" in out
+    with open(tmp_path / "soco.pkl", "rb") as f:
+        weights = pickle.load(f)["model"]
+    state = model.state_dict()
+    np.testing.assert_array_equal(weights["fpn_output2.norm.weight"], state["backbone.fpn.layer_blocks.0.1.weight"].numpy())
+    assert {k.split(".")[1] for k in weights if k.startswith("box_head.")} == {"conv1", "conv2", "conv3", "conv4", "fc1"}
