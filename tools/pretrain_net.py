@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Self-supervised pretraining (SoCo, DetCo).
 
-    python tools/pretrain_net.py --config-file configs/soco/soco_R50_FPN_100ep.yaml --num-gpus 8
+    python tools/pretrain_net.py --config-file configs/soco/soco_fpn_r50_100ep.yaml --num-gpus 8
     python tools/pretrain_net.py --config-file ... --resume OUTPUT_DIR out/soco_100ep
     torchrun --nproc_per_node 8 tools/pretrain_net.py --config-file ...
     srun --ntasks-per-node 8 python tools/pretrain_net.py --config-file ...
