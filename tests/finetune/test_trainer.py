@@ -1,5 +1,6 @@
 import glob
 import json
+import logging
 import os
 import shutil
 
@@ -99,8 +100,13 @@ def test_load_bare_torchvision_resnet(tiny_overrides, tmp_path, caplog):
     torch.save(resnet.state_dict(), path)
     dst = _tiny_model(tiny_overrides, 2)
     fpn_before = dst.backbone.fpn.inner_blocks[0][0].weight.clone()
+    log = logging.getLogger("soco_d2")
+    log.addHandler(caplog.handler)  # the soco_d2 logger may not propagate (setup_logging)
     caplog.set_level("INFO", logger="soco_d2")
-    report = load_detector_weights(dst, path)
+    try:
+        report = load_detector_weights(dst, path)
+    finally:
+        log.removeHandler(caplog.handler)
     torch.testing.assert_close(dst.backbone.body.layer3[1].conv2.weight, resnet.layer3[1].conv2.weight)
     torch.testing.assert_close(dst.backbone.fpn.inner_blocks[0][0].weight, fpn_before)
     assert "backbone.body.fc.weight" in report["unused"]
@@ -211,3 +217,27 @@ def test_class_count_must_match(tiny_coco, tiny_overrides, tmp_path):
                       ["MODEL.NUM_CLASSES", 80])
     with pytest.raises(ValueError, match="NUM_CLASSES"):
         FinetuneTrainer(cfg)
+
+
+def test_pennfudan_real_data(data_root, monkeypatch, tiny_overrides, tmp_path, caplog):
+    monkeypatch.setenv("SOCO_DATASETS", data_root)
+    config = os.path.join(os.path.dirname(CONFIGS[0]), "mask_rcnn_R18_FPN_pennfudan_cpu.yaml")
+    overrides = tiny_overrides + ["MODEL.NUM_CLASSES", 1, "OUTPUT_DIR", str(tmp_path / "pf"),
+                                  "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96]
+    cfg = load_config(config, overrides)
+    assert cfg.DATASETS.TRAIN == ("pennfudan_train",) and cfg.DATASETS.TEST == ("pennfudan_val",)
+    trainer = FinetuneTrainer(cfg)
+    assert len(trainer.train_dataset) == 127
+    trainer.resume_or_load(resume=False)
+    log = logging.getLogger("soco_d2")
+    log.addHandler(caplog.handler)
+    caplog.set_level("INFO", logger="soco_d2")
+    try:
+        results = trainer.train()
+    finally:
+        log.removeHandler(caplog.handler)
+    assert "Evaluation of 43 images" in caplog.text
+    for task in ("bbox", "segm"):
+        assert set(results[task]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    final = [json.loads(line) for line in open(tmp_path / "pf" / "metrics.json")][-1]
+    assert "bbox/AP" in final and "segm/AP" in final and final["iteration"] == 2
