@@ -114,10 +114,13 @@ def test_target_uses_its_own_batch_statistics():
 def test_one_backbone_pass_per_view_and_network(star, views):
     model = _model()
     online, target = _count_calls(model.backbone), _count_calls(model.target_backbone)
-    pooler, head = _count_calls(model.pooler), _count_calls(model.box_head)
+    pooler, head_conv = _count_calls(model.pooler), _count_calls(model.box_head[0][0])
+    head_norm = _count_calls(model.box_head[0][1])
     losses = model(_batch(star=star))
     assert len(losses) == views - 1
-    assert (len(online), len(target), len(pooler), len(head)) == (views, views, 2 * views, views)
+    assert (len(online), len(target), len(pooler)) == (views, views, 2 * views)
+    # The head's convolutions run once over all views; its norms once per view.
+    assert (len(head_conv), len(head_norm)) == (1, views)
     if star:
         assert -12 <= sum(losses.values()).item() <= 12
 
@@ -155,6 +158,42 @@ def test_eval_mode_matches_per_pair_reference_and_all_view_batching():
     for k, v in all_model(batch).items():
         torch.testing.assert_close(v, losses[k])
     assert len(head) == 1
+
+
+def test_train_mode_head_norms_each_view_separately():
+    """per_view batching: losses and BN running statistics equal separate per-view head calls."""
+    import copy
+
+    model = _model()
+    reference = copy.deepcopy(model)
+    batch = _batch()
+    losses = model(batch)
+
+    r = reference
+    boxes = {"v1": torch.cat([p["boxes_a"] for p in batch["pairs"]], dim=1)}
+    boxes.update({p["b"][0]: p["boxes_b"] for p in batch["pairs"]})
+
+    def encode(modules, backbone, view):
+        x = r.normalize(batch["images"][view])
+        pooled = r.pooler(list(backbone(x).values()), boxes[view], tuple(x.shape[-2:]))
+        for m in modules:  # one call per view: BN statistics of this view only
+            pooled = m(pooled)
+        return pooled.view(x.shape[0], boxes[view].shape[1], -1)
+
+    q = {v: encode([r.box_head, r.projector, r.predictor], r.backbone, v) for v in boxes}
+    with torch.no_grad():
+        k = {v: encode([r.target_box_head, r.target_projector], r.target_backbone, v) for v in boxes}
+    for i, p in enumerate(batch["pairs"]):
+        b = p["b"][0]
+        kk = 2  # boxes per set
+        qa, ka = q["v1"][:, i * kk:(i + 1) * kk], k["v1"][:, i * kk:(i + 1) * kk]
+        expected = soco_pair_loss(qa, k[b], p["ids_a"], p["ids_b"])
+        expected = expected + soco_pair_loss(q[b], ka, p["ids_b"], p["ids_a"])
+        torch.testing.assert_close(losses[f"loss_v1_{b}"], expected, rtol=1e-4, atol=1e-5)
+    for (name, buf), ref in zip(model.box_head.named_buffers(), reference.box_head.buffers()):
+        torch.testing.assert_close(buf, ref, rtol=1e-4, atol=1e-5, msg=name)
+    for buf, ref in zip(model.predictor.buffers(), reference.predictor.buffers()):
+        torch.testing.assert_close(buf, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_plain_view_names_channels_last_and_autocast():
