@@ -42,6 +42,22 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_cpu_threads(num_workers: int, processes_per_machine: int) -> int:
+    """Give the training process of a CPU run the cores its loader workers do not use.
+
+    Each process gets ``cores // processes - workers`` torch threads (at least one), unless
+    ``OMP_NUM_THREADS`` says otherwise. Without this, torch's default (one thread per core) in
+    every process competes with the loader workers for the same cores, and OpenMP's spinning
+    threads can make each step many times slower.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cores or 1) // max(1, processes_per_machine) - max(0, num_workers))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def resolve_device(name: str) -> torch.device:
     """``MODEL.DEVICE`` as a device; ``cuda`` becomes this process's GPU (its local rank)."""
     device = torch.device(name)
@@ -99,6 +115,9 @@ class PretrainTrainer:
         self.device = resolve_device(cfg.MODEL.DEVICE)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+        else:
+            threads = configure_cpu_threads(cfg.DATALOADER.NUM_WORKERS, comm.get_local_world_size())
+            logger.info("CPU run: %d torch thread(s) per process.", threads)
         if comm.is_main_process():
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
             atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())

@@ -142,3 +142,20 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             continue
         torch.testing.assert_close(two["state"][k], v, rtol=1e-4, atol=1e-4, msg=k)
     assert not torch.equal(one["state"]["online.1.running_mean"], torch.zeros(4))
+
+
+def test_cpu_threads_leave_cores_to_loader_workers(monkeypatch):
+    from soco_d2.engine.trainer import configure_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    try:
+        assert configure_cpu_threads(num_workers=4, processes_per_machine=2) == 4  # 16 // 2 - 4
+        assert torch.get_num_threads() == 4
+        assert configure_cpu_threads(num_workers=8, processes_per_machine=2) == 1  # at least one
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        assert configure_cpu_threads(num_workers=0, processes_per_machine=1) == 3  # user's choice
+    finally:
+        torch.set_num_threads(before)
