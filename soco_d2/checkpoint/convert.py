@@ -34,13 +34,14 @@ import functools
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torchvision
+
+from soco_d2.utils.fileio import atomic_write
 
 from .io import load_checkpoint_file, unwrap_state_dict
 
@@ -766,23 +767,6 @@ def convert_to_torchvision(
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
-def _atomic_write(path: Union[str, os.PathLike], write: Callable[[Any], None]) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_d2_pkl(d2: Mapping[str, Any], path: Union[str, os.PathLike], author: str = "soco_d2") -> None:
     """Write ``{"model": {name: ndarray}, "__author__": author, "matching_heuristics": True}``
     atomically (temp file + rename). ``__author__`` keeps detectron2 from applying Caffe2
@@ -790,10 +774,10 @@ def save_d2_pkl(d2: Mapping[str, Any], path: Union[str, os.PathLike], author: st
     if not os.fspath(path).endswith(".pkl"):
         raise ConversionError(f"detectron2 weights must be written to a .pkl file, got {os.fspath(path)}")
     obj = {"model": {k: _to_numpy(v) for k, v in d2.items()}, "__author__": author, "matching_heuristics": True}
-    _atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
+    atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def save_torchvision_state_dict(state: Mapping[str, torch.Tensor], path: Union[str, os.PathLike]) -> None:
     """Write ``{"model": state}`` with ``torch.save``, atomically; loadable with
     ``torch.load(weights_only=True)``."""
-    _atomic_write(path, lambda f: torch.save({"model": dict(state)}, f))
+    atomic_write(path, lambda f: torch.save({"model": dict(state)}, f))

@@ -26,10 +26,11 @@ import bisect
 import json
 import os
 import struct
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
+
+from soco_d2.utils.fileio import atomic_write
 
 __all__ = ["ProposalStore", "ProposalWriter", "merge_proposals", "write_proposals", "FORMAT_VERSION"]
 
@@ -67,11 +68,6 @@ def to_uint16_boxes(boxes, image_hw: Tuple[int, int], key: str = "?") -> np.ndar
     if not np.isfinite(boxes).all():
         raise ValueError(f"image {key!r}: proposals contain NaN or infinite coordinates")
     return np.clip(np.rint(boxes), 0, [w, h, w, h]).astype(np.uint16)
-
-
-def _atomic_path(path: str) -> Tuple[int, str]:
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    return tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
 
 
 def _write_file(
@@ -114,36 +110,29 @@ def _write_file(
     body = json.dumps(header, sort_keys=True).encode("utf-8")
     body += b" " * (data_start - _PREFIX.size - len(body))
 
-    fd, tmp = _atomic_path(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)))
-            f.write(body)
+    def write(f) -> None:
+        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)))
+        f.write(body)
 
-            def put(name: str, array: np.ndarray) -> None:
-                f.seek(data_start + arrays[name]["offset"])
-                f.write(np.ascontiguousarray(array).tobytes())
+        def put(name: str, array: np.ndarray) -> None:
+            f.seek(data_start + arrays[name]["offset"])
+            f.write(np.ascontiguousarray(array).tobytes())
 
-            put("key_offsets", key_offsets)
-            put("key_blob", np.frombuffer(b"".join(keys), np.uint8))
-            put("image_hw", np.asarray(image_hw, np.uint32).reshape(n, 2))
-            put("box_offsets", box_offsets)
-            f.seek(data_start + arrays["boxes"]["offset"])
-            written = 0
-            for block in box_blocks:
-                block = np.ascontiguousarray(block, dtype=np.uint16).reshape(-1, 4)
-                f.write(block.tobytes())
-                written += len(block)
-            if written != lengths["boxes"]:
-                raise RuntimeError(f"wrote {written} boxes, expected {lengths['boxes']}")
-            f.truncate(header["file_size"])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        put("key_offsets", key_offsets)
+        put("key_blob", np.frombuffer(b"".join(keys), np.uint8))
+        put("image_hw", np.asarray(image_hw, np.uint32).reshape(n, 2))
+        put("box_offsets", box_offsets)
+        f.seek(data_start + arrays["boxes"]["offset"])
+        written = 0
+        for block in box_blocks:
+            block = np.ascontiguousarray(block, dtype=np.uint16).reshape(-1, 4)
+            f.write(block.tobytes())
+            written += len(block)
+        if written != lengths["boxes"]:
+            raise RuntimeError(f"wrote {written} boxes, expected {lengths['boxes']}")
+        f.truncate(header["file_size"])
+
+    atomic_write(path, write)
 
 
 def write_proposals(path, entries: Dict[str, Tuple[np.ndarray, Tuple[int, int]]], metadata=None) -> None:
@@ -406,7 +395,7 @@ class ProposalWriter:
             self.done_keys.update(store.keys)
         os.makedirs(self.parts_dir, exist_ok=True)
         for name in os.listdir(self.parts_dir):
-            if name.startswith(".tmp-"):  # left by a killed write
+            if name.startswith(".") and name.endswith(".tmp"):  # left by a killed atomic_write
                 os.remove(os.path.join(self.parts_dir, name))
 
     def _chunk_files(self) -> List[str]:

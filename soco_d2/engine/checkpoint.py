@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from soco_d2.utils import comm
+from soco_d2.utils.fileio import atomic_write, atomic_write_text
 
 __all__ = [
     "Checkpointer",
@@ -43,43 +44,9 @@ class CheckpointMismatchError(RuntimeError):
     """The model of a checkpoint does not have the keys / shapes of the model being trained."""
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
-
-
 def atomic_save(obj, path: str) -> None:
     """``torch.save(obj, path)`` that leaves either the old file or the complete new one."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def get_rng_state() -> Dict:

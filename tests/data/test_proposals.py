@@ -122,7 +122,7 @@ def test_writer_chunks_kill_and_resume(tmp_path):
     writer = ProposalWriter(out, chunk_size=3, metadata={"mode": "fast"})
     for i in range(7):
         writer.add(f"k{i}.jpg", *boxes[f"k{i}.jpg"])
-    (tmp_path / "out.socoprop.parts" / ".tmp-chunk-000009.socoprop-x").write_bytes(b"half")
+    (tmp_path / "out.socoprop.parts" / ".chunk-000009.socoprop.x1y2z3.tmp").write_bytes(b"half")
     del writer  # killed: the 7th image was still buffered and is lost
 
     with pytest.raises(FileExistsError, match="--resume"):
@@ -131,7 +131,7 @@ def test_writer_chunks_kill_and_resume(tmp_path):
         ProposalWriter(out, resume=True, metadata={"mode": "quality"})
     writer = ProposalWriter(out, chunk_size=3, resume=True, metadata={"mode": "fast"})
     assert writer.done_keys == {f"k{i}.jpg" for i in range(6)}
-    assert not any(n.startswith(".tmp-") for n in os.listdir(tmp_path / "out.socoprop.parts"))
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path / "out.socoprop.parts"))
     for i in range(6, 8):
         writer.add(f"k{i}.jpg", *boxes[f"k{i}.jpg"])
     writer.close()
