@@ -260,12 +260,13 @@ def build_pretrain_dataset(cfg) -> PretrainDataset:
     logger.info("Pretraining images: %d from %r.", len(images), source)
     proposals_path = cfg.DATASETS.PRETRAIN.PROPOSALS or default_proposals
     store = None
+    mapper = build_mapper(cfg)
     if proposals_path:
         store = ProposalStore.open(proposals_path)
         check_proposal_coverage(images, store, cfg.DATASETS.PRETRAIN.MAX_MISSING_PROPOSALS, source)
-    else:
+    elif getattr(mapper, "uses_proposals", True):
         logger.warning(
             "DATASETS.PRETRAIN.PROPOSALS is empty: every image uses one whole-image box (image-level "
             "pretraining). Generate proposals with tools/generate_proposals.py for SoCo."
         )
-    return PretrainDataset(images, store, build_mapper(cfg))
+    return PretrainDataset(images, store, mapper)

@@ -51,6 +51,8 @@ class DetCoViewMapper:
     are upsampled), ``proposals`` is ignored. Returns the dict described in the module docstring.
     """
 
+    uses_proposals = False  # DetCo contrasts whole views and patches, not boxes
+
     def __init__(self, cfg):
         c = cfg.INPUT.DETCO
         self.global_size = int(c.GLOBAL_SIZE)

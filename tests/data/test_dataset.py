@@ -151,6 +151,15 @@ def test_no_proposals_file_warns(folder, caplog):
     assert "PROPOSALS is empty" in caplog.text
 
 
+def test_no_proposals_warning_for_a_mapper_that_uses_none(folder, caplog):
+    root, _ = folder
+    cfg = _cfg(root)
+    cfg.INPUT.MAPPER = "DetCoViewMapper"
+    with caplog.at_level(logging.WARNING, logger="soco_d2.data.dataset"):
+        build_pretrain_dataset(cfg)
+    assert "PROPOSALS" not in caplog.text
+
+
 def test_named_datasets(folder, tmp_path, monkeypatch):
     cfg = _cfg("")
     cfg.DATASETS.PRETRAIN.NAME = "imagenet_train"
