@@ -1,0 +1,497 @@
+"""Quick-start demo: the whole chain on a small data set, on a CPU, in minutes.
+
+1. data: a synthetic shapes data set (COCO json + PNG images), or the user's COCO data;
+2. selective-search proposals of the unlabeled pretraining images;
+3. SoCo pretraining (``configs/demo/soco_demo.yaml``);
+4. conversion of the online network (backbone, FPN, box head) to a detectron2 ``.pkl``;
+5. Mask R-CNN fine-tuning + COCO evaluation (``configs/demo/mask_rcnn_demo.yaml``), twice with
+   the same budget and seed: from the SoCo weights and from random initialisation;
+6. a table of box / mask AP side by side, ``demo_curves.png`` and ``demo_summary.json``.
+
+``tools/demo.py`` is the command line; :func:`run_demo` does the work.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+
+import torch
+
+__all__ = [
+    "DemoError",
+    "DemoSettings",
+    "DemoData",
+    "DEFAULT_PRETRAIN_CONFIG",
+    "DEFAULT_FINETUNE_CONFIG",
+    "scaled_iters",
+    "prepare_data",
+    "check_coco_data",
+    "backbone_init_check",
+    "read_metrics",
+    "format_ap_table",
+    "plot_curves",
+    "run_demo",
+]
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PRETRAIN_CONFIG = os.path.join(_REPO, "configs", "demo", "soco_demo.yaml")
+DEFAULT_FINETUNE_CONFIG = os.path.join(_REPO, "configs", "demo", "mask_rcnn_demo.yaml")
+
+# Iteration budgets of a ``minutes=REFERENCE_MINUTES`` run; --minutes scales them linearly.
+REFERENCE_MINUTES = 10.0
+PRETRAIN_ITERS = 50
+FINETUNE_ITERS = 60
+
+# Everything the demo writes under its output folder (removed first with ``overwrite``).
+_OUTPUTS = ("data", "proposals.socoprop", "proposals.socoprop.parts", "pretrain",
+            "soco_converted.pkl", "finetune_soco", "finetune_scratch", "demo_curves.png",
+            "demo_summary.json", "log.txt")
+
+# (table label, metrics key) in the printed table.
+TABLE_ROWS = [(f"AP{tag}{suffix}", f"{task}/AP{suffix}")
+              for task, tag in (("bbox", "bb"), ("segm", "mk"))
+              for suffix in ("", "50", "75", "s", "m", "l")]
+
+
+class DemoError(ValueError):
+    """Input the demo cannot use (missing file, wrong flag combination); the message says why."""
+
+
+@dataclass
+class DemoSettings:
+    """What :func:`run_demo` does. ``train_json`` unset: synthetic data of the given size."""
+
+    output_dir: str
+    train_json: Optional[str] = None
+    train_images: Optional[str] = None  # default: next to the json (see default_coco_image_root)
+    val_json: Optional[str] = None
+    val_images: Optional[str] = None
+    # Unlabeled pretraining images (folder, .txt list or COCO json); default: the training images.
+    pretrain_images: Optional[str] = None
+    minutes: float = REFERENCE_MINUTES
+    seed: int = 0
+    num_train_images: int = 160
+    num_val_images: int = 40
+    image_size: int = 128
+    pretrain_iters: Optional[int] = None  # default: scaled from ``minutes``
+    finetune_iters: Optional[int] = None
+    workers: Optional[int] = None  # proposal processes (default: every usable core)
+    pretrain_config: str = DEFAULT_PRETRAIN_CONFIG
+    finetune_config: str = DEFAULT_FINETUNE_CONFIG
+    pretrain_opts: List[str] = field(default_factory=list)  # KEY VALUE overrides
+    finetune_opts: List[str] = field(default_factory=list)
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class DemoData:
+    train_json: str
+    train_images: str
+    val_json: str
+    val_images: str
+    pretrain_images: str
+    num_classes: int
+    num_train: int
+    num_val: int
+    synthetic: bool
+
+
+def scaled_iters(base: int, minutes: float) -> int:
+    """``base`` iterations scaled by ``minutes / REFERENCE_MINUTES`` (at least 1)."""
+    if not minutes > 0:
+        raise DemoError(f"--minutes must be positive, got {minutes}.")
+    return max(1, int(round(base * minutes / REFERENCE_MINUTES)))
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Data
+# ------------------------------------------------------------------------------------------------
+
+
+def check_coco_data(json_file: str, image_root: Optional[str], flag: str) -> Tuple[str, int, List[int]]:
+    """Check a user's COCO instances json and its images; returns ``(image_root, images,
+    sorted category ids)``. Errors name the command-line flag to fix."""
+    from soco_d2.data.image_list import default_coco_image_root, list_images
+
+    if not os.path.isfile(json_file):
+        raise DemoError(f"{flag} {json_file!r} does not exist: give the path of a COCO instances json.")
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DemoError(f"{flag} {json_file!r} is not valid JSON ({e}).") from None
+    missing = [k for k in ("images", "annotations", "categories")
+               if not isinstance(data, dict) or not isinstance(data.get(k), list)]
+    if missing:
+        raise DemoError(f"{flag} {json_file!r} is not a COCO instances json: it lacks the "
+                        f"list(s) {missing}.")
+    if not data["categories"]:
+        raise DemoError(f"{flag} {json_file!r} has no categories.")
+    if not any(a.get("segmentation") for a in data["annotations"]):
+        raise DemoError(f"{flag} {json_file!r} has no annotation with a 'segmentation': Mask R-CNN "
+                        "needs instance masks (polygons or RLE).")
+    root = image_root or default_coco_image_root(json_file)
+    images_flag = flag.replace("json", "images")
+    if not os.path.isdir(root):
+        raise DemoError(f"{images_flag} {root!r} is not a folder: give the folder holding the "
+                        f"images of {json_file!r}.")
+    try:
+        images = list_images(json_file, image_root=root)
+    except (FileNotFoundError, ValueError) as e:
+        raise DemoError(f"{flag} {json_file!r} with images in {root!r}: {e} (set {images_flag}).") from None
+    return root, len(images), sorted(int(c["id"]) for c in data["categories"])
+
+
+def prepare_data(settings: DemoSettings, say=print) -> DemoData:
+    """The synthetic data set (written under ``output_dir/data``) or the user's, checked."""
+    s = settings
+    user = [s.train_json, s.train_images, s.val_json, s.val_images]
+    if s.train_json is None:
+        if any(user):
+            raise DemoError("--train-images, --val-json and --val-images need --train-json (your "
+                            "training annotations); leave all four out for the synthetic data set.")
+        if s.num_train_images < 2 or s.num_val_images < 1 or s.image_size < 32:
+            raise DemoError("The synthetic data set needs at least 2 training images, 1 validation "
+                            f"image and an image size of 32 px (got {s.num_train_images}, "
+                            f"{s.num_val_images}, {s.image_size}).")
+        from soco_d2.data.synthetic import CATEGORIES, make_synthetic_coco
+
+        root = os.path.join(s.output_dir, "data")
+        train_json, train_images = make_synthetic_coco(root, s.num_train_images, s.image_size,
+                                                       s.seed, "train")
+        val_json, val_images = make_synthetic_coco(root, s.num_val_images, s.image_size,
+                                                   s.seed + 1, "val")
+        say(f"    synthetic shapes ({', '.join(c['name'] for c in CATEGORIES)}): "
+            f"{s.num_train_images} train + {s.num_val_images} val images of {s.image_size} px in {root}")
+        return DemoData(train_json, train_images, val_json, val_images,
+                        s.pretrain_images or train_images, len(CATEGORIES),
+                        s.num_train_images, s.num_val_images, synthetic=True)
+    if s.val_json is None:
+        raise DemoError("--train-json needs --val-json too: the demo evaluates on a labelled "
+                        "validation set (it may be a small held-out part of your data).")
+    train_images, n_train, train_cats = check_coco_data(s.train_json, s.train_images, "--train-json")
+    val_images, n_val, val_cats = check_coco_data(s.val_json, s.val_images, "--val-json")
+    if set(val_cats) - set(train_cats):
+        raise DemoError(f"--val-json has category ids {sorted(set(val_cats) - set(train_cats))} that "
+                        f"--train-json lacks ({train_cats}); both must use the same categories.")
+    pretrain = s.pretrain_images or train_images
+    if s.pretrain_images and not os.path.exists(s.pretrain_images):
+        raise DemoError(f"--pretrain-images {s.pretrain_images!r} does not exist: give a folder, a "
+                        ".txt list of image paths or a COCO json.")
+    say(f"    your data: {n_train} train images ({s.train_json}), {n_val} val images "
+        f"({s.val_json}), {len(train_cats)} categories")
+    return DemoData(os.path.abspath(s.train_json), train_images, os.path.abspath(s.val_json),
+                    val_images, pretrain, len(train_cats), n_train, n_val, synthetic=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. - 5. Pretraining, conversion, fine-tuning
+# ------------------------------------------------------------------------------------------------
+
+
+def _load_config(path: str, flag: str, overrides: Sequence[str]):
+    from soco_d2.config import load_config
+
+    if not os.path.isfile(path):
+        raise DemoError(f"{flag} {path!r} does not exist (the demo configs live in configs/demo/ "
+                        "of a source checkout).")
+    return load_config(path, list(overrides), freeze=False)
+
+
+def _pretrain(s: DemoSettings, data: DemoData, proposals: str, iters: int) -> str:
+    import soco_d2.data  # noqa: F401  (registers the view mappers)
+    import soco_d2.modeling  # noqa: F401  (registers the meta-architectures)
+    from soco_d2.engine.trainer import PretrainTrainer
+
+    cfg = _load_config(s.pretrain_config, "--pretrain-config", s.pretrain_opts)
+    cfg.DATASETS.PRETRAIN.NAME = ""
+    cfg.DATASETS.PRETRAIN.IMAGE_ROOT = data.pretrain_images
+    cfg.DATASETS.PRETRAIN.PROPOSALS = proposals
+    cfg.SOLVER.MAX_ITER = iters
+    cfg.SEED = s.seed
+    cfg.OUTPUT_DIR = os.path.join(s.output_dir, "pretrain")
+    cfg.freeze()
+    trainer = PretrainTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+
+
+def _register_datasets(data: DemoData) -> Tuple[str, str]:
+    from soco_d2.finetune import register_coco_instances
+
+    # Names carry the paths, so several demos in one process never collide.
+    train = f"demo_train:{data.train_json}:{data.train_images}"
+    val = f"demo_val:{data.val_json}:{data.val_images}"
+    register_coco_instances(train, data.train_json, data.train_images)
+    register_coco_instances(val, data.val_json, data.val_images)
+    return train, val
+
+
+def backbone_init_check(model: torch.nn.Module, pretrained: Dict[str, torch.Tensor]) -> Dict[str, int]:
+    """How many ResNet tensors of a detector equal those of the pretrained online backbone
+    (``backbone.body.*`` in both; BN ``num_batches_tracked`` left out)."""
+    own = {k: v for k, v in model.state_dict().items()
+           if k.startswith("backbone.body.") and not k.endswith("num_batches_tracked")}
+    equal = sum(1 for k, v in own.items()
+                if k in pretrained and pretrained[k].shape == v.shape and torch.equal(pretrained[k], v))
+    return {"tensors": len(own), "equal_to_pretrained": equal}
+
+
+def _finetune(s: DemoSettings, data: DemoData, datasets: Tuple[str, str], weights: str,
+              out: str, iters: int, pretrained: Dict[str, torch.Tensor]) -> Dict:
+    from soco_d2.finetune.trainer import FinetuneTrainer
+
+    cfg = _load_config(s.finetune_config, "--finetune-config", s.finetune_opts)
+    cfg.DATASETS.TRAIN = (datasets[0],)
+    cfg.DATASETS.TEST = (datasets[1],)
+    cfg.MODEL.NUM_CLASSES = data.num_classes
+    cfg.MODEL.WEIGHTS = weights
+    cfg.SOLVER.MAX_ITER = iters
+    cfg.SEED = s.seed
+    cfg.OUTPUT_DIR = out
+    cfg.freeze()
+    trainer = FinetuneTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    init = backbone_init_check(trainer.model, pretrained)
+    results = trainer.train()
+    from soco_d2.evaluation.coco_evaluation import flatten_results
+
+    return {"output_dir": out, "weights": weights, "iterations": iters,
+            "backbone_init": init, "metrics": flatten_results(results)}
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Report
+# ------------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str) -> List[Dict]:
+    """The JSON lines of a ``metrics.json`` (missing file: no rows)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _json_safe(obj):
+    """NaN / inf (COCO's AP of an absent object size) as null, so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.2f}"
+
+
+def format_ap_table(soco: Dict[str, float], scratch: Dict[str, float]) -> str:
+    """AP rows (APbb, APbb50, ..., APmk, ...) for both runs and their difference, in AP points.
+    Metrics a run lacks, or NaN ones (no object of that size in the val set), print as n/a."""
+    lines = [f"{'metric':<9}{'SoCo pretrained':>17}{'scratch':>10}{'delta':>9}", "-" * 45]
+    for label, key in TABLE_ROWS:
+        a, b = soco.get(key), scratch.get(key)
+        if a is None and b is None:
+            continue
+        both = a is not None and b is not None and math.isfinite(a) and math.isfinite(b)
+        delta = f"{a - b:+.2f}" if both else "n/a"
+        lines.append(f"{label:<9}{_fmt(a):>17}{_fmt(b):>10}{delta:>9}")
+    return "\n".join(lines)
+
+
+def plot_curves(pretrain_rows: List[Dict], runs: Dict[str, List[Dict]], path: str) -> None:
+    """Left: pretraining loss per iteration. Right: fine-tuning loss of each run and, on a second
+    axis, its box / mask AP at every evaluation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    rows = [r for r in pretrain_rows if "total_loss" in r]
+    left.plot([r["iteration"] for r in rows], [r["total_loss"] for r in rows], "o-", color="tab:purple",
+              markersize=3)
+    left.set(title="SoCo pretraining", xlabel="iteration", ylabel="loss (negative cosine similarity)")
+    left.grid(alpha=0.3)
+    ap_axis = right.twinx()
+    colours = {"SoCo pretrained": "tab:blue", "scratch": "tab:orange"}
+    for name, run in runs.items():
+        c = colours.get(name, None)
+        loss = [r for r in run if "total_loss" in r]
+        right.plot([r["iteration"] for r in loss], [r["total_loss"] for r in loss], "-", color=c,
+                   label=f"{name}: loss")
+        for key, style in (("bbox/AP", "s--"), ("segm/AP", "^:")):
+            ev = [r for r in run if key in r]
+            if ev:
+                ap_axis.plot([r["iteration"] for r in ev], [r[key] for r in ev], style, color=c,
+                             markersize=7, label=f"{name}: {key}")
+    right.set(title="Mask R-CNN fine-tuning", xlabel="iteration", ylabel="loss")
+    ap_axis.set_ylabel("AP (points)")
+    right.grid(alpha=0.3)
+    handles = right.get_legend_handles_labels()
+    extra = ap_axis.get_legend_handles_labels()
+    right.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+_FOOTER = """\
+Note: {n_train} training / {n_val} validation images and minutes of CPU training make these APs
+noisy (one image more or less moves them by points); either run can come out ahead, and the
+numbers say nothing about SoCo at scale. Real numbers need SoCo pretraining on ImageNet and
+fine-tuning on COCO: see README ("Quick start" and the sections after it), docs/TRAINING.md and
+docs/TRANSFER.md."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole demo
+# ------------------------------------------------------------------------------------------------
+
+
+def _prepare_output_dir(s: DemoSettings) -> None:
+    present = [n for n in _OUTPUTS if os.path.exists(os.path.join(s.output_dir, n))]
+    if present and not s.overwrite:
+        raise DemoError(f"--output-dir {s.output_dir!r} already holds demo outputs ({', '.join(present)}): "
+                        "choose a new folder or pass --overwrite to replace them.")
+    for name in present:
+        path = os.path.join(s.output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    os.makedirs(s.output_dir, exist_ok=True)
+
+
+def run_demo(settings: DemoSettings, stream: TextIO = None) -> Dict:
+    """Run every stage; returns the summary also written to ``output_dir/demo_summary.json``."""
+    from soco_d2.engine.writers import setup_logging
+
+    s = settings
+    stream = stream or sys.stdout
+
+    def say(msg: str = "") -> None:
+        print(msg, file=stream, flush=True)
+
+    pretrain_iters = s.pretrain_iters or scaled_iters(PRETRAIN_ITERS, s.minutes)
+    finetune_iters = s.finetune_iters or scaled_iters(FINETUNE_ITERS, s.minutes)
+    # Fail on a bad config, override or user data set before anything is written or trained.
+    _load_config(s.pretrain_config, "--pretrain-config", s.pretrain_opts)
+    _load_config(s.finetune_config, "--finetune-config", s.finetune_opts)
+    user_data = any([s.train_json, s.train_images, s.val_json, s.val_images])
+    stages: Dict[str, float] = {}
+    total_start = time.perf_counter()
+    steps = 6
+
+    def stage(i: int, key: str, title: str):
+        say(f"\n==> [{i}/{steps}] {title}")
+        return key, time.perf_counter()
+
+    def done(token) -> None:
+        key, start = token
+        stages[key] = round(time.perf_counter() - start, 2)
+        say(f"    ({key}: {stages[key]:.1f} s)")
+
+    t = stage(1, "data", "Data")
+    data = prepare_data(s, say) if user_data else None
+    _prepare_output_dir(s)
+    setup_logging(s.output_dir)  # the trainers' logs of every stage go to output_dir/log.txt
+    data = data or prepare_data(s, say)
+    done(t)
+
+    t = stage(2, "proposals", "Selective-search proposals of the unlabeled pretraining images")
+    from soco_d2.data.image_list import list_images
+    from soco_d2.data.selective_search import run_generation
+
+    proposals = os.path.join(s.output_dir, "proposals.socoprop")
+    try:
+        images = list_images(data.pretrain_images)
+    except (FileNotFoundError, ValueError) as e:
+        raise DemoError(f"pretraining images: {e}") from None
+    gen = run_generation(images, proposals, workers=s.workers, progress=s.progress)
+    say(f"    {gen.format()}")
+    done(t)
+
+    t = stage(3, "pretrain", f"SoCo pretraining: {pretrain_iters} iterations "
+                             f"({os.path.relpath(s.pretrain_config)})")
+    checkpoint = _pretrain(s, data, proposals, pretrain_iters)
+    pretrain_rows = read_metrics(os.path.join(s.output_dir, "pretrain", "metrics.json"))
+    say(f"    loss {_fmt(pretrain_rows[0]['total_loss'])} -> {_fmt(pretrain_rows[-1]['total_loss'])};"
+        f" checkpoint {checkpoint}")
+    done(t)
+
+    t = stage(4, "convert", "Conversion of the online network (backbone, FPN, box head) to detectron2 .pkl")
+    from soco_d2.checkpoint import convert_to_d2, save_d2_pkl
+
+    d2, report = convert_to_d2(checkpoint)
+    converted = os.path.join(s.output_dir, "soco_converted.pkl")
+    save_d2_pkl(d2, converted)
+    say(f"    {len(report.mapped)} tensors mapped, {len(report.dropped)} dropped (target network, "
+        f"projector, predictor) -> {converted}")
+    done(t)
+
+    pretrained = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    datasets = _register_datasets(data)
+    runs = {}
+    t = stage(5, "finetune", f"Mask R-CNN fine-tuning + COCO evaluation, {finetune_iters} iterations "
+                             f"each ({os.path.relpath(s.finetune_config)})")
+    for key, name, weights in (("soco", "SoCo pretrained", converted), ("scratch", "scratch", "")):
+        say(f"\n    --- from {'the SoCo weights' if weights else 'random initialisation'} "
+            f"-> finetune_{key}/")
+        start = time.perf_counter()
+        runs[key] = _finetune(s, data, datasets, weights, os.path.join(s.output_dir, f"finetune_{key}"),
+                              finetune_iters, pretrained)
+        stages[f"finetune_{key}"] = round(time.perf_counter() - start, 2)
+        init = runs[key]["backbone_init"]
+        say(f"    backbone tensors equal to the pretrained ones at iteration 0: "
+            f"{init['equal_to_pretrained']}/{init['tensors']}; ({stages[f'finetune_{key}']:.1f} s)")
+    soco_init = runs["soco"]["backbone_init"]
+    if soco_init["equal_to_pretrained"] != soco_init["tensors"]:
+        raise RuntimeError(f"The SoCo weights did not load into the detector's backbone "
+                           f"({soco_init['equal_to_pretrained']} of {soco_init['tensors']} tensors equal).")
+    done(t)
+
+    t = stage(6, "report", "Results")
+    curves = os.path.join(s.output_dir, "demo_curves.png")
+    plot_curves(pretrain_rows, {
+        "SoCo pretrained": read_metrics(os.path.join(runs["soco"]["output_dir"], "metrics.json")),
+        "scratch": read_metrics(os.path.join(runs["scratch"]["output_dir"], "metrics.json")),
+    }, curves)
+    table = format_ap_table(runs["soco"]["metrics"], runs["scratch"]["metrics"])
+    stages["report"] = round(time.perf_counter() - t[1], 2)
+    total = round(time.perf_counter() - total_start, 2)
+    summary = {
+        "settings": asdict(s),
+        "data": asdict(data),
+        "proposals": {"path": proposals, "images": gen.images_done, "boxes_mean": gen.boxes_mean,
+                      "unreadable": len(gen.unreadable)},
+        "pretrain": {"output_dir": os.path.dirname(checkpoint), "checkpoint": checkpoint,
+                     "iterations": pretrain_iters,
+                     "first_loss": pretrain_rows[0]["total_loss"],
+                     "last_loss": pretrain_rows[-1]["total_loss"]},
+        "converted": {"path": converted, "mapped": len(report.mapped), "dropped": len(report.dropped)},
+        "finetune": runs,
+        "curves": curves,
+        "stage_seconds": stages,
+        "total_seconds": total,
+    }
+    with open(os.path.join(s.output_dir, "demo_summary.json"), "w") as f:
+        json.dump(_json_safe(summary), f, indent=2)
+    say(f"\nCOCO AP on {data.num_val} validation images after {finetune_iters} fine-tuning "
+        f"iterations (AP points):\n")
+    say(table)
+    say("\n" + _FOOTER.format(n_train=data.num_train, n_val=data.num_val))
+    say(f"\nCurves: {curves}\nSummary: {os.path.join(s.output_dir, 'demo_summary.json')}")
+    say("Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+        + f"; total {total / 60:.1f} min")
+    return summary

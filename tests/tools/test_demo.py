@@ -1,0 +1,170 @@
+"""tools/demo.py and soco_d2.demo: the whole chain at a tiny budget, user data, bad input."""
+import importlib.util
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from soco_d2.data.synthetic import make_synthetic_coco
+from soco_d2.demo import DemoError, DemoSettings, format_ap_table, prepare_data, run_demo, scaled_iters
+from soco_d2.finetune.trainer import FinetuneTrainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Shrinks the demo configs further so a run takes seconds: 32 px views, batch 2, 64 px detector input.
+PRETRAIN_TINY = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.SOCO.VIEW1_SIZE", "32", "INPUT.SOCO.VIEW2_SIZE", "32",
+                 "INPUT.SOCO.VIEW3_SIZE", "32", "LOG_PERIOD", "1"]
+FINETUNE_TINY = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
+                 "INPUT.MAX_SIZE_TEST", "96", "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "100",
+                 "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50", "MODEL.RPN.PRE_NMS_TOPK_TEST", "100",
+                 "MODEL.RPN.POST_NMS_TOPK_TEST", "30", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
+                 "TEST.PRECISE_BN.NUM_ITER", "1", "LOG_PERIOD", "1"]
+
+
+def tiny_settings(out, **kw):
+    base = dict(output_dir=str(out), num_train_images=12, num_val_images=4, image_size=64,
+                pretrain_iters=2, finetune_iters=2, workers=1, progress=False,
+                pretrain_opts=PRETRAIN_TINY, finetune_opts=FINETUNE_TINY)
+    base.update(kw)
+    return DemoSettings(**base)
+
+
+@pytest.fixture
+def keep_threads():
+    """The trainers size torch's thread pool for a CPU run; give the other tests theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def backbone_at_start(monkeypatch):
+    """conv1 weight of every fine-tuned detector when training starts, by OUTPUT_DIR."""
+    seen = {}
+    original = FinetuneTrainer.train
+
+    def train(self):
+        seen[self.cfg.OUTPUT_DIR] = self.model.backbone.body.conv1.weight.detach().clone()
+        return original(self)
+
+    monkeypatch.setattr(FinetuneTrainer, "train", train)
+    return seen
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("demo_tool", os.path.join(REPO, "tools", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_synthetic_data(tmp_path, keep_threads, backbone_at_start, capsys):
+    out = tmp_path / "demo"
+    summary = run_demo(tiny_settings(out))
+
+    # Every stage left its output.
+    assert (out / "proposals.socoprop").is_file()
+    assert summary["proposals"]["images"] == 12
+    checkpoint = out / "pretrain" / "model_final.pth"
+    assert checkpoint.is_file()
+    pre_rows = [json.loads(x) for x in (out / "pretrain" / "metrics.json").read_text().splitlines()]
+    assert [r["iteration"] for r in pre_rows] == [1, 2]
+    assert (out / "soco_converted.pkl").is_file()
+    for run in ("soco", "scratch"):
+        rows = [json.loads(x) for x in (out / f"finetune_{run}" / "metrics.json").read_text().splitlines()]
+        evals = [r for r in rows if "bbox/AP" in r]
+        assert evals and "segm/AP" in evals[-1] and evals[-1]["iteration"] == 2
+        assert summary["finetune"][run]["metrics"]["bbox/AP"] == evals[-1]["bbox/AP"]
+    png = (out / "demo_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    on_disk = json.loads((out / "demo_summary.json").read_text())
+    assert on_disk["pretrain"]["iterations"] == 2 and on_disk["finetune"]["soco"]["iterations"] == 2
+    assert set(on_disk["stage_seconds"]) >= {"data", "proposals", "pretrain", "convert", "finetune", "report"}
+
+    # The SoCo run started from the converted online backbone; the scratch run did not.
+    pretrained = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    online_conv1 = pretrained["backbone.body.conv1.weight"]
+    with open(out / "soco_converted.pkl", "rb") as f:
+        d2 = pickle.load(f)["model"]
+    np.testing.assert_array_equal(d2["stem.conv1.weight"], online_conv1.numpy())
+    assert torch.equal(backbone_at_start[str(out / "finetune_soco")], online_conv1)
+    assert not torch.equal(backbone_at_start[str(out / "finetune_scratch")], online_conv1)
+    init = summary["finetune"]["soco"]["backbone_init"]
+    assert init["tensors"] > 50 and init["equal_to_pretrained"] == init["tensors"]
+    assert summary["finetune"]["scratch"]["backbone_init"]["equal_to_pretrained"] < init["tensors"]
+
+    printed = capsys.readouterr().out
+    for heading in ("[1/6] Data", "[3/6] SoCo pretraining", "[5/6] Mask R-CNN", "SoCo pretrained"):
+        assert heading in printed
+    assert "APbb50" in printed and "APmk" in printed and "noisy" in printed
+
+
+@pytest.mark.slow
+def test_demo_on_user_coco_data(tmp_path, keep_threads):
+    """--train-json / --val-json: the user's files are used as given (no synthetic data)."""
+    user = tmp_path / "mine"
+    train_json, train_images = make_synthetic_coco(str(user), 6, 48, seed=3, split="train")
+    val_json, val_images = make_synthetic_coco(str(user), 2, 48, seed=4, split="val")
+    out = tmp_path / "demo"
+    summary = run_demo(tiny_settings(out, train_json=train_json, train_images=train_images,
+                                     val_json=val_json, val_images=val_images,
+                                     pretrain_iters=1, finetune_iters=1))
+    assert not (out / "data").exists()
+    assert summary["data"]["synthetic"] is False
+    assert summary["data"]["train_json"] == os.path.abspath(train_json)
+    assert summary["proposals"]["images"] == 6  # pretraining images = the user's training images
+    assert summary["data"]["num_classes"] == 3
+    assert "segm/AP" in summary["finetune"]["scratch"]["metrics"]
+    cfg_text = (out / "finetune_soco" / "config.yaml").read_text()
+    assert "NUM_CLASSES: 3" in cfg_text and "instances_val.json" in cfg_text
+
+
+def test_missing_train_json_is_a_clear_error_before_anything_is_written(tmp_path, capsys):
+    tool = load_tool()
+    out = tmp_path / "demo"
+    missing = str(tmp_path / "nowhere" / "instances_train.json")
+    rc = tool.main(["--output-dir", str(out), "--train-json", missing, "--val-json", missing])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--train-json" in err and missing in err and "does not exist" in err
+    assert not out.exists()
+
+
+def test_user_data_flag_errors(tmp_path):
+    train_json, _ = make_synthetic_coco(str(tmp_path / "d"), 2, 48, seed=0, split="train")
+    with pytest.raises(DemoError, match="--val-json"):
+        prepare_data(DemoSettings(output_dir=str(tmp_path / "o"), train_json=train_json))
+    with pytest.raises(DemoError, match="need --train-json"):
+        prepare_data(DemoSettings(output_dir=str(tmp_path / "o"), val_json=train_json))
+    with pytest.raises(DemoError, match="--val-images .* is not a folder"):
+        prepare_data(DemoSettings(output_dir=str(tmp_path / "o"), train_json=train_json,
+                                  val_json=train_json, val_images=str(tmp_path / "no_images")))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DemoError, match="not valid JSON"):
+        prepare_data(DemoSettings(output_dir=str(tmp_path / "o"), train_json=str(bad),
+                                  val_json=train_json))
+
+
+def test_existing_outputs_need_overwrite(tmp_path, capsys):
+    (tmp_path / "pretrain").mkdir()
+    with pytest.raises(DemoError, match="--overwrite"):
+        run_demo(DemoSettings(output_dir=str(tmp_path), progress=False))
+
+
+def test_budget_scaling_and_table():
+    assert scaled_iters(50, 10) == 50 and scaled_iters(50, 20) == 100 and scaled_iters(50, 0.01) == 1
+    with pytest.raises(DemoError, match="--minutes"):
+        scaled_iters(50, 0)
+    table = format_ap_table({"bbox/AP": 12.5, "bbox/APl": math.nan, "segm/AP": 3.0},
+                            {"bbox/AP": 10.0, "bbox/APl": math.nan, "segm/AP": 4.25})
+    lines = table.splitlines()
+    assert lines[2].split() == ["APbb", "12.50", "10.00", "+2.50"]
+    assert lines[3].split() == ["APbbl", "n/a", "n/a", "n/a"]
+    assert lines[4].split() == ["APmk", "3.00", "4.25", "-1.25"]
+    assert len(lines) == 5  # metrics neither run has are left out
