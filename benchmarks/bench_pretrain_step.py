@@ -149,6 +149,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--official-repo", default="", help="checkout of the official SoCo code")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with this process's CPU time (with --threads 1: robust to other load)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,18 +175,20 @@ def main():
         official = Official(args.official_repo, args.depth).train()
         steps["official"] = lambda: official.step(batch, mean, std)
 
+    clock = time.process_time if args.cpu_time else time.perf_counter
     times = {name: [] for name in steps}
     for r in range(args.warmup + args.rounds):
         for name, step in steps.items():
-            t = time.perf_counter()
+            t = clock()
             step()
             for m in (ours, floor):
                 m.zero_grad(set_to_none=True)
             if r >= args.warmup:
-                times[name].append(time.perf_counter() - t)
+                times[name].append(clock() - t)
 
     print(f"CPU step, R{args.depth}-FPN, batch {args.batch}, views 224/224/112, K {args.k}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} rounds (median s)")
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds, "
+          f"median {'CPU' if args.cpu_time else 'wall'} s)")
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in med.items():
         print(f"  {name:9s} {t:7.3f} s   (min {min(times[name]):.3f}, max {max(times[name]):.3f})")
