@@ -366,3 +366,45 @@ def test_shipped_detectron2_configs_merge_into_detectron2(path):
     cfg = get_d2_cfg()
     cfg.merge_from_file(path)  # unknown keys or wrong types raise here
     assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False and cfg.INPUT.FORMAT == "RGB"
+
+
+# ------------------------------------------------------------------------------------------------
+# Training with soco_d2's engine and data loader, then conversion
+# ------------------------------------------------------------------------------------------------
+def test_trains_with_soco_d2_engine_and_converts(tmp_path, monkeypatch):
+    """soco_d2's PretrainTrainer and data loader drive the adapter; the checkpoint it writes
+    converts with tools/convert_to_d2.py's library function."""
+    # keep the test process's torch thread count (the trainer sizes it from the cores otherwise)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    import json
+    import math
+
+    import soco_d2.data  # noqa: F401  (registers the view mappers)
+    from soco_d2.config import load_config
+    from soco_d2.data.synthetic import make_synthetic_coco
+    from soco_d2.engine.trainer import PretrainTrainer
+
+    _, image_dir = make_synthetic_coco(str(tmp_path / "data"), num_images=4, image_size=96, seed=0)
+    out = str(tmp_path / "out")
+    cfg = load_config(os.path.join(REPO, "configs", "soco", "soco_fpn_r50_100ep.yaml"), [
+        "MODEL.DEVICE", "cpu", "INPUT.SOCO.VIEW1_SIZE", "64", "INPUT.SOCO.VIEW2_SIZE", "64",
+        "INPUT.SOCO.VIEW3_SIZE", "48", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",
+        "SOLVER.AMP.ENABLED", "False", "DATALOADER.NUM_WORKERS", "0", "CHANNELS_LAST", "False",
+        "LOG_PERIOD", "1", "DATASETS.PRETRAIN.NAME", "", "DATASETS.PRETRAIN.IMAGE_ROOT", image_dir,
+        "OUTPUT_DIR", out,
+    ])
+    model = _adapter()
+    trainer = PretrainTrainer(cfg, model=model)
+    trainer.resume_or_load(resume=False)
+    target_before = model.target_box_head.fc1.weight.clone()
+    trainer.train()
+    with open(os.path.join(out, "metrics.json")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["total_loss"]) for r in rows)
+    assert not torch.equal(model.target_box_head.fc1.weight, target_before)  # EMA ran
+
+    d2, report = convert_to_d2(os.path.join(out, "model_final.pth"))
+    assert not report.unmapped and report.depth == 18
+    torch.testing.assert_close(torch.as_tensor(d2["box_head.fc1.weight"]), model.box_head.fc1.weight.detach())
+    assert "backbone.fpn_lateral2.weight" in report.mapped and "roi_heads.box_head.conv1.weight" in report.mapped
