@@ -45,8 +45,8 @@ DEFAULT_FINETUNE_CONFIG = os.path.join(_REPO, "configs", "demo", "mask_rcnn_demo
 
 # Iteration budgets of a ``minutes=REFERENCE_MINUTES`` run; --minutes scales them linearly.
 REFERENCE_MINUTES = 10.0
-PRETRAIN_ITERS = 50
-FINETUNE_ITERS = 60
+PRETRAIN_ITERS = 40
+FINETUNE_ITERS = 90
 
 # Everything the demo writes under its output folder (removed first with ``overwrite``).
 _OUTPUTS = ("data", "proposals.socoprop", "proposals.socoprop.parts", "pretrain",
@@ -316,7 +316,7 @@ def plot_curves(pretrain_rows: List[Dict], runs: Dict[str, List[Dict]], path: st
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.5), dpi=100)
+    fig = Figure(figsize=(12, 5.5), dpi=100)
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2)
     rows = [r for r in pretrain_rows if "total_loss" in r]
@@ -341,7 +341,8 @@ def plot_curves(pretrain_rows: List[Dict], runs: Dict[str, List[Dict]], path: st
     right.grid(alpha=0.3)
     handles = right.get_legend_handles_labels()
     extra = ap_axis.get_legend_handles_labels()
-    right.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="upper right")
+    right.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, ncol=2,
+                 loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     fig.savefig(path)
 
