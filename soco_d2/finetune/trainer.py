@@ -434,13 +434,15 @@ class FinetuneTrainer:
                 if done % cfg.LOG_PERIOD == 0 or ckpt or last:
                     self._flush_metrics(done)
                 period = cfg.TEST.EVAL_PERIOD
-                if cfg.DATASETS.TEST and (last or (period > 0 and done % period == 0)):
+                if cfg.DATASETS.TEST and period > 0 and done % period == 0 and not last:
                     results = self.test(done)
                     self.model.train()
                 if ckpt and not last:
                     self.checkpointer.save(f"model_{done:07d}.pth", done, config=cfg.dump())
             if self.start_iter < self.max_iter or self.checkpointer.last_checkpoint() is None:
                 self.checkpointer.save("model_final.pth", self.max_iter, config=cfg.dump())
+            if cfg.DATASETS.TEST:  # the final model is saved first: a failed evaluation loses nothing
+                results = self.test(self.max_iter)
         finally:
             for w in self.writers:
                 w.close()

@@ -22,6 +22,7 @@ from soco_d2.finetune.trainer import (
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "../../configs/finetune/*.yaml")))
 SHIPPED = [c for c in CONFIGS if not os.path.basename(c).startswith("Base")]
+COCO_1X = [c for c in CONFIGS if os.path.basename(c) == "mask_rcnn_R50_FPN_1x.yaml"][0]
 
 
 def test_resolve_steps():
@@ -45,7 +46,7 @@ def test_warmup_multistep_matches_detectron2():
 
 
 def test_linear_scaling_of_the_learning_rate():
-    cfg = load_config(SHIPPED[0], ["SOLVER.IMS_PER_BATCH", 8])
+    cfg = load_config(COCO_1X, ["SOLVER.IMS_PER_BATCH", 8])
     sched = build_lr_scheduler(cfg, cfg.SOLVER.MAX_ITER)
     assert sched.lr_at(5000) == pytest.approx(0.01)
 
@@ -59,7 +60,7 @@ def test_pretraining_solver_is_refused():
 
 
 def test_optimizer_weight_decay_groups(tiny_overrides):
-    cfg = load_config(SHIPPED[0], tiny_overrides)
+    cfg = load_config(COCO_1X, tiny_overrides)
     model = build_detector(cfg)
     opt = build_finetune_optimizer(cfg, model)
     by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
@@ -79,7 +80,7 @@ def test_optimizer_weight_decay_groups(tiny_overrides):
 
 def _tiny_model(tiny_overrides, seed):
     torch.manual_seed(seed)
-    return build_detector(load_config(SHIPPED[0], tiny_overrides))
+    return build_detector(load_config(COCO_1X, tiny_overrides))
 
 
 def test_load_detector_state_dict(tiny_overrides, tmp_path):
@@ -184,7 +185,7 @@ def test_resume_continues_exactly(tiny_coco, tiny_overrides, tmp_path):
               "SOLVER.MAX_TO_KEEP", 0]
 
     def run(out, resume):
-        cfg = load_config(SHIPPED[0], _overrides(tiny_overrides, json_file, out) + common)
+        cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, out) + common)
         trainer = FinetuneTrainer(cfg)
         trainer.resume_or_load(resume=resume)
         start = trainer.start_iter
@@ -205,7 +206,7 @@ def test_resume_continues_exactly(tiny_coco, tiny_overrides, tmp_path):
 
 def test_eval_only_needs_weights(tiny_coco, tiny_overrides, tmp_path):
     json_file, _ = tiny_coco
-    cfg = load_config(SHIPPED[0], _overrides(tiny_overrides, json_file, tmp_path / "empty"))
+    cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, tmp_path / "empty"))
     trainer = FinetuneTrainer(cfg, train=False)
     with pytest.raises(WeightsLoadingError, match="last_checkpoint"):
         trainer.load_for_eval()
@@ -213,7 +214,7 @@ def test_eval_only_needs_weights(tiny_coco, tiny_overrides, tmp_path):
 
 def test_class_count_must_match(tiny_coco, tiny_overrides, tmp_path):
     json_file, _ = tiny_coco
-    cfg = load_config(SHIPPED[0], _overrides(tiny_overrides, json_file, tmp_path / "o") +
+    cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, tmp_path / "o") +
                       ["MODEL.NUM_CLASSES", 80])
     with pytest.raises(ValueError, match="NUM_CLASSES"):
         FinetuneTrainer(cfg)

@@ -48,10 +48,10 @@ def test_train_eval_only_and_resume(data, tmp_path):
     tool = _load_tool()
     out = str(tmp_path / "run")
     args = ["--config-file", CONFIG] + TINY + data + ["OUTPUT_DIR", out]
-    results = tool.cli(args + ["SOLVER.MAX_ITER", "2"])
+    results = tool.cli(args + ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "1"])
     assert set(results) == {"bbox", "segm"}
     evals = [r for r in _metrics(out) if "bbox/AP" in r]
-    assert [r["iteration"] for r in evals] == [2]
+    assert [r["iteration"] for r in evals] == [1, 2]  # periodic, then final
     assert {"bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/APl"} <= set(evals[0])
 
     # --eval-only with explicit weights, then from the last checkpoint of OUTPUT_DIR.
@@ -60,12 +60,13 @@ def test_train_eval_only_and_resume(data, tmp_path):
     assert again["bbox"] == pytest.approx(results["bbox"], nan_ok=True)
     tool.cli(["--eval-only"] + args)
     evals = [r for r in _metrics(out) if "bbox/AP" in r]
-    assert [r["iteration"] for r in evals] == [2, 2, 2]
+    assert [r["iteration"] for r in evals] == [1, 2, 2, 2]
 
     # --resume with a longer schedule trains only the new iteration.
     tool.cli(["--resume"] + args + ["SOLVER.MAX_ITER", "3"])
     losses = [r["iteration"] for r in _metrics(out) if "total_loss" in r]
     assert losses == [1, 2, 3]
+    assert [r["iteration"] for r in _metrics(out) if "bbox/AP" in r][-1] == 3
 
 
 def test_missing_weights_file_is_a_clear_error(data, tmp_path):
