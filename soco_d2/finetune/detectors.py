@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import (
     FastRCNNConvFCHead,
     FastRCNNPredictor,
@@ -116,13 +116,24 @@ def _backbone(cfg, returned_layers=None, extra_blocks=None):
     c5_channels = body.inplanes
     if callable(extra_blocks):
         extra_blocks = extra_blocks(c5_channels)
-    return _resnet_fpn_extractor(
-        body,
-        trainable_layers=5 - freeze_at,
-        returned_layers=returned_layers,
-        extra_blocks=extra_blocks,
-        norm_layer=_norm(cfg.MODEL.FPN.NORM, "MODEL.FPN.NORM"),
-    )
+    return _resnet_fpn(body, 5 - freeze_at, returned_layers or [1, 2, 3, 4], extra_blocks,
+                       cfg.MODEL.FPN.OUT_CHANNELS, _norm(cfg.MODEL.FPN.NORM, "MODEL.FPN.NORM"))
+
+
+def _resnet_fpn(body, trainable_layers, returned_layers, extra_blocks, out_channels, norm_layer):
+    """torchvision's ResNet-FPN extractor (same freezing and module names), with the FPN width
+    taken from the config: torchvision's own ``_resnet_fpn_extractor`` fixes it at 256."""
+    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        trainable.append("bn1")
+    for name, p in body.named_parameters():
+        if not any(name.startswith(layer) for layer in trainable):
+            p.requires_grad_(False)
+    return_layers = {f"layer{k}": str(v) for v, k in enumerate(returned_layers)}
+    stage2 = body.inplanes // 8
+    in_channels = [stage2 * 2 ** (i - 1) for i in returned_layers]
+    return BackboneWithFPN(body, return_layers, in_channels, out_channels,
+                           extra_blocks=extra_blocks, norm_layer=norm_layer)
 
 
 def _box_head(box, in_channels: int) -> nn.Module:
@@ -179,7 +190,7 @@ def _mask_rcnn(cfg, num_classes: int) -> nn.Module:
 
 def _retinanet(cfg, num_classes: int) -> nn.Module:
     backbone = _backbone(cfg, returned_layers=[2, 3, 4],
-                         extra_blocks=lambda c5: LastLevelP6P7(c5, 256))
+                         extra_blocks=lambda c5: LastLevelP6P7(c5, cfg.MODEL.FPN.OUT_CHANNELS))
     sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512))
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes)

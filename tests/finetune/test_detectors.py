@@ -95,3 +95,15 @@ def test_two_fc_box_head_of_the_moco_recipe():
     assert isinstance(model.roi_heads.box_head, TwoMLPHead)
     assert "roi_heads.box_head.fc7.weight" in model.state_dict()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.roi_heads.mask_head.modules())
+
+
+@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet"])
+def test_fpn_width_follows_the_config(detector):
+    """A SoCo FPN pretrained at another width must fit the detector's FPN and heads."""
+    model = build_detector(_cfg("MODEL.DETECTOR", detector, "MODEL.FPN.OUT_CHANNELS", 64))
+    assert model.backbone.out_channels == 64
+    assert model.backbone.fpn.inner_blocks[0][0].out_channels == 64
+    x = [torch.rand(3, 64, 64)]
+    model.eval()
+    with torch.no_grad():
+        model(x)
