@@ -89,7 +89,7 @@ def _gather_worker(rank, init_file, out_dir):
 
 def test_keys_from_two_processes_land_in_rank_order(tmp_path):
     mp.start_processes(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     expected = torch.tensor([1.0] * 2 + [2.0] * 2 + [10.0] * 2 + [20.0] * 2)[:, None].expand(8, 2)
     for rank in range(2):
         got = torch.load(tmp_path / f"{rank}.pt")

@@ -205,7 +205,7 @@ def _shuffle_worker(rank, init_file, out_dir):
 
 def test_shuffle_bn_batch_shuffle_across_two_processes(tmp_path):
     mp.start_processes(_shuffle_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     shuffled = torch.cat([g["xs"] for g in got]).flatten()
     assert sorted(shuffled.tolist()) == list(range(8))  # every sample once, over both ranks
@@ -276,7 +276,7 @@ def _model_worker(rank, init_file, out_dir):
 
 def test_two_process_shuffle_bn_and_shared_queues(tmp_path):
     mp.start_processes(_model_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     for g in got:
         for direct, shuffled in zip(g["direct"], g["shuffled"]):
