@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from soco_d2.config import load_config  # noqa: E402
 from soco_d2.engine.arguments import default_argument_parser  # noqa: E402
-from soco_d2.engine.launch import default_backend, launch  # noqa: E402
+from soco_d2.engine.launch import launch_from_args  # noqa: E402
 
 
 def main(args):
@@ -36,15 +36,7 @@ def cli(argv=None):
     if args.eval_only:
         parser.error("pretraining has no evaluation; evaluate transfer with tools/train_net.py")
     cfg = load_config(args.config_file, args.opts)  # fail early, before starting processes
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        backend=default_backend(cfg.MODEL.DEVICE),
-    )
+    return launch_from_args(main, args, cfg.MODEL.DEVICE)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from soco_d2.config import load_config  # noqa: E402
 from soco_d2.engine.arguments import default_argument_parser  # noqa: E402
-from soco_d2.engine.launch import default_backend, launch  # noqa: E402
+from soco_d2.engine.launch import launch_from_args  # noqa: E402
 
 
 def main(args):
@@ -37,15 +37,7 @@ def main(args):
 def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
     cfg = load_config(args.config_file, args.opts)  # fail early, before spawning processes
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        backend=default_backend(cfg.MODEL.DEVICE),
-    )
+    return launch_from_args(main, args, cfg.MODEL.DEVICE)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ continuous coordinate convention of :mod:`soco_d2.data.augment`.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch

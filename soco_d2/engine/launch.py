@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 
 from soco_d2.utils import comm
 
-__all__ = ["launch", "default_backend", "DistEnv", "dist_env_from_environ", "first_slurm_host"]
+__all__ = ["launch", "launch_from_args", "default_backend", "DistEnv", "dist_env_from_environ", "first_slurm_host"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,3 +203,18 @@ def _run_worker(main_func, args, backend, init_method, rank, world_size, local_r
         return main_func(*args)
     finally:
         dist.destroy_process_group()
+
+
+def launch_from_args(main_func: Callable, args, device: str):
+    """``launch(main_func, ...)`` with the process layout of parsed ``default_argument_parser``
+    arguments (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``); the
+    backend follows ``device`` (``MODEL.DEVICE``). ``main_func`` receives ``args``."""
+    return launch(
+        main_func,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        backend=default_backend(device),
+    )

@@ -97,6 +97,27 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def setup_run(cfg) -> torch.device:
+    """The start of every run (pretraining or fine-tuning) in each process: logging, seeds,
+    device (cuDNN autotuning on GPU, torch threads on CPU), the AMP check and, on the main
+    process, ``OUTPUT_DIR/config.yaml``. Returns the device."""
+    setup_logging(cfg.OUTPUT_DIR)
+    seed_all(cfg.SEED + comm.get_rank())
+    device = resolve_device(cfg.MODEL.DEVICE)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+    else:
+        threads = configure_cpu_threads(cfg.DATALOADER.NUM_WORKERS, comm.get_local_world_size())
+        logger.info("CPU run: %d torch thread(s) per process.", threads)
+    amp = cfg.SOLVER.AMP
+    if amp.ENABLED and amp.DTYPE == "float16" and device.type != "cuda":
+        raise ValueError("SOLVER.AMP.DTYPE float16 needs a CUDA device; use bfloat16 on CPU.")
+    if comm.is_main_process():
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+    return device
+
+
 class PretrainTrainer:
     """Builds everything from ``cfg`` (or takes ``model`` / ``dataset``) and trains.
 
@@ -110,20 +131,8 @@ class PretrainTrainer:
     def __init__(self, cfg, model: nn.Module = None, dataset=None):
         self.cfg = cfg
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
-        setup_logging(cfg.OUTPUT_DIR)
-        seed_all(cfg.SEED + self.rank)
-        self.device = resolve_device(cfg.MODEL.DEVICE)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
-        else:
-            threads = configure_cpu_threads(cfg.DATALOADER.NUM_WORKERS, comm.get_local_world_size())
-            logger.info("CPU run: %d torch thread(s) per process.", threads)
-        if comm.is_main_process():
-            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-            atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+        self.device = setup_run(cfg)
         s = cfg.SOLVER
-        if s.AMP.ENABLED and s.AMP.DTYPE == "float16" and self.device.type != "cuda":
-            raise ValueError("SOLVER.AMP.DTYPE float16 needs a CUDA device; use bfloat16 on CPU.")
 
         if model is None:
             from soco_d2.modeling import build_model

@@ -30,9 +30,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from soco_d2.checkpoint.io import load_checkpoint_file
-from soco_d2.engine.checkpoint import Checkpointer, atomic_write_text
-from soco_d2.engine.trainer import resolve_device, seed_all
-from soco_d2.engine.writers import ConsolePrinter, build_writers, setup_logging
+from soco_d2.engine.checkpoint import Checkpointer
+from soco_d2.engine.trainer import setup_run
+from soco_d2.engine.writers import ConsolePrinter, build_writers
 from soco_d2.evaluation.coco_evaluation import (
     COCOEvaluator,
     flatten_results,
@@ -311,20 +311,11 @@ class FinetuneTrainer:
     def __init__(self, cfg, model: Optional[nn.Module] = None, train: bool = True):
         self.cfg = cfg
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
-        setup_logging(cfg.OUTPUT_DIR)
-        seed_all(cfg.SEED + self.rank)
-        self.device = resolve_device(cfg.MODEL.DEVICE)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
         s = cfg.SOLVER
-        if s.AMP.ENABLED and s.AMP.DTYPE == "float16" and self.device.type != "cuda":
-            raise ValueError("SOLVER.AMP.DTYPE float16 needs a CUDA device; use bfloat16 on CPU.")
         if s.GRAD_ACCUM_STEPS != 1:
             raise ValueError("SOLVER.GRAD_ACCUM_STEPS must be 1 for fine-tuning; scale "
                              "SOLVER.IMS_PER_BATCH (the learning rate follows linearly).")
-        if comm.is_main_process():
-            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-            atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+        self.device = setup_run(cfg)
 
         self.model = model if model is not None else build_detector(cfg, self.device)
         self.amp_dtype = (torch.bfloat16 if s.AMP.DTYPE == "bfloat16" else torch.float16) \

@@ -5,6 +5,9 @@ import pytest
 
 from soco_d2.config import ConfigError
 
+# The module, not the function of the same name that soco_d2.engine re-exports.
+launch_module = importlib.import_module("soco_d2.engine.launch")
+
 TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "pretrain_net.py")
 
 
@@ -18,7 +21,7 @@ def tool():
 
 def test_cli_parses_and_launches(tool, monkeypatch):
     calls = []
-    monkeypatch.setattr(tool, "launch", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(launch_module, "launch", lambda *a, **k: calls.append((a, k)))
     tool.cli(["--num-gpus", "2", "--resume", "MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "64",
               "OUTPUT_DIR", "out/p"])
     (args, kwargs), = calls
@@ -31,7 +34,7 @@ def test_cli_parses_and_launches(tool, monkeypatch):
 
 
 def test_cli_rejects_bad_overrides_before_launching(tool, monkeypatch):
-    monkeypatch.setattr(tool, "launch", lambda *a, **k: pytest.fail("launched"))
+    monkeypatch.setattr(launch_module, "launch", lambda *a, **k: pytest.fail("launched"))
     with pytest.raises(ConfigError, match="SOLVER.NO_SUCH_KEY"):
         tool.cli(["SOLVER.NO_SUCH_KEY", "1"])
     with pytest.raises(SystemExit):
