@@ -182,7 +182,7 @@ def prepare_data(settings: DemoSettings, say=print) -> DemoData:
     if set(val_cats) - set(train_cats):
         raise DemoError(f"--val-json has category ids {sorted(set(val_cats) - set(train_cats))} that "
                         f"--train-json lacks ({train_cats}); both must use the same categories.")
-    pretrain = s.pretrain_images or train_images
+    pretrain = s.pretrain_images or _training_image_list(s.train_json, train_images, s.output_dir)
     if s.pretrain_images and not os.path.exists(s.pretrain_images):
         raise DemoError(f"--pretrain-images {s.pretrain_images!r} does not exist: give a folder, a "
                         ".txt list of image paths or a COCO json.")
@@ -190,6 +190,18 @@ def prepare_data(settings: DemoSettings, say=print) -> DemoData:
         f"({s.val_json}), {len(train_cats)} categories")
     return DemoData(os.path.abspath(s.train_json), train_images, os.path.abspath(s.val_json),
                     val_images, pretrain, len(train_cats), n_train, n_val, synthetic=False)
+
+
+def _training_image_list(train_json: str, image_root: str, output_dir: str) -> str:
+    """A ``.txt`` list of the training json's images: the unlabeled pretraining set when the
+    user names none (the image folder may hold other images too, e.g. the validation ones)."""
+    with open(train_json) as f:
+        names = [im["file_name"] for im in json.load(f)["images"]]
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "pretrain_images.txt")
+    with open(path, "w") as f:
+        f.writelines(os.path.join(os.path.abspath(image_root), n) + "\n" for n in names)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------

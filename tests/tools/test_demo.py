@@ -168,3 +168,34 @@ def test_budget_scaling_and_table():
     assert lines[3].split() == ["APbbl", "n/a", "n/a", "n/a"]
     assert lines[4].split() == ["APmk", "3.00", "4.25", "-1.25"]
     assert len(lines) == 5  # metrics neither run has are left out
+
+
+def _coco_subset(src, dst, num_images):
+    """The first ``num_images`` images of a COCO json and their annotations."""
+    with open(src) as f:
+        data = json.load(f)
+    data["images"] = data["images"][:num_images]
+    keep = {im["id"] for im in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    with open(dst, "w") as f:
+        json.dump(data, f)
+    return str(dst)
+
+
+def test_whole_chain_on_penn_fudan(tmp_path, keep_threads, data_root):
+    """Real images: proposals -> SoCo pretraining -> conversion -> Mask R-CNN -> COCO AP."""
+    root = os.path.join(data_root, "pennfudan")
+    images = os.path.join(root, "PNGImages")
+    train = _coco_subset(os.path.join(root, "annotations", "instances_train.json"),
+                         tmp_path / "train.json", 6)
+    val = _coco_subset(os.path.join(root, "annotations", "instances_val.json"),
+                       tmp_path / "val.json", 2)
+    out = tmp_path / "demo"
+    summary = run_demo(tiny_settings(out, train_json=train, train_images=images, val_json=val,
+                                     val_images=images, pretrain_iters=2, finetune_iters=2))
+    assert summary["proposals"]["images"] == 6
+    assert summary["data"]["num_classes"] == 1
+    for run in ("soco", "scratch"):
+        metrics = summary["finetune"][run]["metrics"]
+        assert {"bbox/AP", "segm/AP"} <= set(metrics)
+    assert (out / "soco_converted.pkl").is_file()
