@@ -44,10 +44,11 @@ DEFAULT_PRETRAIN_CONFIG = os.path.join(_REPO, "configs", "demo", "soco_demo.yaml
 DEFAULT_FINETUNE_CONFIG = os.path.join(_REPO, "configs", "demo", "mask_rcnn_demo.yaml")
 
 # Iteration budgets of a ``minutes=REFERENCE_MINUTES`` run; --minutes scales them linearly. They
-# took 9 minutes in all on 2 CPU cores shared with other jobs, 1.7 minutes on 2 idle cores.
+# took 11 minutes in all on 2 CPU cores shared with other jobs (one fifth of them: 1.7 minutes on
+# 2 idle cores).
 REFERENCE_MINUTES = 10.0
-PRETRAIN_ITERS = 40
-FINETUNE_ITERS = 90
+PRETRAIN_ITERS = 200
+FINETUNE_ITERS = 450
 
 # Everything the demo writes under its output folder (removed first with ``overwrite``).
 _OUTPUTS = ("data", "proposals.socoprop", "proposals.socoprop.parts", "pretrain",

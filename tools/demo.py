@@ -2,8 +2,8 @@
 """Quick-start demo: proposals -> SoCo pretraining -> conversion -> Mask R-CNN fine-tuning from
 the SoCo weights and from scratch -> COCO AP side by side. CPU only, nothing to download.
 
-    python tools/demo.py --output-dir output/demo                 # synthetic data, minutes on 2 CPU cores
-    python tools/demo.py --output-dir output/demo --minutes 50    # 5x longer schedules
+    python tools/demo.py --output-dir output/demo                 # synthetic data, ~10 min on 2 CPU cores
+    python tools/demo.py --output-dir output/demo --minutes 2     # a 2-minute smoke run
     python tools/demo.py --output-dir output/demo_mine \\
         --train-json my/annotations/instances_train.json --train-images my/train \\
         --val-json my/annotations/instances_val.json --val-images my/val
@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "or a COCO json (default: the training images)")
     p.add_argument("--minutes", type=float, default=REFERENCE_MINUTES,
                    help="scales the pretraining and fine-tuning iterations linearly (default "
-                        "%(default)s: 40 pretraining and 2 x 90 fine-tuning iterations, which took "
-                        "about 9 minutes on 2 CPU cores shared with other jobs and under 2 minutes "
-                        "on 2 idle cores; raise it for less noisy AP)")
+                        "%(default)s: 200 pretraining and 2 x 450 fine-tuning iterations, which took "
+                        "about 11 minutes on 2 CPU cores shared with other jobs; raise it for less "
+                        "noisy AP)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, pretraining and both fine-tunings")
     synth = p.add_argument_group("synthetic data set")
     synth.add_argument("--num-train-images", type=int, default=160)
