@@ -20,7 +20,7 @@ import time
 import cv2
 import numpy as np
 
-from soco_d2.data.image_list import list_images, read_image
+from soco_d2.data.image_list import list_images, read_image, read_image_reduced
 from soco_d2.data.proposals import ProposalStore, write_proposals
 from soco_d2.data.selective_search import DEFAULT_MAX_SIZE, filter_mask, generate_proposals
 
@@ -58,11 +58,12 @@ def run_setting(paths, keys, gt, mode, max_size, min_side):
     covered = total = 0
     for key, path in zip(keys, paths):
         t, c = time.perf_counter(), time.process_time()
-        image = read_image(path)
-        boxes = generate_proposals(image, max_size=max_size, mode=mode, min_side=min_side)
+        image, hw = read_image_reduced(path, 2 * max_size if max_size else None)  # as the tool
+        boxes = generate_proposals(image, max_size=max_size, mode=mode, min_side=min_side,
+                                   image_hw=hw)
         seconds += time.perf_counter() - t
         cpu += time.process_time() - c
-        proposals[key] = (boxes, image.shape[:2])
+        proposals[key] = (boxes, hw)
         g = gt.get(key, np.zeros((0, 4)))
         total += len(g)
         if len(g) and len(boxes):

@@ -199,6 +199,40 @@ class ImageList:
         self.root, self.keys, self._index = state["root"], state["keys"], None
 
 
+
+_REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                  (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def read_image_reduced(path, min_long_side: Optional[int]):
+    """``(image, (H, W))``: the image at reduced resolution and its full size.
+
+    A JPEG is decoded at 1/8, 1/4 or 1/2 scale by libjpeg's DCT scaling (several times cheaper
+    than a full decode), the smallest whose long side is still >= ``min_long_side``; like
+    :func:`read_image`, EXIF orientation is not applied. Other formats, JPEGs that are not
+    RGB / grayscale (CMYK) and anything that fails this way are read in full with
+    :func:`read_image`, whose errors (:class:`UnreadableImageError`) apply.
+    """
+    path = os.fspath(path)
+    if min_long_side and path.lower().endswith((".jpg", ".jpeg")):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:  # reads the header only
+                (w, h), mode = im.size, im.mode
+        except Exception:  # the full read below reports what is wrong with the file
+            w = h = 0
+            mode = ""
+        for factor, flag in _REDUCED_FLAGS:
+            if mode in ("RGB", "L") and -(-max(h, w) // factor) >= min_long_side:
+                data = np.fromfile(path, np.uint8)
+                img = cv2.imdecode(data, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+                if img is not None and img.ndim == 3:
+                    return np.ascontiguousarray(img[:, :, ::-1]), (h, w)
+                break
+    image = read_image(path)
+    return image, image.shape[:2]
+
 def _is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 

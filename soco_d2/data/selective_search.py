@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import cv2
 import numpy as np
 
-from .image_list import ImageList, UnreadableImageError, read_image
+from .image_list import ImageList, UnreadableImageError, read_image_reduced
 from .proposals import ProposalWriter
 
 logger = logging.getLogger(__name__)
@@ -137,8 +137,12 @@ def generate_proposals(
     min_side: float = 32,
     max_boxes: Optional[int] = None,
     fallback: bool = True,
+    image_hw: Optional[Tuple[int, int]] = None,
 ) -> np.ndarray:
     """Filtered selective-search proposals of an RGB image, in its original pixels.
+
+    ``image_hw``: the original (H, W) when ``image`` is a reduced copy of the whole image (see
+    :func:`~soco_d2.data.image_list.read_image_reduced`); default: ``image``'s own size.
 
     Returns a float32 (N, 4) array of whole-pixel boxes (x1, y1, x2, y2), sorted, unique,
     clipped to the image and passing :func:`filter_boxes` (with its fallback). ``max_boxes``
@@ -146,7 +150,7 @@ def generate_proposals(
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image of shape (H, W, 3), got {image.shape}")
-    h, w = image.shape[:2]
+    h, w = image_hw or image.shape[:2]
     if min(h, w) < 2 or min(h, w) < min_side:
         return np.zeros((0, 4), np.float32)  # no box can pass the minimum-side rule
     small = downscale(image, max_size)
@@ -207,14 +211,18 @@ def _process_one(task):
     """Worker body: (key, path, params) -> (key, boxes uint16 or None, (H, W), error or None)."""
     key, path, params = task
     try:
-        image = read_image(path)
+        # JPEGs are decoded at a reduced scale (DCT scaling) that keeps at least twice the
+        # search size; decoding only down to the search size itself cost recall in
+        # benchmarks/bench_proposals.py.
+        max_size = params.get("max_size")
+        image, hw = read_image_reduced(path, 2 * max_size if max_size else None)
     except UnreadableImageError as e:
         return key, None, None, e.reason
     try:
-        boxes = generate_proposals(image, **params)
+        boxes = generate_proposals(image, image_hw=hw, **params)
     except cv2.error as e:
         return key, None, None, f"selective search failed ({e})"
-    return key, boxes, image.shape[:2], None
+    return key, boxes, hw, None
 
 
 def run_generation(

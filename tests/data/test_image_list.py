@@ -243,3 +243,24 @@ def test_builtin_names(tmp_path, monkeypatch):
 def test_image_list_dedups_and_sorts():
     images = ImageList("/r", ["b.jpg", "a.jpg", "b.jpg"])
     assert images.keys == ["a.jpg", "b.jpg"] and len(images) == 2
+
+
+def test_read_image_reduced_decodes_jpeg_at_a_fraction(tmp_path):
+    from PIL import Image
+
+    from soco_d2.data.image_list import read_image_reduced
+
+    rgb = np.zeros((480, 640, 3), np.uint8)
+    rgb[100:300, 200:500] = (200, 30, 30)
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=95)
+    small, hw = read_image_reduced(tmp_path / "a.jpg", 128)
+    assert hw == (480, 640) and small.shape == (120, 160, 3)  # 1/4: the smallest with side >= 128
+    assert abs(int(small[50, 87, 0]) - 200) < 12 and small[5, 5].max() < 12  # same content, RGB
+    full, hw = read_image_reduced(tmp_path / "a.jpg", 0)
+    assert full.shape == (480, 640, 3) and hw == (480, 640)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.jpg")
+    cmyk, hw = read_image_reduced(tmp_path / "c.jpg", 128)  # not RGB: read in full
+    assert cmyk.shape == (480, 640, 3) and hw == (480, 640)
+    (tmp_path / "t.jpg").write_bytes((tmp_path / "a.jpg").read_bytes()[:200])
+    with pytest.raises(UnreadableImageError):
+        read_image_reduced(tmp_path / "t.jpg", 128)

@@ -1,3 +1,4 @@
+import os
 import logging
 
 import numpy as np
@@ -230,3 +231,29 @@ def test_unreadable_images_logged_counted_skipped(tmp_path, caplog):
     store = ProposalStore.open(tmp_path / "p.socoprop")
     assert "c0/broken.jpg" not in store and len(store) == 3
     assert store.metadata["mode"] == "fast" and store.metadata["max_size"] == ss_mod.DEFAULT_MAX_SIZE
+
+
+def test_generation_on_reduced_jpeg_decode_keeps_original_pixels(tmp_path):
+    """JPEGs are decoded at a fraction of their size; boxes and sizes stay in original pixels."""
+    from PIL import Image
+
+    from soco_d2.data.image_list import list_images
+    from soco_d2.data.proposals import ProposalStore
+    from soco_d2.data.selective_search import run_generation
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(90, 110, size=(480, 640, 3)).astype(np.uint8)
+    img[100:300, 200:500] = (220, 40, 40)
+    os.makedirs(tmp_path / "imgs")
+    Image.fromarray(img).save(tmp_path / "imgs" / "a.jpg", quality=95)
+    out = str(tmp_path / "p.socoprop")
+    run_generation(list_images(str(tmp_path / "imgs")), out, workers=1, progress=False)
+    store = ProposalStore.open(out)
+    assert tuple(store.image_size("a.jpg")) == (480, 640)
+    boxes = store.get("a.jpg")
+    target = np.array([200, 100, 500, 300], np.float64)
+    x1 = np.maximum(boxes[:, 0], target[0]); y1 = np.maximum(boxes[:, 1], target[1])
+    x2 = np.minimum(boxes[:, 2], target[2]); y2 = np.minimum(boxes[:, 3], target[3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    union = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + 300 * 200 - inter
+    assert (inter / union).max() > 0.8
