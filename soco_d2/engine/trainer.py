@@ -142,7 +142,8 @@ class PretrainTrainer:
         if cfg.CHANNELS_LAST:
             model = model.to(memory_format=torch.channels_last)
         if self.world_size > 1:
-            model = convert_sync_batchnorm(model, self.device)
+            if getattr(model, "sync_batchnorm", True):  # a model may keep per-process BN (MoCo)
+                model = convert_sync_batchnorm(model, self.device)
             model = DistributedDataParallel(
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,

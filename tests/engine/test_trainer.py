@@ -144,6 +144,16 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert not torch.equal(one["state"]["online.1.running_mean"], torch.zeros(4))
 
 
+def test_model_can_keep_per_process_batchnorm(tmp_path):
+    """A model with ``sync_batchnorm = False`` (DetCo with shuffle-BN, as MoCo) keeps plain BN."""
+    from soco_d2.engine.launch import launch
+
+    overrides = {"SOLVER.MAX_ITER": 1, "SOLVER.CHECKPOINT_PERIOD": 0}
+    launch(toy.train_and_dump, num_gpus_per_machine=2, backend="gloo",
+           args=(str(tmp_path / "two"), str(tmp_path / "two.pt"), overrides, False))
+    assert torch.load(tmp_path / "two.pt", weights_only=True)["bn_type"] == "BatchNorm2d"
+
+
 def test_cpu_threads_leave_cores_to_loader_workers(monkeypatch):
     from soco_d2.engine.trainer import configure_cpu_threads
 

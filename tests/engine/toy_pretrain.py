@@ -101,7 +101,7 @@ def toy_cfg(output_dir, **overrides):
     return cfg
 
 
-def train_and_dump(output_dir, dump_path, overrides):
+def train_and_dump(output_dir, dump_path, overrides, sync_batchnorm=True):
     """Train the toy model without input noise (so every process count sees the same data) and
     let rank 0 save the final state dict and the last gradients to ``dump_path``."""
     from soco_d2.engine.trainer import PretrainTrainer
@@ -109,7 +109,9 @@ def train_and_dump(output_dir, dump_path, overrides):
 
     cfg = toy_cfg(output_dir, **overrides)
     torch.manual_seed(0)
-    trainer = PretrainTrainer(cfg, model=EngineToyNet(cfg, noise=0.0), dataset=ToyDataset())
+    model = EngineToyNet(cfg, noise=0.0)
+    model.sync_batchnorm = sync_batchnorm  # False: the model asks to keep per-process BN
+    trainer = PretrainTrainer(cfg, model=model, dataset=ToyDataset())
     trainer.train()
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     if comm.is_main_process():

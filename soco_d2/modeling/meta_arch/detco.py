@@ -156,6 +156,9 @@ class DetCo(nn.Module):
         self.loss_weights = tuple(float(w) for w in d.LOSS_WEIGHTS)
         self.temperature = float(d.TEMPERATURE)
         self.key_bn = d.KEY_BN
+        # Read by the trainer: with shuffle-BN every BN stays per process, as MoCo (a synchronised
+        # BN would let a query and its key share batch statistics again).
+        self.sync_batchnorm = d.KEY_BN == "sync"
         self.encoder_q = DetCoEncoder(cfg)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():

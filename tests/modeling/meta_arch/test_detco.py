@@ -286,3 +286,8 @@ def test_two_process_shuffle_bn_and_shared_queues(tmp_path):
     assert torch.equal(got[0]["queue"], got[1]["queue"])
     keys = torch.cat([got[0]["direct"][1]["res3"], got[1]["direct"][1]["res3"]])
     torch.testing.assert_close(got[0]["queue"][:4], keys, rtol=1e-5, atol=1e-6)
+
+
+def test_key_bn_decides_whether_the_engine_synchronises_batchnorm():
+    assert DetCo(_cfg(KEY_BN="shuffle")).sync_batchnorm is False  # MoCo: per-process BN
+    assert DetCo(_cfg(KEY_BN="sync")).sync_batchnorm is True
