@@ -76,29 +76,13 @@ class DetCoViewMapper:
             )
         self.local_color = c.LOCAL_COLOR
         b, ct, s, h = c.COLOR_JITTER
-        self.color = augment.ColorAugment(
-            brightness=b,
-            contrast=ct,
-            saturation=s,
-            hue=h,
-            jitter_prob=c.COLOR_JITTER_PROB,
-            grayscale_prob=c.GRAYSCALE_PROB,
-            blur_prob=c.BLUR_PROB,
-            blur_sigma=tuple(c.BLUR_SIGMA),
-            solarize_prob=0.0,
-        )
+        jitter = dict(brightness=b, contrast=ct, saturation=s, hue=h,
+                      jitter_prob=c.COLOR_JITTER_PROB, grayscale_prob=c.GRAYSCALE_PROB,
+                      blur_sigma=tuple(c.BLUR_SIGMA), solarize_prob=0.0)
+        self.color = augment.ColorAugment(blur_prob=c.BLUR_PROB, **jitter)
         # A patch set shares one colour draw: jitter and grayscale run on the stacked patches;
         # the blur (same sigma) runs on each patch so that it does not mix neighbours.
-        self.set_color = augment.ColorAugment(
-            brightness=b,
-            contrast=ct,
-            saturation=s,
-            hue=h,
-            jitter_prob=c.COLOR_JITTER_PROB,
-            grayscale_prob=c.GRAYSCALE_PROB,
-            blur_prob=0.0,
-            solarize_prob=0.0,
-        )
+        self.set_color = augment.ColorAugment(blur_prob=0.0, **jitter)
         self.blur_prob = float(c.BLUR_PROB)
         self.blur_sigma = tuple(c.BLUR_SIGMA)
         self.policy = _build_policy(c)
