@@ -12,7 +12,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["jitter_boxes", "crop_boxes", "scale_boxes", "hflip_boxes", "sample_k_with_padding"]
+__all__ = ["jitter_boxes", "crop_boxes", "scale_boxes", "hflip_boxes", "sample_k", "pad_to_k"]
 
 
 def jitter_boxes(boxes: np.ndarray, prob: float, ratio: float, rng: np.random.Generator) -> np.ndarray:
@@ -75,23 +75,28 @@ def hflip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
     )
 
 
-def sample_k_with_padding(
-    num_candidates: int, k: int, rng: np.random.Generator
-) -> Tuple[np.ndarray, np.ndarray]:
-    """Choose ``k`` of ``num_candidates`` proposals as the official ``select_props`` + padding.
-
-    Returns ``(chosen, take)``: ``chosen`` are ``min(k, num_candidates)`` distinct candidate
-    positions in random order; ``take`` (length ``k``) indexes into ``chosen``: first every
-    chosen one once, then duplicates drawn with replacement from them to reach ``k`` (the
-    official ``pad_bboxs_with_common``). Per-box augmentation (jitter) is applied to the chosen
-    boxes before ``take`` so duplicates are exact copies, as in the official code.
-    With no candidates both arrays are empty; the caller supplies a fallback box.
-    """
+def sample_k(num_candidates: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``min(k, num_candidates)`` distinct candidate positions in random order (the official
+    ``select_props`` with strategy ``random``). Draws one ``rng.permutation``; with no candidates
+    it returns an empty array without drawing and the caller supplies a fallback box."""
     if k < 1:
-        raise ValueError(f"sample_k_with_padding: k must be >= 1, got {k}")
+        raise ValueError(f"sample_k: k must be >= 1, got {k}")
     if num_candidates <= 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    chosen = rng.permutation(num_candidates)[:k].astype(np.int64)
-    m = len(chosen)
+        return np.zeros(0, np.int64)
+    return rng.permutation(num_candidates)[:k].astype(np.int64)
+
+
+def pad_to_k(m: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices (length ``k``) into ``m`` chosen boxes: ``0 .. m-1`` once each, then ``k - m``
+    duplicates drawn with replacement (the official ``pad_bboxs_with_common``).
+
+    The official code pads every box set of a view pair separately, so a caller draws one
+    ``pad_to_k`` per box set: the two sides of a pair then share their first ``m`` entries and
+    differ in the duplicates. Per-box augmentation (jitter) is applied before padding, so
+    duplicates are exact copies, as in the official code. Draws ``rng.integers`` only when
+    ``m < k``.
+    """
+    if k < 1 or not 1 <= m <= k:
+        raise ValueError(f"pad_to_k: need 1 <= m <= k, got m={m}, k={k}")
     pad = rng.integers(0, m, size=k - m) if m < k else np.zeros(0, np.int64)
-    return chosen, np.concatenate([np.arange(m, dtype=np.int64), pad.astype(np.int64)])
+    return np.concatenate([np.arange(m, dtype=np.int64), pad.astype(np.int64)])

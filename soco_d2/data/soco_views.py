@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .augment import ColorAugment, hflip, random_resized_crop_params, resize
-from .boxes import crop_boxes, hflip_boxes, jitter_boxes, sample_k_with_padding, scale_boxes
+from .boxes import crop_boxes, hflip_boxes, jitter_boxes, pad_to_k, sample_k, scale_boxes
 from .registry import MAPPER_REGISTRY
 
 __all__ = ["SoCoViewMapper"]
@@ -48,10 +48,15 @@ class SoCoViewMapper:
 
     Proposals of a pair (V1-V2, V1-V3, drawn independently): the proposals overlapping both views
     by at least ``MIN_BOX_SIZE`` original pixels in width and height, clipped to each view;
-    K = ``NUM_PROPOSALS`` of them drawn without replacement, padded to K with duplicates (drawn
-    with replacement among the chosen). If some pair has fewer than ``max(K // 2, 1)``
-    candidates, the crops are redrawn and the requirement halved, at most ``MAX_TRIES`` times;
-    the last draw is used anyway. With no candidate at all, the pair uses the crop rectangle
+    K = ``NUM_PROPOSALS`` of them drawn without replacement. Each box set (V1's and the other
+    view's) is then padded to K with its own duplicates, drawn with replacement among the chosen
+    (the official code pads each of its four box sets separately): ``ids_a`` and ``ids_b`` list
+    the chosen proposals once each in the same order and may differ in the padded entries; every
+    id occurs on both sides. Retry loop (official ``max_tries`` / ``least_common``): the crops
+    are drawn at most ``MAX_TRIES`` times; a draw is accepted when both pairs have at least
+    ``need`` candidates, where ``need`` starts at ``max(K // 2, 1)`` and is halved after each
+    rejected draw but never drops below 1; after ``MAX_TRIES`` rejected draws the last one is
+    used anyway. With no candidate at all, the pair uses the crop rectangle
     itself (V2's / V3's whole view and the same region of V1) with id N (one past the last
     proposal): the official code used the whole of each view with id 1, which collides with
     proposal 1 and pairs regions that do not show the same content. Ids are the proposals' row
@@ -65,8 +70,9 @@ class SoCoViewMapper:
     of area ``U(CUTOUT_RATIO)`` x box area centred at a uniform point of the box, filled with
     ``MODEL.PIXEL_MEAN`` (zero after normalisation, as the official code).
 
-    Draw order from ``rng``: crops (retry loop), V1-V2 pair, V1-V3 pair, flips (V1, V2, V3, V4),
-    colour (V1, V2, V3, V4), cutout (V2, V3).
+    Draw order from ``rng``: crops (retry loop; V2's then V3's crop per draw), V1-V2 pair, V1-V3
+    pair (each: choice, V1's jitter, V1's padding, the other view's padding), flips (V1, V2, V3,
+    V4), colour (V1, V2, V3, V4), cutout (V2, V3).
     """
 
     def __init__(self, cfg):
@@ -144,12 +150,16 @@ class SoCoViewMapper:
             enough = len(common2) >= need and (common3 is None or len(common3) >= need)
             if enough or len(proposals) == 0:
                 break
-            need //= 2  # official: halve the requirement (reaching 0 accepts any draw)
+            need = max(need // 2, 1)  # official: halve the requirement, but never below one box
         return (crop2, boxes2, common2), (crop3, boxes3, common3)
 
     def _pair(self, boxes1, crop, boxes_b, common, num_props, height, width, rng):
-        """K boxes in V1 (original pixels) and in the crop (crop pixels) with their ids."""
-        chosen, take = sample_k_with_padding(len(common), self.k, rng)
+        """K boxes in V1 (original pixels) and in the crop (crop pixels), each side with its ids.
+
+        Both sides list the chosen proposals once, in the same order, then padding duplicates
+        drawn independently per side (as the official code pads each box set separately).
+        """
+        chosen = sample_k(len(common), self.k, rng)
         if len(chosen):
             idx = common[chosen]
             a, b, ids = boxes1[idx], boxes_b[idx], idx.astype(np.int64)
@@ -158,10 +168,11 @@ class SoCoViewMapper:
             a = np.array([[x0, y0, x0 + w, y0 + h]], np.float32)
             b = np.array([[0, 0, w, h]], np.float32)
             ids = np.array([num_props], np.int64)
-            take = np.zeros(self.k, np.int64)
         a = jitter_boxes(a, self.jitter_prob, self.jitter_ratio, rng)
         a, _ = crop_boxes(a, (0, 0, height, width), min_size=0)
-        return a[take], b[take], ids[take]
+        take_a = pad_to_k(len(ids), self.k, rng)
+        take_b = pad_to_k(len(ids), self.k, rng)
+        return a[take_a], ids[take_a], b[take_b], ids[take_b]
 
     # ------------------------------------------------------------------------------- pixels
 
@@ -205,9 +216,9 @@ class SoCoViewMapper:
         (crop2, boxes2, common2), (crop3, boxes3, common3) = self._sample_crops(
             proposals, keep1, height, width, rng
         )
-        a12, b2, ids12 = self._pair(boxes1, crop2, boxes2, common2, num_props, height, width, rng)
+        a12, ids1_12, b2, ids2 = self._pair(boxes1, crop2, boxes2, common2, num_props, height, width, rng)
         if self.v3_independent:
-            a13, b3, ids13 = self._pair(boxes1, crop3, boxes3, common3, num_props, height, width, rng)
+            a13, ids1_13, b3, ids3 = self._pair(boxes1, crop3, boxes3, common3, num_props, height, width, rng)
 
         flip1, flip2, flip3, flip4 = rng.random(4) < self.flip_prob
         if not self.v3_independent:
@@ -244,10 +255,13 @@ class SoCoViewMapper:
         else:
             img3 = resize(img2, (s3, s3))
             box3 = scale_boxes(box2_view, s3 / s2, s3 / s2)
-            a13, ids13 = a12, ids12
+            a13, ids1_13, ids3 = a12, ids1_12, ids2
 
         views = {"v1": img1, "v2": img2, "v3": img3}
-        pairs = [("v2", v1_boxes(a12), box2_view, ids12), ("v3", v1_boxes(a13), box3, ids13)]
+        pairs = [
+            ("v2", v1_boxes(a12), ids1_12, box2_view, ids2),
+            ("v3", v1_boxes(a13), ids1_13, box3, ids3),
+        ]
 
         # V4 (SoCo*): V2 downsampled.
         if self.size4 > 0:
@@ -257,7 +271,7 @@ class SoCoViewMapper:
             if flip4:
                 img4, box4 = hflip(img4), hflip_boxes(box4, s4)
             views["v4"] = img4
-            pairs.append(("v4", pairs[0][1], box4, ids12))
+            pairs.append(("v4", pairs[0][1], ids1_12, box4, ids2))
 
         views["v1"] = self.color[0](views["v1"], rng)
         for name in ("v2", "v3", "v4"):
@@ -265,8 +279,8 @@ class SoCoViewMapper:
                 views[name] = self.color[1](views[name], rng)
 
         if self.cutout:
-            views["v2"] = self._cutout(views["v2"], self._unique_boxes(box2_view, ids12), rng)
-            views["v3"] = self._cutout(views["v3"], self._unique_boxes(box3, ids13), rng)
+            views["v2"] = self._cutout(views["v2"], self._unique_boxes(box2_view, ids2), rng)
+            views["v3"] = self._cutout(views["v3"], self._unique_boxes(box3, ids3), rng)
 
         return {
             "images": {name: _to_chw_tensor(img) for name, img in views.items()},
@@ -276,9 +290,9 @@ class SoCoViewMapper:
                     "b": name,
                     "boxes_a": torch.from_numpy(np.ascontiguousarray(boxes_a, dtype=np.float32)),
                     "boxes_b": torch.from_numpy(np.ascontiguousarray(boxes_b, dtype=np.float32)),
-                    "ids_a": torch.from_numpy(ids.copy()),
-                    "ids_b": torch.from_numpy(ids.copy()),
+                    "ids_a": torch.from_numpy(ids_a.copy()),
+                    "ids_b": torch.from_numpy(ids_b.copy()),
                 }
-                for name, boxes_a, boxes_b, ids in pairs
+                for name, boxes_a, ids_a, boxes_b, ids_b in pairs
             ],
         }

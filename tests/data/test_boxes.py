@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from soco_d2.data.boxes import crop_boxes, hflip_boxes, jitter_boxes, sample_k_with_padding, scale_boxes
+from soco_d2.data.boxes import crop_boxes, hflip_boxes, jitter_boxes, pad_to_k, sample_k, scale_boxes
 
 
 def test_jitter_boxes_by_hand_from_the_same_draws():
@@ -61,27 +61,38 @@ def test_scale_and_hflip_boxes():
     assert scale_boxes(boxes, 1, 1).dtype == np.float32 and flipped.dtype == np.float32
 
 
-def test_sample_k_with_padding_distinct_then_duplicates():
+def test_sample_k_distinct_and_pad_to_k_duplicates():
     rng = np.random.default_rng(0)
-    chosen, take = sample_k_with_padding(10, 4, rng)
+    chosen = sample_k(10, 4, rng)
     assert len(set(chosen.tolist())) == 4 and chosen.max() < 10
-    np.testing.assert_array_equal(take, np.arange(4))
+    np.testing.assert_array_equal(pad_to_k(4, 4, rng), np.arange(4))
 
-    chosen, take = sample_k_with_padding(2, 5, rng)
-    assert sorted(chosen.tolist()) == [0, 1] and len(take) == 5
+    chosen = sample_k(2, 5, rng)
+    assert sorted(chosen.tolist()) == [0, 1]
+    take = pad_to_k(2, 5, rng)
+    assert len(take) == 5 and take.dtype == np.int64
     np.testing.assert_array_equal(take[:2], [0, 1])
     assert set(take[2:].tolist()) <= {0, 1}
 
-    chosen, take = sample_k_with_padding(0, 4, rng)
-    assert len(chosen) == 0 and len(take) == 0
+    assert len(sample_k(0, 4, rng)) == 0
     with pytest.raises(ValueError, match="k must be"):
-        sample_k_with_padding(3, 0, rng)
+        sample_k(3, 0, rng)
+    for m, k in ((0, 4), (5, 4), (1, 0)):
+        with pytest.raises(ValueError, match="pad_to_k"):
+            pad_to_k(m, k, rng)
 
 
 def test_sample_k_is_uniform_over_candidates():
     rng = np.random.default_rng(1)
     counts = np.zeros(6)
     for _ in range(3000):
-        chosen, _ = sample_k_with_padding(6, 2, rng)
-        counts[chosen] += 1
+        counts[sample_k(6, 2, rng)] += 1
     np.testing.assert_allclose(counts / counts.sum(), 1 / 6, atol=0.02)
+
+
+def test_pad_to_k_draws_duplicates_uniformly_and_afresh_each_call():
+    rng = np.random.default_rng(2)
+    pads = np.stack([pad_to_k(3, 7, rng)[3:] for _ in range(3000)])
+    np.testing.assert_allclose(np.bincount(pads.ravel(), minlength=3) / pads.size, 1 / 3, atol=0.02)
+    # Successive calls (one per box set of a pair) are independent draws, not one shared draw.
+    assert (pads[0::2] != pads[1::2]).any(axis=1).mean() > 0.9
