@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
+from soco_d2.engine.writers import read_metrics
+
 __all__ = [
     "DemoError",
     "DemoSettings",
@@ -285,14 +287,6 @@ def _finetune(s: DemoSettings, data: DemoData, datasets: Tuple[str, str], weight
 # ------------------------------------------------------------------------------------------------
 # 6. Report
 # ------------------------------------------------------------------------------------------------
-
-
-def read_metrics(path: str) -> List[Dict]:
-    """The JSON lines of a ``metrics.json`` (missing file: no rows)."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _json_safe(obj):

@@ -6,6 +6,7 @@ from fvcore.common.config import CfgNode
 from .defaults import _C
 from .detco import add_detco_config
 from .finetune import add_finetune_config
+from .monitor import add_monitor_config
 from .soco import add_soco_config
 
 
@@ -19,6 +20,7 @@ def get_cfg() -> CfgNode:
     add_soco_config(cfg)
     add_detco_config(cfg)
     add_finetune_config(cfg)
+    add_monitor_config(cfg)
     return cfg
 
 

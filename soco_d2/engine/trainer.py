@@ -25,6 +25,7 @@ from soco_d2.data.loader import build_pretrain_loader
 from soco_d2.utils import comm
 
 from .checkpoint import Checkpointer, atomic_write_text
+from .monitors import Monitors
 from .optimizer import build_optimizer
 from .schedules import build_lr_schedule, build_momentum_schedule, max_iter_from_cfg
 from .sync_bn import convert_sync_batchnorm
@@ -174,6 +175,7 @@ class PretrainTrainer:
         self._window: List[Dict] = []
         self._iter_times = collections.deque(maxlen=200)
         self._loss_names: List[str] = []
+        self.monitors = Monitors(cfg, self)  # kNN probe / health (MONITOR.*), checks its settings
 
     # ------------------------------------------------------------------ resume
     def resume_or_load(self, resume: bool = True) -> None:
@@ -195,12 +197,15 @@ class PretrainTrainer:
         self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter)
         self.model.train()
         try:
+            self.monitors.before_train()
             for it in range(self.start_iter, self.max_iter):
                 self.iter = it
                 self.run_step(it)
                 done = it + 1
+                self.monitors.after_step(done)
                 is_ckpt = cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0
-                if done % cfg.LOG_PERIOD == 0 or is_ckpt or done == self.max_iter:
+                if (done % cfg.LOG_PERIOD == 0 or is_ckpt or done == self.max_iter
+                        or self.monitors.pending):
                     self._flush_metrics(done)
                 if is_ckpt and done < self.max_iter:
                     self._save(f"model_{done:07d}.pth", done)
@@ -211,6 +216,7 @@ class PretrainTrainer:
         finally:
             for w in self.writers:
                 w.close()
+            self.monitors.close()
             self._data = None  # stops the loader's worker processes
 
     def run_step(self, it: int) -> None:
@@ -302,6 +308,7 @@ class PretrainTrainer:
         self.num_skipped_total += skipped
         self.num_samples_total += samples
         self._check_bad_images()
+        monitored = self.monitors.pop_metrics()
         if not self.writers:
             return
         mean = vecs.mean(dim=0).tolist()
@@ -317,6 +324,7 @@ class PretrainTrainer:
             num_skipped_total=self.num_skipped_total,
             eta_seconds=iter_time * (self.max_iter - done),
         )
+        metrics.update(monitored)
         if self.device.type == "cuda":
             metrics["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         for w in self.writers:

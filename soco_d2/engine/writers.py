@@ -12,7 +12,7 @@ from typing import Dict, List
 from soco_d2.utils import comm
 
 __all__ = ["JSONWriter", "TensorboardWriter", "ConsolePrinter", "build_writers", "setup_logging",
-           "format_progress_line"]
+           "format_progress_line", "read_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,14 @@ def setup_logging(output_dir: str = "", name: str = "soco_d2") -> logging.Logger
         log.addHandler(fh)
     log._soco_configured = True
     return log
+
+
+def read_metrics(path: str) -> List[Dict]:
+    """The JSON lines of a ``metrics.json`` (missing file: no rows)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 class JSONWriter:

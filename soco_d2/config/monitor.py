@@ -1,0 +1,39 @@
+"""Config keys of the representation monitors of a pretraining run (soco_d2/engine/monitors.py).
+
+Both monitors are off by default; the demo and benchmark configs turn them on.
+"""
+from fvcore.common.config import CfgNode as CN
+
+
+def add_monitor_config(cfg: CN) -> None:
+    cfg.MONITOR = CN()
+    # Weighted kNN probe (k nearest neighbours, cosine, weights exp(sim / T)) on a labelled image
+    # folder, at iteration 0, every PERIOD iterations and at the end of the run.
+    cfg.MONITOR.KNN = CN()
+    cfg.MONITOR.KNN.ENABLED = False
+    # One sub-folder per class (ImageNet layout). VAL_ROOT "" splits TRAIN_ROOT per class into
+    # VAL_FRACTION validation images and the rest (deterministic, seeded by SPLIT_SEED).
+    cfg.MONITOR.KNN.TRAIN_ROOT = ""
+    cfg.MONITOR.KNN.VAL_ROOT = ""
+    cfg.MONITOR.KNN.VAL_FRACTION = 0.5
+    cfg.MONITOR.KNN.SPLIT_SEED = 0
+    cfg.MONITOR.KNN.MAX_PER_CLASS = 0  # per side; 0 keeps every image
+    cfg.MONITOR.KNN.PERIOD = 1000  # iterations; 0: at the start and the end only
+    cfg.MONITOR.KNN.IMAGE_SIZE = 224  # centre crop after resizing the shorter side to SIZE / 0.875
+    cfg.MONITOR.KNN.K = 20
+    cfg.MONITOR.KNN.TEMPERATURE = 0.07
+    cfg.MONITOR.KNN.BATCH_SIZE = 64  # images per forward pass of the probe (per process)
+
+    # Label-free health: RankMe (effective rank) and the per-dimension std of the L2-normalised
+    # projector outputs over the last WINDOW rows (embeddings of boxes for SoCo, of images for
+    # DetCo), every PERIOD iterations (0: every LOG_PERIOD); DetCo's chance level ln(Q + 1).
+    cfg.MONITOR.HEALTH = CN()
+    cfg.MONITOR.HEALTH.ENABLED = False
+    cfg.MONITOR.HEALTH.PERIOD = 0
+    cfg.MONITOR.HEALTH.WINDOW = 2048
+    # Collapse warning when the std falls below this fraction of 1 / sqrt(dim), the std of
+    # embeddings spread evenly over the sphere.
+    cfg.MONITOR.HEALTH.COLLAPSE_STD_RATIO = 0.1
+
+    # OUTPUT_DIR/monitor_curves.png at the end of a run with a monitor on.
+    cfg.MONITOR.PLOT = True

@@ -1,0 +1,64 @@
+"""The engine's toy model with what the monitors need (imported by path from the tests, also in
+spawned processes): ``probe_features`` and a ``projector``; a labelled folder of tiny images."""
+import json
+import os
+import sys
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import toy_pretrain as toy  # noqa: E402
+
+
+class MonitorToyNet(toy.EngineToyNet):
+    """``online`` = conv, BN, ReLU, pool, flatten, fc, BN1d; the fc is the "projector"."""
+
+    @property
+    def projector(self):
+        return self.online[5]
+
+    def probe_features(self, x):
+        return {"pool": self.online[:5](x)}
+
+
+def make_labeled_folder(root, classes=("red", "green", "blue"), per_class=6, size=20, seed=0):
+    """One sub-folder per class; images are noisy patches of the class colour."""
+    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200),
+               "grey": (128, 128, 128)}
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            img = np.clip(np.array(colours.get(c, (90, 90, 90)), np.float32)
+                          + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            cv2.imwrite(os.path.join(root, c, f"{i:03d}.png"), img[:, :, ::-1])
+    return str(root)
+
+
+def monitor_overrides(probe_root, **extra):
+    out = {"MONITOR.KNN.ENABLED": True, "MONITOR.KNN.TRAIN_ROOT": str(probe_root),
+           "MONITOR.KNN.PERIOD": 2, "MONITOR.KNN.IMAGE_SIZE": 16, "MONITOR.KNN.K": 3,
+           "MONITOR.KNN.BATCH_SIZE": 4, "MONITOR.HEALTH.ENABLED": True,
+           "MONITOR.HEALTH.WINDOW": 64}
+    out.update(extra)
+    return out
+
+
+def train_and_dump(output_dir, dump_path, overrides):
+    """Train the toy (no input noise) with ``overrides``; rank 0 saves the final state dict and
+    the metrics rows."""
+    from soco_d2.engine.trainer import PretrainTrainer
+    from soco_d2.utils import comm
+
+    cfg = toy.toy_cfg(output_dir, **overrides)
+    torch.manual_seed(0)
+    model = MonitorToyNet(cfg, noise=0.0)
+    trainer = PretrainTrainer(cfg, model=model, dataset=toy.ToyDataset())
+    trainer.train()
+    if comm.is_main_process():
+        model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+        with open(os.path.join(output_dir, "metrics.json")) as f:
+            rows = [json.loads(line) for line in f]
+        torch.save({"state": model.state_dict(), "rows": rows}, dump_path)

@@ -1,0 +1,262 @@
+import logging
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import monitor_toy as mtoy  # noqa: E402
+import toy_pretrain as toy  # noqa: E402
+
+from soco_d2.config import get_cfg  # noqa: E402
+from soco_d2.engine.monitors import (  # noqa: E402
+    collapse_warning,
+    embedding_module,
+    embedding_std,
+    probe_feature_fn,
+    rankme,
+)
+from soco_d2.engine.trainer import PretrainTrainer  # noqa: E402
+from soco_d2.evaluation.knn import ProbeDataError  # noqa: E402
+from soco_d2.modeling import build_model  # noqa: E402
+
+
+def test_rankme_and_std_of_known_matrices():
+    g = torch.Generator().manual_seed(0)
+    # 4 orthogonal directions with equal energy: effective rank 4, whatever the dimension
+    basis = torch.linalg.qr(torch.randn(32, 4, generator=g))[0].T  # (4, 32) orthonormal rows
+    z = torch.randn(400, 4, generator=g) @ basis
+    assert rankme(z) == pytest.approx(4.0, rel=0.05)
+    # unequal energy lowers it below the rank
+    skew = torch.randn(400, 4, generator=g) * torch.tensor([1.0, 1.0, 1.0, 0.05])
+    assert 2.5 < rankme(skew @ basis) < 3.5
+    # complete collapse: every row the same vector
+    same = torch.randn(1, 32, generator=g).expand(100, 32)
+    assert rankme(same) == pytest.approx(1.0, abs=1e-3)
+    assert embedding_std(same) == pytest.approx(0.0, abs=1e-6)
+    # isotropic Gaussian rows: normalised, each coordinate has std ~ 1/sqrt(D)
+    iso = torch.randn(5000, 64, generator=g)
+    assert embedding_std(iso) == pytest.approx(1 / 8, rel=0.03)
+
+
+def test_collapse_warning_text():
+    assert collapse_warning(0.1, 64, 0.1, 40.0, 7) is None
+    text = collapse_warning(0.001, 64, 0.1, 1.2, 7)
+    assert "iteration 7" in text and "0.125" in text and "EMA momentum" in text and "predictor" in text
+
+
+def _run(tmp_path, name, overrides, resume=False, model_cls=mtoy.MonitorToyNet):
+    cfg = toy.toy_cfg(tmp_path / name, **overrides)
+    torch.manual_seed(0)
+    trainer = PretrainTrainer(cfg, model=model_cls(cfg), dataset=toy.ToyDataset())
+    trainer.resume_or_load(resume)
+    trainer.train()
+    return trainer
+
+
+def _rows(path):
+    from soco_d2.engine.writers import read_metrics
+
+    return read_metrics(str(path / "metrics.json"))
+
+
+def test_monitors_in_a_run_and_no_effect_on_training(tmp_path):
+    probe = mtoy.make_labeled_folder(tmp_path / "probe")
+    on = mtoy.monitor_overrides(probe, **{"SOLVER.MAX_ITER": 5, "SOLVER.CHECKPOINT_PERIOD": 3})
+    _run(tmp_path, "on", on)
+    _run(tmp_path, "off", {"SOLVER.MAX_ITER": 5, "SOLVER.CHECKPOINT_PERIOD": 3})
+    a = torch.load(tmp_path / "on" / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "off" / "model_final.pth", weights_only=True)["model"]
+    for k in b:  # weights, BN running statistics and the queue: the monitors changed nothing
+        assert torch.equal(a[k], b[k]), k
+
+    rows = _rows(tmp_path / "on")
+    knn = [r for r in rows if "knn_pool_top1" in r]
+    # iteration 0, every PERIOD (2, 4) and the end (5)
+    assert [r["iteration"] for r in knn] == [0, 2, 4, 5]
+    assert all(0 <= r["knn_pool_top1"] <= r["knn_pool_top5"] <= 100 for r in knn)
+    assert all(r["knn_time"] > 0 for r in knn)
+    health = [r for r in rows if "rankme" in r]
+    assert [r["iteration"] for r in health] == [2, 4, 5]  # LOG_PERIOD 2 and the end
+    assert all(1.0 <= r["rankme"] <= 4.0 and 0 < r["emb_std"] <= 1 for r in health)
+    # monitor values share the line of the losses where they coincide
+    assert "total_loss" in health[0]
+    assert (tmp_path / "on" / "monitor_curves.png").stat().st_size > 1000
+
+    # resume from the checkpoint at 3 with the monitors on: same weights as the run without them
+    run = tmp_path / "resumed"
+    run.mkdir()
+    for f in ("model_0000003.pth",):
+        (run / f).write_bytes((tmp_path / "off" / f).read_bytes())
+    (run / "last_checkpoint").write_text("model_0000003.pth")
+    trainer = _run(tmp_path, "resumed", on, resume=True)
+    assert trainer.start_iter == 3
+    c = torch.load(run / "model_final.pth", weights_only=True)["model"]
+    for k in b:
+        assert torch.equal(c[k], b[k]), k
+    assert [r["iteration"] for r in _rows(run) if "knn_pool_top1" in r] == [4, 5]  # no 0 on resume
+
+
+def test_probe_leaves_train_and_eval_flags_as_they_were(tmp_path):
+    probe = mtoy.make_labeled_folder(tmp_path / "probe")
+    cfg = toy.toy_cfg(tmp_path / "run", **mtoy.monitor_overrides(probe))
+    model = mtoy.MonitorToyNet(cfg)
+    trainer = PretrainTrainer(cfg, model=model, dataset=toy.ToyDataset())
+    model.train()
+    model.target.eval()  # a module deliberately in eval mode stays so
+    mean = model.online[1].running_mean.clone()
+    trainer.writers = []
+    trainer.monitors.before_train()
+    assert model.training and model.online.training and not model.target.training
+    assert torch.equal(model.online[1].running_mean, mean)  # BN ran with running statistics
+
+
+def test_slow_probe_warns_with_measured_times(tmp_path, caplog, monkeypatch):
+    import soco_d2.engine.monitors as monitors
+
+    probe = mtoy.make_labeled_folder(tmp_path / "probe")
+    real = monitors.extract_features
+
+    def slow(*args, **kwargs):
+        import time
+
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(monitors, "extract_features", slow)
+    caplog.set_level(logging.WARNING, logger="soco_d2")
+    logging.getLogger("soco_d2").propagate = True
+    try:
+        _run(tmp_path, "run", mtoy.monitor_overrides(probe, **{"MONITOR.KNN.PERIOD": 1,
+                                                                 "SOLVER.MAX_ITER": 2}))
+    finally:
+        logging.getLogger("soco_d2").propagate = False
+    msgs = [r.getMessage() for r in caplog.records if "kNN probe at iteration" in r.getMessage()]
+    assert msgs and "longer than the" in msgs[0] and "MONITOR.KNN.PERIOD = 1" in msgs[0]
+
+
+def test_collapse_is_reported(tmp_path, caplog):
+    class Collapsed(mtoy.MonitorToyNet):
+        def __init__(self, cfg, **kw):
+            super().__init__(cfg, **kw)
+            with torch.no_grad():  # the fc maps everything to one point
+                self.online[5].weight.zero_()
+                self.online[5].bias = torch.nn.Parameter(torch.ones(4))
+
+    caplog.set_level(logging.WARNING, logger="soco_d2")
+    logging.getLogger("soco_d2").propagate = True
+    try:
+        _run(tmp_path, "run", {"MONITOR.HEALTH.ENABLED": True, "SOLVER.MAX_ITER": 2,
+                               "SOLVER.BASE_LR": 0.0}, model_cls=Collapsed)
+    finally:
+        logging.getLogger("soco_d2").propagate = False
+    assert any("Embedding collapse at iteration 2" in r.getMessage() for r in caplog.records)
+    rows = [r for r in _rows(tmp_path / "run") if "rankme" in r]
+    assert rows[-1]["emb_std"] < 1e-6
+
+
+def test_bad_probe_settings_fail_before_training(tmp_path):
+    one = mtoy.make_labeled_folder(tmp_path / "one", classes=("red",))
+    cfg = toy.toy_cfg(tmp_path / "run", **mtoy.monitor_overrides(one))
+    with pytest.raises(ProbeDataError, match=r"MONITOR.KNN.TRAIN_ROOT.*1 usable class"):
+        PretrainTrainer(cfg, model=mtoy.MonitorToyNet(cfg), dataset=toy.ToyDataset())
+    cfg = toy.toy_cfg(tmp_path / "run", **mtoy.monitor_overrides(""))
+    with pytest.raises(ProbeDataError, match="MONITOR.KNN.TRAIN_ROOT = '' is not a folder"):
+        PretrainTrainer(cfg, model=mtoy.MonitorToyNet(cfg), dataset=toy.ToyDataset())
+
+
+def _tiny(arch, **kv):
+    cfg = get_cfg()
+    opts = ["MODEL.META_ARCHITECTURE", arch, "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18]
+    if arch == "SoCo":
+        opts += ["MODEL.FPN.OUT_CHANNELS", 16, "MODEL.ROI_BOX_HEAD.NUM_CONV", 1,
+                 "MODEL.ROI_BOX_HEAD.CONV_DIM", 8, "MODEL.ROI_BOX_HEAD.FC_DIM", 24,
+                 "MODEL.SOCO.PROJECTOR_HIDDEN_DIM", 16, "MODEL.SOCO.PROJECTOR_OUT_DIM", 8,
+                 "MODEL.SOCO.PREDICTOR_HIDDEN_DIM", 16]
+    else:
+        opts += ["MODEL.DETCO.QUEUE_SIZE", 16, "SOLVER.IMS_PER_BATCH", 2,
+                 "MODEL.DETCO.FEATURE_DIM", 8, "MODEL.DETCO.HEAD_HIDDEN_DIM", 16]
+    cfg.merge_from_list(opts + [x for kv_ in kv.items() for x in kv_])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg).eval()
+
+
+def test_soco_probe_features_are_res5_and_the_whole_image_box():
+    cfg, model = _tiny("SoCo")
+    fn = probe_feature_fn(model, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        out = fn(images)
+        x = (images.float() - torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+            cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
+        res5 = model.backbone.body(x)["3"].mean(dim=(2, 3))
+        # the whole-image box (64 px) goes to P2 at canonical size 96 ... computed independently:
+        p = model.backbone(x)
+        level = int(model.pooler.assign_levels(torch.tensor([[0.0, 0.0, 64.0, 64.0]])))
+        from torchvision.ops import roi_align
+
+        feat = list(p.values())[level]
+        pooled = roi_align(feat, [torch.tensor([[0.0, 0.0, 64.0, 64.0]])] * 2, 7,
+                           spatial_scale=feat.shape[-1] / 64, sampling_ratio=-1, aligned=True)
+        box = model.box_head(pooled)
+    assert sorted(out) == ["box", "res5"]
+    torch.testing.assert_close(out["res5"], res5)
+    assert out["box"].shape == (2, 24)
+    torch.testing.assert_close(out["box"], box)
+
+
+def test_detco_probe_features_and_health_hook():
+    cfg, model = _tiny("DetCo")
+    fn = probe_feature_fn(model, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        out = fn(images)
+    assert list(out) == ["res5"] and out["res5"].shape == (2, 512)
+    # the health hook sits on the last layer of the deepest global head
+    assert embedding_module(model) is model.encoder_q.global_heads["res5"][-1]
+    _, soco = _tiny("SoCo")
+    assert embedding_module(soco) is soco.projector[-1]
+
+
+def test_detco_chance_level_is_reported(tmp_path):
+    from soco_d2.engine.monitors import Monitors
+
+    cfg, model = _tiny("DetCo", **{"MONITOR.HEALTH.ENABLED": True})
+
+    class T:  # what Monitors reads of a trainer
+        pass
+
+    t = T()
+    t.model, t.start_iter, t.max_iter, t.writers = model, 0, 10, []
+    mon = Monitors(cfg, t)
+    assert mon.chance_level == pytest.approx(math.log(17))
+    mon.after_step(cfg.LOG_PERIOD)
+    assert mon.pop_metrics()["chance_level"] == pytest.approx(math.log(17))
+    mon.close()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    """Each process extracts half of the probe images; the gathered features give the same kNN
+    accuracy as one process, and the health figures of the gathered window agree."""
+    from soco_d2.engine.launch import launch
+
+    probe = mtoy.make_labeled_folder(tmp_path / "probe", per_class=5)  # odd shares per process
+    overrides = mtoy.monitor_overrides(probe, **{"SOLVER.MAX_ITER": 2, "SOLVER.CHECKPOINT_PERIOD": 0,
+                                                 "MONITOR.KNN.PERIOD": 0})
+    launch(mtoy.train_and_dump, num_gpus_per_machine=2, backend="gloo",
+           args=(str(tmp_path / "two"), str(tmp_path / "two.pt"), overrides))
+    mtoy.train_and_dump(str(tmp_path / "one"), str(tmp_path / "one.pt"), overrides)
+    one = torch.load(tmp_path / "one.pt", weights_only=False)["rows"]
+    two = torch.load(tmp_path / "two.pt", weights_only=False)["rows"]
+    k1 = [r for r in one if "knn_pool_top1" in r]
+    k2 = [r for r in two if "knn_pool_top1" in r]
+    assert [r["iteration"] for r in k2] == [0, 2]
+    assert k1[0]["knn_pool_top1"] == k2[0]["knn_pool_top1"]  # same initial weights
+    assert k1[0]["knn_pool_top5"] == k2[0]["knn_pool_top5"]
+    h1 = [r for r in one if "rankme" in r][-1]
+    h2 = [r for r in two if "rankme" in r][-1]
+    assert h2["rankme"] == pytest.approx(h1["rankme"], rel=1e-3)
+    assert h2["emb_std"] == pytest.approx(h1["emb_std"], rel=1e-3)
