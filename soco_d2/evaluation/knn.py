@@ -47,6 +47,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+MONITOR_KEYS = ("MONITOR.KNN.TRAIN_ROOT", "MONITOR.KNN.VAL_ROOT", "MONITOR.KNN.VAL_FRACTION")
+
 # Shorter side resized to size / CROP_FRACTION, then a centre crop of ``size`` (256 -> 224).
 CROP_FRACTION = 0.875
 
@@ -109,22 +111,23 @@ def _cap(files: List[str], max_per_class: int) -> List[str]:
 
 def build_probe_split(train_root: str, val_root: str = "", val_fraction: float = 0.5,
                       max_per_class: int = 0, seed: int = 0,
-                      key: str = "MONITOR.KNN") -> ProbeSplit:
+                      names: Tuple[str, str, str] = MONITOR_KEYS) -> ProbeSplit:
     """The labelled train / val images of a probe (see the module docstring).
 
     ``val_root`` empty: each class of ``train_root`` is split deterministically (a per-class
     shuffle seeded by ``seed`` and the class name) into ``round(n * val_fraction)`` validation
     images (at least one) and the rest (at least one). ``max_per_class`` > 0 keeps the first
-    that many images (sorted by path) of each class and side. ``key`` prefixes the setting names
-    in error messages (``MONITOR.KNN`` or a command-line tool's flags).
+    that many images (sorted by path) of each class and side. ``names``: what error messages call
+    the three settings (config keys or a command-line tool's flags).
     """
+    train_name, val_name, fraction_name = names
     skipped: Dict[str, List[str]] = {}
-    train = _class_folders(train_root, f"{key}.TRAIN_ROOT")
+    train = _class_folders(train_root, train_name)
     for c in [c for c, f in train.items() if not f]:
         skipped.setdefault("empty class", []).append(c)
         del train[c]
     if val_root:
-        val = _class_folders(val_root, f"{key}.VAL_ROOT")
+        val = _class_folders(val_root, val_name)
         for c in [c for c, f in val.items() if not f]:
             skipped.setdefault("empty class", []).append(f"val/{c}")
             del val[c]
@@ -135,7 +138,7 @@ def build_probe_split(train_root: str, val_root: str = "", val_fraction: float =
                  for c in train}
     else:
         if not 0.0 < val_fraction < 1.0:
-            raise ProbeDataError(f"{key}.VAL_FRACTION must be in (0, 1), got {val_fraction}.")
+            raise ProbeDataError(f"{fraction_name} must be in (0, 1), got {val_fraction}.")
         pairs = {}
         for c, files in train.items():
             if len(files) < 2:
@@ -151,9 +154,9 @@ def build_probe_split(train_root: str, val_root: str = "", val_fraction: float =
         found = f"{len(classes)} usable class" + ("" if len(classes) == 1 else "es")
         why = "; ".join(f"skipped {len(v)} {k}: {', '.join(v[:5])}" for k, v in skipped.items())
         raise ProbeDataError(
-            f"{key}.TRAIN_ROOT = {train_root!r}: {found}{' (' + why + ')' if why else ''}; a probe "
+            f"{train_name} = {train_root!r}: {found}{' (' + why + ')' if why else ''}; a probe "
             "needs at least 2 classes with images on both sides: add class sub-folders with at "
-            "least 2 images each (or give VAL_ROOT).")
+            f"least 2 images each (or give {val_name}).")
 
     def side(i: int) -> LabeledImages:
         paths, labels = [], []
@@ -164,7 +167,7 @@ def build_probe_split(train_root: str, val_root: str = "", val_fraction: float =
 
     split = ProbeSplit(classes, side(0), side(1), skipped)
     if len(split.val) == 0:
-        raise ProbeDataError(f"{key}.VAL_ROOT = {val_root!r} has no images of the training "
+        raise ProbeDataError(f"{val_name} = {val_root!r} has no images of the training "
                              f"classes {classes[:5]}...: nothing to evaluate.")
     return split
 

@@ -111,8 +111,8 @@ def test_unusable_folders_are_config_errors(tmp_path, layout, match):
 def test_no_class_folders_is_an_error(tmp_path):
     mtoy.make_labeled_folder(tmp_path / "p", per_class=2)
     flat = tmp_path / "p" / "red"
-    with pytest.raises(ProbeDataError, match="has no class sub-folders"):
-        build_probe_split(str(flat), key="--train-root")
+    with pytest.raises(ProbeDataError, match="--train-root = .* has no class sub-folders"):
+        build_probe_split(str(flat), names=("--train-root", "--val-root", "--val-fraction"))
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path):

@@ -1,0 +1,119 @@
+"""Rank pretrained backbones without fine-tuning: kNN and linear probes on frozen res5 features.
+
+:func:`load_probe_backbone` reads any weight file the converter understands (a checkpoint of
+this project, a converted detectron2 ``.pkl``, a torchvision ResNet state dict, a MoCo-style
+``module.encoder_q.`` checkpoint, ...; see :mod:`soco_d2.checkpoint.convert`) into a torchvision
+ResNet whose output is the global-average-pooled res5 feature, or builds a randomly initialised
+one. :func:`probe_backbones` runs the same weighted kNN as the training monitor (and optionally a
+linear probe) for each backbone on one labelled folder. ``tools/probe.py`` is the command line.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+from soco_d2.checkpoint.convert import SUPPORTED_DEPTHS, ConversionError, convert_to_torchvision
+
+from .knn import ProbeImages, ProbeSplit, extract_features, linear_probe, weighted_knn
+
+__all__ = ["ProbeBackbone", "load_probe_backbone", "probe_backbones", "format_probe_table"]
+
+# torchvision's ImageNet statistics on the 0-255 scale (this project's MODEL.PIXEL_MEAN / STD)
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class ProbeBackbone:
+    name: str
+    model: nn.Module  # images (normalised) -> (B, C) pooled res5 features
+    depth: int
+    description: str
+
+
+def load_probe_backbone(weights: Optional[str] = None, depth: Optional[int] = None,
+                        random_init: bool = False, branch: str = "online", trust: bool = False,
+                        seed: int = 0) -> ProbeBackbone:
+    """A torchvision ResNet (fc removed) with the backbone weights of ``weights``, or randomly
+    initialised (torchvision's init, seeded) with ``random_init`` (``depth`` required)."""
+    if random_init == bool(weights):
+        raise ValueError("Give either weights or random_init (and a depth), not both / neither.")
+    if random_init:
+        if depth not in SUPPORTED_DEPTHS:
+            raise ValueError(f"--random-init needs --depth, one of {SUPPORTED_DEPTHS} (got {depth}).")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+        desc = f"random init (torchvision, seed {seed})"
+        name = f"random-init R{depth} seed {seed}"
+    else:
+        state, report = convert_to_torchvision(weights, parts=("backbone",), branch=branch,
+                                               depth=depth, trust=trust)
+        depth = report.depth
+        net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+        prefix = "backbone.body."
+        body = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        missing, unexpected = net.load_state_dict(body, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise ConversionError(f"{weights}: the backbone weights do not fill a ResNet-{depth}: "
+                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        desc = f"{'; '.join(report.layout)}; {branch} branch"
+        name = str(weights)
+    net.fc = nn.Identity()
+    return ProbeBackbone(name, net.eval(), depth, desc)
+
+
+def _features_fn(net: nn.Module):
+    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+
+    def fn(images):
+        x = (images.float() - mean.to(images.device)) / std.to(images.device)
+        return {"res5": net(x)}
+
+    return fn
+
+
+def probe_backbones(backbones: Sequence[ProbeBackbone], split: ProbeSplit, image_size: int = 224,
+                    k: int = 20, temperature: float = 0.07, linear: bool = False,
+                    batch_size: int = 64, device: str = "cpu") -> List[Dict]:
+    """One result dict per backbone: ``knn_top1``, ``knn_top5`` (and ``linear_top1`` /
+    ``linear_top5``) in percent, the number of images used and the time taken."""
+    dev = torch.device(device)
+    train_images = ProbeImages(split.train.paths, image_size)
+    val_images = ProbeImages(split.val.paths, image_size)
+    results = []
+    for b in backbones:
+        t0 = time.perf_counter()
+        net = b.model.to(dev).eval()
+        train, ok_tr = extract_features(_features_fn(net), train_images, dev, batch_size)
+        val, ok_va = extract_features(_features_fn(net), val_images, dev, batch_size)
+        ytr = torch.as_tensor(split.train.labels)[ok_tr]
+        yva = torch.as_tensor(split.val.labels)[ok_va]
+        xtr, xva = train["res5"][ok_tr], val["res5"][ok_va]
+        r = {"name": b.name, "depth": b.depth, "weights": b.description,
+             "train_images": int(ok_tr.sum()), "val_images": int(ok_va.sum()),
+             "classes": len(split.classes),
+             "unreadable": len(train_images.unreadable) + len(val_images.unreadable)}
+        r["knn_top1"], r["knn_top5"] = weighted_knn(xtr, ytr, xva, yva, len(split.classes), k, temperature)
+        if linear:
+            r["linear_top1"], r["linear_top5"] = linear_probe(xtr, ytr, xva, yva, len(split.classes))
+        r["seconds"] = time.perf_counter() - t0
+        results.append(r)
+    return results
+
+
+def format_probe_table(results: Sequence[Dict]) -> str:
+    """Results as a text table, best kNN top-1 first."""
+    cols = ["knn_top1", "knn_top5"] + (["linear_top1", "linear_top5"] if "linear_top1" in results[0] else [])
+    rows = sorted(results, key=lambda r: -r["knn_top1"])
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'weights':<{width}}  " + "  ".join(f"{c:>11}" for c in cols)]
+    lines += [f"{r['name']:<{width}}  " + "  ".join(f"{r[c]:>11.2f}" for c in cols) for r in rows]
+    return "\n".join(lines)
