@@ -37,6 +37,7 @@ __all__ = [
     "filter_boxes",
     "downscale",
     "selective_search",
+    "raw_proposals",
     "generate_proposals",
     "GenerationSummary",
     "run_generation",
@@ -130,6 +131,20 @@ def selective_search(image_rgb: np.ndarray, mode: str = "fast") -> np.ndarray:
     return rects
 
 
+def raw_proposals(image: np.ndarray, max_size: Optional[int] = DEFAULT_MAX_SIZE, mode: str = "fast",
+                  image_hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Selective-search boxes of ``image`` before the filter: computed on the copy downscaled to
+    ``max_size``, mapped to the original (H, W) pixels (``image_hw``, default ``image``'s size),
+    rounded to whole pixels, clipped and de-duplicated (float64, sorted)."""
+    h, w = image_hw or image.shape[:2]
+    small = downscale(image, max_size)
+    boxes = selective_search(small, mode)
+    boxes *= np.array([w / small.shape[1], h / small.shape[0]] * 2)
+    boxes = np.rint(boxes)
+    np.clip(boxes, 0, [w, h, w, h], out=boxes)
+    return np.unique(boxes, axis=0)
+
+
 def generate_proposals(
     image: np.ndarray,
     max_size: Optional[int] = DEFAULT_MAX_SIZE,
@@ -153,12 +168,7 @@ def generate_proposals(
     h, w = image_hw or image.shape[:2]
     if min(h, w) < 2 or min(h, w) < min_side:
         return np.zeros((0, 4), np.float32)  # no box can pass the minimum-side rule
-    small = downscale(image, max_size)
-    boxes = selective_search(small, mode)
-    boxes *= np.array([w / small.shape[1], h / small.shape[0]] * 2)
-    boxes = np.rint(boxes)
-    np.clip(boxes, 0, [w, h, w, h], out=boxes)
-    boxes = np.unique(boxes, axis=0)
+    boxes = raw_proposals(image, max_size, mode, image_hw)
     boxes = filter_boxes(boxes, (h, w), min_side=min_side, fallback=fallback)
     if max_boxes is not None and len(boxes) > max_boxes:
         seed = zlib.crc32(boxes.astype(np.int64).tobytes())
