@@ -26,6 +26,8 @@ def add_soco_config(cfg: CN) -> None:
     cfg.INPUT.SOCO.CROP_SCALE = (0.5, 1.0)
     cfg.INPUT.SOCO.CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
     cfg.INPUT.SOCO.NUM_PROPOSALS = 4  # K
+    # Crop draws: a draw needs >= max(K // 2, 1) candidates in every pair; the requirement is
+    # halved after each rejected draw, never below 1; the last draw is used anyway (official).
     cfg.INPUT.SOCO.MAX_TRIES = 5
     cfg.INPUT.SOCO.JITTER_PROB = 0.5
     cfg.INPUT.SOCO.JITTER_RATIO = 0.1
