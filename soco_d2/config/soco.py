@@ -7,13 +7,19 @@ def add_soco_config(cfg: CN) -> None:
     cfg.MODEL.SOCO.PROJECTOR_HIDDEN_DIM = 4096
     cfg.MODEL.SOCO.PROJECTOR_OUT_DIM = 256
     cfg.MODEL.SOCO.PREDICTOR_HIDDEN_DIM = 4096
-    # Scale-aware assignment in view pixels: sqrt(wh) < 48 -> P2, < 96 -> P3, < 192 -> P4, else P5
-    # (torchvision's level mapper with canonical scale 96 at level 4; see modeling/pooler.py).
+    # FPN level of each box, in pixels of its view, with boundaries 48 / 96 / 192 (canonical size 96
+    # at level 4): "official" (the official code: integer corners, sqrt((w + 1)(h + 1)), s <= 48 ->
+    # P2, ...) or "torchvision" (torchvision's LevelMapper: sqrt(wh), s < 48 -> P2, ...). See
+    # modeling/pooler.py.
     cfg.MODEL.SOCO.CANONICAL_BOX_SIZE = 96
     cfg.MODEL.SOCO.CANONICAL_LEVEL = 4
-    # RoI head / projector / predictor calls: "per_view" (BN statistics of one view, as the
-    # official code) or "all" (one call over every view's boxes; BN statistics mix views).
-    cfg.MODEL.SOCO.HEAD_BATCHING = "per_view"
+    cfg.MODEL.SOCO.LEVEL_ASSIGNMENT = "official"
+    # RoI head / projector / predictor computation (see modeling/meta_arch/soco.py):
+    # "faithful" (the official objective in train mode: every box pooled on all four levels, BN
+    # statistics per view, box set and level, loss on the assigned level); "per_view" (faster:
+    # each box pooled on its level only, BN statistics per view); "all" (as per_view, but BN
+    # statistics over the boxes of all views).
+    cfg.MODEL.SOCO.HEAD_MODE = "faithful"
 
     cfg.INPUT.SOCO = CN()
     cfg.INPUT.SOCO.VIEW1_SIZE = 224  # whole image resized (aspect not kept)

@@ -17,7 +17,9 @@ projector etc.     ``projector``, ``predictor``, ``target_*`` the same
 so the online weights load into detectron2's ``GeneralizedRCNN`` (Mask R-CNN R50-FPN with the
 4conv1fc BN box head) without renaming.
 
-Level assignment: detectron2's ``assign_boxes_to_levels``,
+Level assignment: ``MODEL.SOCO.LEVEL_ASSIGNMENT "official"`` as soco_d2's pooler (with
+``HEAD_MODE "faithful"`` only: detectron2's ``ROIPooler`` assigns levels itself), or
+``"torchvision"``: detectron2's ``assign_boxes_to_levels``,
 ``floor(CANONICAL_LEVEL + log2(sqrt((x2 - x1) * (y2 - y1)) / CANONICAL_BOX_SIZE + 1e-8))``
 clamped to P2..P5; with 96 / 4: ``s < 48 -> P2``, ``48 <= s < 96 -> P3``, ``96 <= s < 192 -> P4``,
 ``s >= 192 -> P5``. A box exactly on a boundary goes to the upper level, as in soco_d2's pooler
@@ -42,7 +44,8 @@ from detectron2.structures import Boxes
 from torch import Tensor, nn
 
 from soco_d2.modeling.heads import build_predictor, build_projector
-from soco_d2.modeling.meta_arch.soco import _HEAD_BATCHING, SoCo, _frozen_copy
+from soco_d2.modeling.meta_arch.soco import SoCo, _frozen_copy, check_head_mode
+from soco_d2.modeling.pooler import official_box_levels
 
 __all__ = ["D2SoCo", "SoCoROIPooler", "build_soco_resnet_fpn_backbone"]
 
@@ -95,9 +98,17 @@ class SoCoROIPooler(nn.Module):
             canonical_level=cfg.MODEL.SOCO.CANONICAL_LEVEL,
         )
         self.num_levels = len(in_features)
+        self.level_assignment = cfg.MODEL.SOCO.LEVEL_ASSIGNMENT
+        p = self.pooler
+        self.boundaries = [
+            p.canonical_box_size * 2.0 ** (level + 1 - p.canonical_level)
+            for level in range(p.min_level, p.max_level)
+        ]
 
     def assign_levels(self, boxes: Tensor) -> Tensor:
         """Index (0 = the first feature map) of the level each box of ``boxes`` (..., 4) is pooled on."""
+        if self.level_assignment == "official":
+            return official_box_levels(boxes, self.boundaries)
         p = self.pooler
         return assign_boxes_to_levels(
             [Boxes(boxes.reshape(-1, 4).float())], p.min_level, p.max_level,
@@ -127,6 +138,16 @@ class SoCoROIPooler(nn.Module):
             )
         return self.pooler(features, [Boxes(b) for b in boxes.float()])
 
+    def pool_all_levels(self, features: Sequence[Tensor], boxes: Tensor, image_size=None) -> Tensor:
+        """Every box on every level with that level's pooler: ``(L, N * K, C, S, S)``."""
+        n, k = boxes.shape[:2]
+        flat = boxes.reshape(-1, 4).float()
+        index = torch.arange(n, device=flat.device, dtype=flat.dtype).repeat_interleave(k)[:, None]
+        rois = torch.cat([index, flat], dim=1)
+        return torch.stack(
+            [pool(f.float(), rois) for f, pool in zip(features, self.pooler.level_poolers)]
+        )
+
 
 @META_ARCH_REGISTRY.register()
 class D2SoCo(SoCo):
@@ -141,10 +162,12 @@ class D2SoCo(SoCo):
 
     def __init__(self, cfg):
         nn.Module.__init__(self)
-        self.head_batching = cfg.MODEL.SOCO.HEAD_BATCHING
-        if self.head_batching not in _HEAD_BATCHING:
+        self.head_mode = check_head_mode(cfg)
+        if self.head_mode != "faithful" and cfg.MODEL.SOCO.LEVEL_ASSIGNMENT != "torchvision":
             raise ValueError(
-                f"MODEL.SOCO.HEAD_BATCHING = {self.head_batching!r}; use one of {list(_HEAD_BATCHING)}."
+                f"MODEL.SOCO.HEAD_MODE = {self.head_mode!r} pools with detectron2's ROIPooler, which "
+                "assigns levels by its own rule: set MODEL.SOCO.LEVEL_ASSIGNMENT 'torchvision' (or "
+                "HEAD_MODE 'faithful')."
             )
         if cfg.MODEL.BACKBONE.FREEZE_AT != 0:
             raise ValueError(
@@ -192,17 +215,20 @@ class D2SoCo(SoCo):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         return x
 
-    def _heads(self, pooled: Dict[str, Tensor], modules: Sequence[nn.Module]) -> Dict[str, Tensor]:
-        if self.head_batching != "per_view":
-            return super()._heads(pooled, modules)
+    def _heads(self, pooled: Dict, modules: Sequence[nn.Module], groups_per_entry: int = 1) -> Dict:
+        if self.head_mode == "all":
+            return super()._heads(pooled, modules, groups_per_entry)
         # detectron2's Conv2d applies its norm inside the conv module, so SoCo's shared-conv /
-        # per-view-BN path cannot reach it: run each view through the heads on its own (the same
-        # BN statistics per view, one call per view).
+        # per-group-BN path cannot reach it: run each group of rows through the heads on its own
+        # (the same BN statistics per group, one call per group, as the official code).
         out = {}
-        for view, x in pooled.items():
-            for m in modules:
-                x = m(x)
-            out[view] = x
+        for key, x in pooled.items():
+            parts = []
+            for part in x.split(len(x) // groups_per_entry):
+                for m in modules:
+                    part = m(part)
+                parts.append(part)
+            out[key] = torch.cat(parts)
         return out
 
     def detection_state_dict(self) -> Dict[str, Tensor]:

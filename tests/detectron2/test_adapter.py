@@ -22,6 +22,10 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "../.."))
 D2_CONFIGS = os.path.join(REPO, "configs", "detectron2")
 ARCH_YAML = os.path.join(D2_CONFIGS, "pretrain", "soco_fpn_r50_d2arch.yaml")
 TINY = {
+    # Most tests compare with detectron2's own level rule and the per-view head batching;
+    # the faithful mode has its own tests.
+    "MODEL.SOCO.HEAD_MODE": "per_view",
+    "MODEL.SOCO.LEVEL_ASSIGNMENT": "torchvision",
     "MODEL.SOCO.PROJECTOR_HIDDEN_DIM": 32,
     "MODEL.SOCO.PROJECTOR_OUT_DIM": 16,
     "MODEL.SOCO.PREDICTOR_HIDDEN_DIM": 32,
@@ -207,12 +211,8 @@ def test_level_assignment_boundaries():
     assert counts.tolist() == [2, 2, 2, 2] and order.tolist() == list(range(8))
 
 
-def test_same_losses_as_soco_d2_model_with_converted_weights():
-    """soco_d2's torchvision SoCo, converted with the project's converter and loaded into the
-    adapter, gives the same losses (eval-mode BN, views of multiples of 32 px: no padding)."""
-    ref = _soco_model()
-    _randomize_bn_statistics(ref)
-    model = _adapter()
+def _load_converted(model, ref):
+    """Load soco_d2 model ``ref``'s weights into adapter ``model`` through the converter."""
     state = {}
     for branch in ("online", "target"):
         d2, _ = convert_to_d2(ref.state_dict(), branch=branch)
@@ -223,6 +223,15 @@ def test_same_losses_as_soco_d2_model_with_converted_weights():
         state.update({f"{name}.{k}": v for k, v in getattr(ref, name).state_dict().items()})
     missing, unexpected = model.load_state_dict(state, strict=True)
     assert not missing and not unexpected
+
+
+def test_same_losses_as_soco_d2_model_with_converted_weights():
+    """soco_d2's torchvision SoCo, converted with the project's converter and loaded into the
+    adapter, gives the same losses (eval-mode BN, views of multiples of 32 px: no padding)."""
+    ref = _soco_model()
+    _randomize_bn_statistics(ref)
+    model = _adapter()
+    _load_converted(model, ref)
     ref.eval()
     model.eval()
     batch = _batch()
@@ -261,9 +270,22 @@ def test_per_view_heads_equal_separate_calls_and_all_batching_differs():
     for buf, ref in zip(model.box_head.buffers(), reference.box_head.buffers()):
         torch.testing.assert_close(buf, ref, rtol=1e-4, atol=1e-5)
 
-    mixed = _adapter(**{"MODEL.SOCO.HEAD_BATCHING": "all"})
+    mixed = _adapter(**{"MODEL.SOCO.HEAD_MODE": "all"})
     mixed.load_state_dict(r.state_dict())
     assert not torch.allclose(mixed(batch)["loss_v1_v3"], losses["loss_v1_v3"])
+
+
+def test_faithful_mode_matches_soco_d2_faithful_mode():
+    """The faithful head mode (every box on every level, norms per view, box set and level) gives
+    the same train-mode losses in the adapter as in soco_d2's model with converted weights."""
+    faithful = {"MODEL.SOCO.HEAD_MODE": "faithful", "MODEL.SOCO.LEVEL_ASSIGNMENT": "official"}
+    ref = _soco_model(**faithful)
+    model = _adapter(**faithful)
+    _load_converted(model, ref)
+    batch = _batch()
+    losses, expected = model(batch), ref(batch)
+    for key in expected:
+        torch.testing.assert_close(losses[key], expected[key], rtol=1e-4, atol=1e-5)
 
 
 def test_112_px_view_is_padded_for_the_fpn():
@@ -285,8 +307,10 @@ def test_bad_config_raises():
         _adapter(**{"MODEL.BACKBONE.FREEZE_AT": 2})
     with pytest.raises(ValueError, match="IN_FEATURES"):
         _adapter(**{"MODEL.ROI_HEADS.IN_FEATURES": ["p3", "p4", "p5"]})
-    with pytest.raises(ValueError, match="HEAD_BATCHING"):
-        _adapter(**{"MODEL.SOCO.HEAD_BATCHING": "per_level"})
+    with pytest.raises(ValueError, match="HEAD_MODE"):
+        _adapter(**{"MODEL.SOCO.HEAD_MODE": "per_level"})
+    with pytest.raises(ValueError, match="LEVEL_ASSIGNMENT 'torchvision'"):
+        _adapter(**{"MODEL.SOCO.LEVEL_ASSIGNMENT": "official"})
     with pytest.raises(ValueError, match="NUM_FC"):
         _adapter(**{"MODEL.ROI_BOX_HEAD.NUM_FC": 0})
 

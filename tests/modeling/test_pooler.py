@@ -16,7 +16,7 @@ def _square_boxes(sides, x0=1.0):
 
 
 def test_level_assignment_hand_computed():
-    pooler = build_soco_pooler(get_cfg())
+    pooler = ScaleAwareRoIPooler(level_assignment="torchvision")
     levels = pooler.assign_levels(_square_boxes(SIDES)) + 2
     assert levels.tolist() == EXPECTED_LEVEL
     # Non-square boxes use sqrt(w h): 24 x 96 -> s = 48 -> P3; 24 x 95 -> s < 48 -> P2.
@@ -24,13 +24,36 @@ def test_level_assignment_hand_computed():
     assert (pooler.assign_levels(boxes) + 2).tolist() == [3, 2]
 
 
-def test_official_convention_differs_only_on_the_thresholds():
-    # The official code: side s (its x2 - x1 + 1 on inclusive pixel coordinates) with <= thresholds.
-    def official(s):
-        return 2 if s <= 48 else 3 if s <= 96 else 4 if s <= 192 else 5
+def test_official_level_assignment_hand_computed():
+    """The official rule: corners truncated to integers, s = sqrt((x2 - x1 + 1)(y2 - y1 + 1)),
+    s <= 48 -> P2, <= 96 -> P3, <= 192 -> P4, else P5 (the default)."""
+    pooler = build_soco_pooler(get_cfg())
+    assert pooler.level_assignment == "official"
+    boxes = torch.tensor([
+        [0.0, 0.0, 47.0, 47.0],     # s = 48 -> P2 (torchvision: 47 -> P2)
+        [0.0, 0.0, 47.9, 47.9],     # truncated to 47: s = 48 -> P2 (torchvision: 47.9 -> P2)
+        [0.0, 0.0, 48.0, 48.0],     # s = 49 -> P3 (torchvision: 48 -> P3)
+        [0.5, 0.5, 48.4, 48.4],     # truncated 0..48: s = 49 -> P3 (torchvision: 47.9 -> P2)
+        [0.0, 0.0, 95.0, 95.0],     # s = 96 -> P3 (torchvision: 95 -> P3)
+        [0.0, 0.0, 96.0, 96.0],     # s = 97 -> P4 (torchvision: 96 -> P4)
+        [0.0, 0.0, 191.0, 191.0],   # s = 192 -> P4
+        [0.0, 0.0, 192.0, 192.0],   # s = 193 -> P5
+        [0.0, 0.0, 224.0, 224.0],   # s = 225 -> P5 (the official code assigns no level)
+        [0.0, 0.0, 23.0, 95.0],     # s = sqrt(24 * 96) = 48 -> P2 (torchvision: s < 48 -> P2)
+        [0.0, 0.0, 24.0, 95.0],     # s = sqrt(25 * 96) = 48.99 -> P3 (torchvision: sqrt(24 * 95) = 47.7 -> P2)
+    ])
+    assert (pooler.assign_levels(boxes) + 2).tolist() == [2, 2, 3, 3, 3, 4, 4, 5, 5, 2, 3]
+    # (N, K, 4) input is flattened image-major.
+    assert pooler.assign_levels(boxes[:8].view(2, 4, 4)).tolist() == [0, 0, 1, 1, 1, 2, 2, 3]
+    torchvision = ScaleAwareRoIPooler(level_assignment="torchvision")
+    assert (torchvision.assign_levels(boxes) + 2).tolist() == [2, 2, 3, 2, 3, 4, 4, 5, 5, 2, 2]
 
-    differ = [s for s, ours in zip(SIDES, EXPECTED_LEVEL) if official(s) != ours]
-    assert differ == [48.0, 96.0, 192.0]
+
+def test_unknown_level_assignment_lists_the_valid_ones():
+    cfg = get_cfg()
+    cfg.MODEL.SOCO.LEVEL_ASSIGNMENT = "detectron2"
+    with pytest.raises(ValueError, match=r"LEVEL_ASSIGNMENT = 'detectron2'.*official.*torchvision"):
+        build_soco_pooler(cfg)
 
 
 def _ramp_features(n, view):
@@ -45,7 +68,7 @@ def _ramp_features(n, view):
 
 
 def test_pools_each_box_on_its_level_with_aligned_roi_align():
-    pooler = ScaleAwareRoIPooler(output_size=7, sampling_ratio=0)
+    pooler = ScaleAwareRoIPooler(output_size=7, sampling_ratio=0, level_assignment="torchvision")
     feats = _ramp_features(2, 224)
     # Image 0: a P2 box and a P3 box; image 1: the P3 box and the P2 box (order must be kept).
     p2_box = [16.0, 16.0, 44.0, 44.0]    # s = 28 -> P2
@@ -68,7 +91,7 @@ def test_pools_each_box_on_its_level_with_aligned_roi_align():
 
 
 def test_112_view_scales_and_gradients_reach_only_used_levels():
-    pooler = ScaleAwareRoIPooler()
+    pooler = ScaleAwareRoIPooler(level_assignment="torchvision")
     feats = [f.requires_grad_() for f in _ramp_features(1, 112)]
     assert [tuple(f.shape[-2:]) for f in feats][-1] == (4, 4)
     assert pooler.feature_scales(feats, (112, 112)) == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
@@ -88,3 +111,24 @@ def test_wrong_feature_maps_raise():
         pooler(feats, torch.zeros(1, 1, 4), (112, 112))
     with pytest.raises(ValueError, match="feature maps"):
         pooler(feats[:3], torch.zeros(1, 1, 4), (224, 224))
+
+
+def test_pool_all_levels_scales_each_level_by_its_exact_size_ratio():
+    """Every box on every level; each map scaled by its size over the view's, per axis (the
+    official code's normalised boxes times the map's height and width): P5 of a 112 px view is
+    4 x 4, scale 4 / 112 (not 1 / 32)."""
+    pooler = ScaleAwareRoIPooler()
+    feats = _ramp_features(2, 112)
+    boxes = torch.tensor([[[14.0, 28.0, 70.0, 84.0]], [[0.0, 0.0, 112.0, 112.0]]])
+    out = pooler.pool_all_levels(feats, boxes, (112, 112))
+    assert out.shape == (4, 2, 2, 7, 7)
+    i = torch.arange(7.0)
+    for level, feat in enumerate(feats):
+        r = feat.shape[-1] / 112  # 1/4, 1/8, 1/16, 4/112
+        # aligned: map coordinate = box * r - 0.5; bin centres of a linear ramp.
+        x = 14 * r - 0.5 + (56 * r / 7) * (i + 0.5)
+        y = 28 * r - 0.5 + (56 * r / 7) * (i + 0.5)
+        expected = 1000 * (level + 2) + 100 * y[:, None] + x[None, :]
+        torch.testing.assert_close(out[level, 0, 0], expected, rtol=0, atol=1e-3)
+    # Image 1's box is pooled from image 1's maps (the batch index).
+    assert out[:, 1].min() >= 10000

@@ -1,6 +1,11 @@
+import copy
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import roi_align
 
 from soco_d2.config import get_cfg
 from soco_d2.modeling import build_model
@@ -112,7 +117,7 @@ def test_target_uses_its_own_batch_statistics():
 
 @pytest.mark.parametrize("star,views", [(False, 3), (True, 4)])
 def test_one_backbone_pass_per_view_and_network(star, views):
-    model = _model()
+    model = _model(**{"MODEL.SOCO.HEAD_MODE": "per_view"})
     online, target = _count_calls(model.backbone), _count_calls(model.target_backbone)
     pooler, head_conv = _count_calls(model.pooler), _count_calls(model.box_head[0][0])
     head_norm = _count_calls(model.box_head[0][1])
@@ -123,6 +128,114 @@ def test_one_backbone_pass_per_view_and_network(star, views):
     assert (len(head_conv), len(head_norm)) == (1, views)
     if star:
         assert -12 <= sum(losses.values()).item() <= 12
+
+
+@pytest.mark.parametrize("star,box_sets", [(False, 4), (True, 6)])
+def test_faithful_mode_norms_once_per_view_box_set_and_level(star, box_sets):
+    model = _model()
+    assert model.head_mode == "faithful"
+    online, target = _count_calls(model.backbone), _count_calls(model.target_backbone)
+    head_conv, head_norm = _count_calls(model.box_head[0][0]), _count_calls(model.box_head[0][1])
+    predictor_norm = _count_calls(model.predictor[1])
+    model(_batch(star=star))
+    views = box_sets // 2 + 1
+    assert (len(online), len(target)) == (views, views)
+    assert len(head_conv) == 1
+    assert len(head_norm) == len(predictor_norm) == 4 * box_sets
+
+
+def _official_level(boxes):
+    """The official rule, written out: integer corners, sqrt((w + 1)(h + 1)), <= 48 / 96 / 192."""
+    x1, y1, x2, y2 = (int(v) for v in boxes.tolist())
+    s = math.sqrt((x2 - x1 + 1) * (y2 - y1 + 1))
+    return 0 if s <= 48 else 1 if s <= 96 else 2 if s <= 192 else 3
+
+
+def _official_objective(model, batch):
+    """The official SoCo_FPN forward, written out: per (view, box set, level) one call of head,
+    projector and predictor on all N*K boxes pooled on that level, then the aware correspondence
+    matrix (N, 4K, 4K) and ``regression_loss_bboxs_aware``."""
+    levels = 4
+
+    def encode(modules, backbone, images, boxes):
+        x = model.normalize(images)
+        feats = list(backbone(x).values())
+        n, k = boxes.shape[:2]
+        outs = []
+        for f in feats:
+            scaled = boxes.clone()
+            scaled[..., 0::2] *= f.shape[-1] / x.shape[-1]
+            scaled[..., 1::2] *= f.shape[-2] / x.shape[-2]
+            rois = torch.cat([torch.arange(n).repeat_interleave(k)[:, None].float(), scaled.reshape(-1, 4)], 1)
+            y = roi_align(f, rois, (7, 7), 1.0, -1, aligned=True)
+            for m in modules:
+                y = m(y)
+            outs.append(F.normalize(y, dim=1).reshape(n, k, -1))
+        return torch.cat(outs, dim=1)  # (N, 4K, C), level-major
+
+    def assigned_ids(boxes, ids, unused):
+        n, k = ids.shape
+        out = torch.full((n, levels * k), float(unused))
+        for i in range(n):
+            for j in range(k):
+                out[i, _official_level(boxes[i, j]) * k + j] = float(ids[i, j])
+        return out
+
+    def loss(q, kk, corr):
+        sim = torch.bmm(q, kk.transpose(1, 2))
+        return -2 * ((sim * corr).sum((1, 2)) / (corr.sum((1, 2)) + 1e-6)).mean()
+
+    online = [model.box_head, model.projector, model.predictor]
+    target = [model.target_box_head, model.target_projector]
+    pairs = batch["pairs"]
+    # The official order of calls (it matters for the running statistics): V1's box sets, then
+    # the other views; online first, then target.
+    sides = [(i, "a") for i in range(len(pairs))] + [(i, "b") for i in range(len(pairs))]
+
+    def inputs(i, side):
+        return batch["images"][pairs[i][side][0]], pairs[i][f"boxes_{side}"]
+
+    q = {s: encode(online, model.backbone, *inputs(*s)) for s in sides}
+    with torch.no_grad():
+        k = {s: encode(target, model.target_backbone, *inputs(*s)) for s in sides}
+    losses = {}
+    for i, p in enumerate(pairs):
+        ida = assigned_ids(p["boxes_a"], p["ids_a"], -1)
+        idb = assigned_ids(p["boxes_b"], p["ids_b"], -2)
+        corr = (ida[:, :, None] == idb[:, None, :]).float()
+        losses[f"loss_{p['a'][0]}_{p['b'][0]}"] = (
+            loss(q[i, "a"], k[i, "b"], corr) + loss(q[i, "b"], k[i, "a"], corr.transpose(1, 2))
+        )
+    return losses
+
+
+def test_faithful_train_mode_equals_the_official_objective():
+    """Train mode (batch statistics): loss, every online gradient and the heads' running
+    statistics equal the official computation (one call per view, box set and level)."""
+    model = _model()
+    reference = copy.deepcopy(model)
+    batch = _batch()
+    losses = model(batch)
+    expected = _official_objective(reference, batch)
+    assert sorted(losses) == sorted(expected)
+    for key in losses:
+        torch.testing.assert_close(losses[key], expected[key], rtol=1e-5, atol=1e-6)
+    sum(losses.values()).backward()
+    sum(expected.values()).backward()
+    # float32 sums in another order: tolerances relative to the tensor's largest entry (and to the
+    # largest gradient overall, for biases before a BN, whose exact gradient is 0).
+    largest = max(p.grad.abs().max().item() for p in reference.parameters() if p.requires_grad)
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            atol = 1e-5 * ref.grad.abs().max().item() + 1e-6 * largest
+            torch.testing.assert_close(p.grad, ref.grad, rtol=1e-4, atol=atol, msg=name)
+    for module, ref in ((model.box_head, reference.box_head), (model.target_projector, reference.target_projector)):
+        for (name, buf), ref_buf in zip(module.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(buf, ref_buf, rtol=1e-5, atol=1e-6, msg=name)
+    # The per-view mode normalises differently, so its train-mode loss differs.
+    per_view = _model(**{"MODEL.SOCO.HEAD_MODE": "per_view"})
+    other = per_view(batch)
+    assert not torch.allclose(other["loss_v1_v2"], losses["loss_v1_v2"].detach(), rtol=1e-3)
 
 
 def test_eval_mode_matches_per_pair_reference_and_all_view_batching():
@@ -151,20 +264,19 @@ def test_eval_mode_matches_per_pair_reference_and_all_view_batching():
         expected = expected + soco_pair_loss(qb, ka, p["ids_b"], p["ids_a"])
         torch.testing.assert_close(losses[f"loss_{p['a'][0]}_{p['b'][0]}"], expected)
 
-    all_model = _model(**{"MODEL.SOCO.HEAD_BATCHING": "all"})
-    all_model.load_state_dict(model.state_dict())
-    all_model.eval()
-    head = _count_calls(all_model.box_head)
-    for k, v in all_model(batch).items():
-        torch.testing.assert_close(v, losses[k])
-    assert len(head) == 1
+    for mode in ("all", "per_view"):
+        other = _model(**{"MODEL.SOCO.HEAD_MODE": mode})
+        other.load_state_dict(model.state_dict())
+        other.eval()
+        head = _count_calls(other.box_head[0][0])
+        for k, v in other(batch).items():
+            torch.testing.assert_close(v, losses[k])
+        assert len(head) == 1
 
 
 def test_train_mode_head_norms_each_view_separately():
-    """per_view batching: losses and BN running statistics equal separate per-view head calls."""
-    import copy
-
-    model = _model()
+    """per_view mode: losses and BN running statistics equal separate per-view head calls."""
+    model = _model(**{"MODEL.SOCO.HEAD_MODE": "per_view", "MODEL.SOCO.LEVEL_ASSIGNMENT": "torchvision"})
     reference = copy.deepcopy(model)
     batch = _batch()
     losses = model(batch)
@@ -224,6 +336,6 @@ def test_bad_input_and_config_raise():
     batch["pairs"][1]["ids_b"] = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="ids_b"):
         model(batch)
-    with pytest.raises(ValueError, match="HEAD_BATCHING"):
-        _model(**{"MODEL.SOCO.HEAD_BATCHING": "per_level"})
+    with pytest.raises(ValueError, match="HEAD_MODE"):
+        _model(**{"MODEL.SOCO.HEAD_MODE": "per_level"})
     assert isinstance(model.box_head, nn.Module)
