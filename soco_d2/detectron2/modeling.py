@@ -47,7 +47,18 @@ from soco_d2.modeling.heads import build_predictor, build_projector
 from soco_d2.modeling.meta_arch.soco import SoCo, _frozen_copy, check_head_mode
 from soco_d2.modeling.pooler import official_box_levels
 
-__all__ = ["D2SoCo", "SoCoROIPooler", "build_soco_resnet_fpn_backbone"]
+__all__ = ["D2SoCo", "SoCoROIPooler", "build_soco_resnet_fpn_backbone", "zero_init_residual"]
+
+
+def zero_init_residual(resnet: nn.Module) -> None:
+    """Zero gamma on the last norm of every residual block of a detectron2 ``ResNet``
+    (torchvision's ``zero_init_residual``; detectron2's blocks have no such option). The last
+    conv of a block is ``conv3`` (bottleneck) or ``conv2`` (basic block)."""
+    for stage in resnet.stages:
+        for block in stage:
+            last = block.conv3 if hasattr(block, "conv3") else block.conv2
+            if last.norm is not None:
+                nn.init.zeros_(last.norm.weight)
 
 
 @BACKBONE_REGISTRY.register()
@@ -58,13 +69,7 @@ def build_soco_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     every residual block when ``MODEL.RESNETS.ZERO_INIT_RESIDUAL``."""
     bottom_up = build_resnet_backbone(cfg, input_shape)
     if cfg.MODEL.RESNETS.ZERO_INIT_RESIDUAL:
-        # detectron2's blocks have no such option (see BottleneckBlock's comment); the last conv
-        # of a block is conv3 (bottleneck) or conv2 (basic block).
-        for stage in bottom_up.stages:
-            for block in stage:
-                last = block.conv3 if hasattr(block, "conv3") else block.conv2
-                if last.norm is not None:
-                    nn.init.zeros_(last.norm.weight)
+        zero_init_residual(bottom_up)
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,

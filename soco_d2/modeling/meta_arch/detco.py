@@ -20,7 +20,7 @@ with the keys of all processes (rank order). State-dict prefixes: ``encoder_q.bo
 from __future__ import annotations
 
 import copy
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,10 @@ def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 class DetCoEncoder(nn.Module):
     """ResNet body (stages res2..res5) + one global and one local projection head per level."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, body: Optional[nn.Module] = None, channels: Optional[Dict[str, int]] = None):
+        """``body`` (optional, with ``channels``): a module mapping images to ``{level: map}``
+        for every level of ``MODEL.DETCO.LEVELS`` and the channels of each; by default
+        torchvision's ResNet of ``MODEL.RESNETS``."""
         super().__init__()
         d = cfg.MODEL.DETCO
         r = cfg.MODEL.RESNETS
@@ -58,17 +61,19 @@ class DetCoEncoder(nn.Module):
                 f"MODEL.RESNETS.NORM = {r.NORM!r} is not supported by DetCo; use 'BN' "
                 "(cross-process BN of the key encoder is MODEL.DETCO.KEY_BN)."
             )
-        resnet = getattr(torchvision.models, f"resnet{r.DEPTH}")(
-            weights=None, zero_init_residual=r.ZERO_INIT_RESIDUAL
-        )
         self.levels = tuple(d.LEVELS)
-        # The stem and the stages up to the last used one, with torchvision's names (the getter
-        # drops the later stages, avgpool and fc).
-        self.body = IntermediateLayerGetter(
-            resnet, return_layers={_STAGES[lvl]: lvl for lvl in self.levels}
-        )
-        expansion = 4 if r.DEPTH >= 50 else 1
-        channels = {lvl: 64 * 2 ** (int(lvl[3:]) - 2) * expansion for lvl in self.levels}
+        if body is None:
+            resnet = getattr(torchvision.models, f"resnet{r.DEPTH}")(
+                weights=None, zero_init_residual=r.ZERO_INIT_RESIDUAL
+            )
+            # The stem and the stages up to the last used one, with torchvision's names (the
+            # getter drops the later stages, avgpool and fc).
+            body = IntermediateLayerGetter(
+                resnet, return_layers={_STAGES[lvl]: lvl for lvl in self.levels}
+            )
+            expansion = 4 if r.DEPTH >= 50 else 1
+            channels = {lvl: 64 * 2 ** (int(lvl[3:]) - 2) * expansion for lvl in self.levels}
+        self.body = body
         self.combine = d.LOCAL_COMBINE
         n_patches = cfg.INPUT.DETCO.GRID ** 2
         local_in = {
@@ -159,7 +164,7 @@ class DetCo(nn.Module):
         # Read by the trainer: with shuffle-BN every BN stays per process, as MoCo (a synchronised
         # BN would let a query and its key share batch statistics again).
         self.sync_batchnorm = d.KEY_BN == "sync"
-        self.encoder_q = DetCoEncoder(cfg)
+        self.encoder_q = self.build_encoder(cfg)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
@@ -169,6 +174,10 @@ class DetCo(nn.Module):
         std = torch.tensor(cfg.MODEL.PIXEL_STD, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
+
+    def build_encoder(self, cfg) -> DetCoEncoder:
+        """The query encoder (the key encoder is its copy); subclasses change the ResNet."""
+        return DetCoEncoder(cfg)
 
     # ------------------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
