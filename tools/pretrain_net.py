@@ -4,6 +4,8 @@
     python tools/pretrain_net.py --config-file configs/soco/soco_fpn_r50_100ep.yaml --num-gpus 8
     python tools/pretrain_net.py --config-file ... --resume OUTPUT_DIR out/soco_100ep
     torchrun --nproc_per_node 8 tools/pretrain_net.py --config-file ...
+    # on detectron2's modules (D2SoCo / D2DetCo; needs detectron2, docs/DETECTRON2.md)
+    python tools/pretrain_net.py --config-file configs/detectron2/pretrain/detco_r50_200ep.yaml --num-gpus 8
     srun --ntasks-per-node 8 python tools/pretrain_net.py --config-file ...
 
 ``KEY VALUE`` pairs after the options override config values. See docs/TRAINING.md.
@@ -36,6 +38,12 @@ def cli(argv=None):
     if args.eval_only:
         parser.error("pretraining has no evaluation; evaluate transfer with tools/train_net.py")
     cfg = load_config(args.config_file, args.opts)  # fail early, before starting processes
+    if cfg.MODEL.DETECTRON2.CONFIG_FILE:
+        # D2SoCo / D2DetCo: fails at once without detectron2 (with the install instructions) or
+        # with a bad detectron2 file / key.
+        from soco_d2.detectron2 import pretrain_d2_config
+
+        pretrain_d2_config(cfg)
     return launch_from_args(main, args, cfg.MODEL.DEVICE)
 
 

@@ -42,6 +42,16 @@ _C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
 # 0 means adaptive sampling (torchvision's -1), as detectron2's ROIAlignV2 and the official code.
 _C.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 0
 
+# Pretraining on detectron2's modules (soco_d2.detectron2: D2SoCo, D2DetCo; needs detectron2).
+# CONFIG_FILE: a detectron2-format file with the network (configs/detectron2/pretrain/*_d2arch.yaml;
+# a relative path is looked up in the working directory, then in the soco_d2 checkout); "" builds
+# the torchvision model. Keys present in both configs take this config's values (MODEL.SOCO,
+# MODEL.DETCO, MODEL.RESNETS.DEPTH, MODEL.DEVICE, SOLVER.IMS_PER_BATCH...); OPTS are KEY VALUE
+# overrides of the detectron2 config, applied last.
+_C.MODEL.DETECTRON2 = CN()
+_C.MODEL.DETECTRON2.CONFIG_FILE = ""
+_C.MODEL.DETECTRON2.OPTS = []
+
 # Target (momentum / EMA) network: m_k = 1 - (1 - BASE) * (cos(pi k / K) + 1) / 2 for "cosine".
 _C.MODEL.EMA = CN()
 _C.MODEL.EMA.BASE_MOMENTUM = 0.99

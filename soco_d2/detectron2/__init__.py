@@ -7,6 +7,9 @@
   detectron2's ResNet + FPN, ``ROIPooler`` and ``FastRCNNConvFCHead``. Its online weights carry
   the names of detectron2's ``GeneralizedRCNN`` (``backbone.bottom_up.*``, ``backbone.fpn_*``,
   ``roi_heads.box_head.*``).
+* ``META_ARCH_REGISTRY``: :class:`D2DetCo`, the DetCo meta-architecture of
+  :mod:`soco_d2.modeling.meta_arch.detco` (same forward, losses, queues, shuffle-BN) over
+  detectron2's ResNet; its query ResNet carries detectron2's names (``stem.*``, ``res2.*``...).
 * ``BACKBONE_REGISTRY``: :func:`build_soco_resnet_fpn_backbone` (ResNet + FPN P2-P5).
 
 :func:`add_soco_d2_config` adds the SoCo keys to a detectron2 config. detectron2 is not on PyPI
@@ -20,7 +23,18 @@ except ImportError as e:  # pragma: no cover - exercised only without detectron2
         "(pip install --no-build-isolation -e <detectron2 checkout>), see docs/DETECTRON2.md."
     ) from e
 
-from .config import add_soco_d2_config
+from .build import build_pretrain_model
+from .config import add_soco_d2_config, merge_d2_config, pretrain_d2_config
+from .detco import D2DetCo
 from .modeling import D2SoCo, SoCoROIPooler, build_soco_resnet_fpn_backbone
 
-__all__ = ["D2SoCo", "SoCoROIPooler", "add_soco_d2_config", "build_soco_resnet_fpn_backbone"]
+__all__ = [
+    "D2DetCo",
+    "D2SoCo",
+    "SoCoROIPooler",
+    "add_soco_d2_config",
+    "build_pretrain_model",
+    "build_soco_resnet_fpn_backbone",
+    "merge_d2_config",
+    "pretrain_d2_config",
+]

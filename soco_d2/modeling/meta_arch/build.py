@@ -9,7 +9,13 @@ Registry for pretraining meta-architectures (SoCo, DetCo). A registered class is
 
 
 def build_model(cfg):
-    """Build the meta-architecture named by ``cfg.MODEL.META_ARCHITECTURE`` (on CPU)."""
+    """Build the meta-architecture named by ``cfg.MODEL.META_ARCHITECTURE`` (on CPU); with
+    ``MODEL.DETECTRON2.CONFIG_FILE``, its detectron2-module version (``D2SoCo``, ``D2DetCo``)."""
+    if cfg.MODEL.DETECTRON2.CONFIG_FILE:
+        # Only this path needs detectron2; the import fails with the install instructions.
+        from soco_d2.detectron2 import build_pretrain_model
+
+        return build_pretrain_model(cfg)
     name = cfg.MODEL.META_ARCHITECTURE
     try:
         cls = META_ARCH_REGISTRY.get(name)
