@@ -5,6 +5,9 @@
         --num-gpus 8 MODEL.WEIGHTS soco_r50_fpn.pkl OUTPUT_DIR out/mask_rcnn_1x
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
     python tools/train_net.py --config-file ... --resume OUTPUT_DIR out/mask_rcnn_1x
+    # detectron2's trainer (a detectron2-format config; needs detectron2, docs/DETECTRON2.md)
+    python tools/train_net.py --config-file configs/detectron2/mask_rcnn_R50_FPN_1x.yaml \
+        --num-gpus 8 MODEL.WEIGHTS soco_fpn.pkl OUTPUT_DIR out/d2_mask_rcnn_1x
 
 Same command line as pretraining (``--num-gpus``, ``--num-machines``, ``--machine-rank``,
 ``--dist-url``, ``--resume``, ``--eval-only``, ``KEY VALUE`` overrides; torchrun / SLURM
@@ -16,7 +19,7 @@ import sys
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from soco_d2.config import load_config  # noqa: E402
+from soco_d2.config import is_detectron2_config, load_config  # noqa: E402
 from soco_d2.engine.arguments import default_argument_parser  # noqa: E402
 from soco_d2.engine.launch import launch_from_args  # noqa: E402
 
@@ -35,7 +38,19 @@ def main(args):
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--backend", choices=("auto", "torchvision", "detectron2"), default="auto",
+        help="detectron2: detectron2's trainer with soco_d2's registrations (needs detectron2, see "
+             "docs/DETECTRON2.md); torchvision: soco_d2's detector; auto (default): detectron2 for a "
+             "detectron2-format config (configs/detectron2/*.yaml)",
+    )
+    args = parser.parse_args(argv)
+    if args.backend == "detectron2" or (args.backend == "auto" and is_detectron2_config(args.config_file)):
+        # Fails at once with the install instructions when detectron2 is missing.
+        from soco_d2.detectron2.train import launch_finetune
+
+        return launch_finetune(args)
     cfg = load_config(args.config_file, args.opts)  # fail early, before spawning processes
     return launch_from_args(main, args, cfg.MODEL.DEVICE)
 

@@ -1,6 +1,7 @@
 """Building, loading and validating configs."""
 import os
 
+import yaml
 from fvcore.common.config import CfgNode
 
 from .defaults import _C
@@ -81,3 +82,32 @@ def _explain(e: Exception) -> str:
     elif "Type mismatch" in msg:
         msg += " (give a value of the key's default type)"
     return msg
+
+
+# Meta-architectures of detectron2's own META_ARCH_REGISTRY.
+_DETECTRON2_META_ARCHS = ("GeneralizedRCNN", "RetinaNet", "ProposalNetwork", "SemanticSegmentor", "PanopticFPN")
+
+
+def is_detectron2_config(config_file: str) -> bool:
+    """Whether ``config_file`` is in detectron2's format (for detectron2's ``get_cfg``) rather
+    than soco_d2's: it, or a file of its ``_BASE_`` chain, sets ``VERSION: 2`` (every detectron2
+    config does; soco_d2's are version 1) or a ``MODEL.META_ARCHITECTURE`` of detectron2's.
+    Reads the YAML only (detectron2 is not imported)."""
+    seen = set()
+    path = config_file
+    while path and os.path.isfile(path) and path not in seen:
+        seen.add(path)
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError:
+                return False  # not ours either; loading it reports the problem
+        if not isinstance(data, dict):
+            return False
+        if data.get("VERSION") == 2:
+            return True
+        if (data.get("MODEL") or {}).get("META_ARCHITECTURE") in _DETECTRON2_META_ARCHS:
+            return True
+        base = data.get("_BASE_")
+        path = os.path.join(os.path.dirname(path), base) if isinstance(base, str) else None
+    return False
