@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from soco_d2.config import ConfigError, get_cfg, load_config
+from soco_d2.config import ConfigError, get_cfg, is_detectron2_config, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,3 +81,18 @@ def test_get_cfg_is_a_fresh_copy():
     a = get_cfg()
     a.SOLVER.BASE_LR = 123.0
     assert get_cfg().SOLVER.BASE_LR == 1.0
+
+
+def test_detectron2_format_is_told_apart_from_ours():
+    """tools/train_net.py picks detectron2's trainer for detectron2-format files (without
+    importing detectron2); soco_d2 configs, including those that pretrain on detectron2's
+    modules, stay soco_d2's and load with load_config."""
+    d2 = os.path.join(REPO, "configs", "detectron2")
+    theirs = glob.glob(os.path.join(d2, "*.yaml")) + glob.glob(os.path.join(d2, "pretrain", "*_d2arch.yaml"))
+    ours = [f for f in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True) if f not in theirs]
+    assert len(theirs) >= 7 and any("pretrain" in f for f in ours)
+    assert all(is_detectron2_config(f) for f in theirs)
+    assert not any(is_detectron2_config(f) for f in ours)
+    for f in ours:
+        load_config(f)
+    assert not is_detectron2_config("")
