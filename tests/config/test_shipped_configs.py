@@ -23,7 +23,7 @@ from functools import lru_cache
 import pytest
 from fvcore.common.config import CfgNode
 
-from soco_d2.config import load_config
+from soco_d2.config import is_detectron2_config, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,14 +31,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SOCO_100 = "configs/soco/soco_fpn_r50_100ep.yaml"
 SOCO_400 = "configs/soco/soco_fpn_r50_400ep.yaml"
 SOCO_STAR = "configs/soco/soco_star_fpn_r50_400ep.yaml"
-SOCO_FPN = ("configs/soco/Base-SoCo-FPN.yaml", SOCO_100, SOCO_400)
+# soco_d2-format configs that pretrain on detectron2's modules (configs/detectron2/pretrain)
+D2_SOCO_100 = "configs/detectron2/pretrain/soco_fpn_r50_100ep.yaml"
+D2_DETCO_200 = "configs/detectron2/pretrain/detco_r50_200ep.yaml"
+SOCO_FPN = ("configs/soco/Base-SoCo-FPN.yaml", SOCO_100, SOCO_400, D2_SOCO_100)
 SOCO = SOCO_FPN + (SOCO_STAR,)
 SOCO_DEMO = "configs/demo/soco_demo.yaml"
 
 DETCO_200 = "configs/detco/detco_r50_200ep.yaml"
 DETCO_AA = "configs/detco/detco_r50_200ep_aa.yaml"
 DETCO_800 = "configs/detco/detco_r50_800ep.yaml"
-DETCO = (DETCO_200, DETCO_AA, DETCO_800)
+DETCO = (DETCO_200, DETCO_AA, DETCO_800, D2_DETCO_200)
 
 FT_BASE = "configs/finetune/Base-Finetune.yaml"
 FT_1X = "configs/finetune/mask_rcnn_R50_FPN_1x.yaml"
@@ -56,6 +59,7 @@ D2_C4 = "configs/detectron2/mask_rcnn_R50_C4_1x.yaml"
 D2_RETINA = "configs/detectron2/retinanet_R50_FPN_1x.yaml"
 D2_BASE = "configs/detectron2/Base-RCNN-FPN-SoCo.yaml"
 D2_ARCH = "configs/detectron2/pretrain/soco_fpn_r50_d2arch.yaml"
+D2_DETCO_ARCH = "configs/detectron2/pretrain/detco_r50_d2arch.yaml"
 D2_FT = (D2_1X, D2_2X, D2_C4, D2_RETINA)
 D2_SOCO_FPN = (D2_1X, D2_2X)
 
@@ -295,6 +299,14 @@ ROWS = [
     ((D2_ARCH,), "MODEL.ROI_BOX_HEAD.NORM", "BN", "official fast_rcnn_conv_fc_head.py: BN after each conv"),
     ((D2_ARCH,), "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7, FPN_SH + " --output_size 7"),
     ((D2_ARCH,), "MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlignV2", FPN_SH + " --aligned (roi_align aligned=True)"),
+    ((D2_DETCO_ARCH,), "MODEL.META_ARCHITECTURE", "D2DetCo", "DetCo paper (Xie et al., ICCV 2021)"),
+    ((D2_DETCO_ARCH,), "MODEL.PIXEL_MEAN", STATS[0], TORCHVISION_STATS),
+    ((D2_DETCO_ARCH,), "MODEL.PIXEL_STD", STATS[1], TORCHVISION_STATS),
+    ((D2_DETCO_ARCH,), "MODEL.RESNETS.DEPTH", 50, "DetCo README: released R50 models"),
+    ((D2_DETCO_ARCH,), "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
+     "DetCo paper Fig. 2: 4 stages supervised"),
+    ((D2_DETCO_ARCH,), "MODEL.RESNETS.STRIDE_IN_1X1", False, "MoCo v2: torchvision ResNet-50 (stride in the 3x3 conv)"),
+    ((D2_DETCO_ARCH,), "MODEL.RESNETS.ZERO_INIT_RESIDUAL", False, "MoCo v2: torchvision ResNet-50 init"),
 ]
 
 
@@ -313,7 +325,7 @@ def _decode(value):
 @lru_cache(maxsize=None)
 def _load(rel_path):
     path = os.path.join(REPO, rel_path)
-    if rel_path.startswith("configs/detectron2/"):
+    if is_detectron2_config(path):
         return CfgNode(CfgNode.load_yaml_with_base(path, allow_unsafe=False))
     return load_config(path)
 
