@@ -102,8 +102,13 @@ def test_sync_bn_becomes_bn_on_one_process_only(caplog):
     cfg = get_d2_cfg()
     cfg.merge_from_file(os.path.join(D2_CONFIGS, "mask_rcnn_R50_FPN_1x.yaml"))
     assert sync_bn_to_bn(cfg.clone(), world_size=2) == []
-    with caplog.at_level(logging.INFO, logger="soco_d2.detectron2.train"):
-        changed = sync_bn_to_bn(cfg, world_size=1)
+    logger = logging.getLogger("soco_d2.detectron2.train")
+    logger.addHandler(caplog.handler)  # the run's logging setup may stop propagation to the root
+    try:
+        with caplog.at_level(logging.INFO, logger="soco_d2.detectron2.train"):
+            changed = sync_bn_to_bn(cfg, world_size=1)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert sorted(changed) == ["MODEL.FPN.NORM", "MODEL.RESNETS.NORM", "MODEL.ROI_BOX_HEAD.NORM",
                                "MODEL.ROI_MASK_HEAD.NORM"]
     assert cfg.MODEL.RESNETS.NORM == cfg.MODEL.ROI_MASK_HEAD.NORM == "BN"
