@@ -60,6 +60,8 @@ D2_RETINA = "configs/detectron2/retinanet_R50_FPN_1x.yaml"
 D2_BASE = "configs/detectron2/Base-RCNN-FPN-SoCo.yaml"
 D2_ARCH = "configs/detectron2/pretrain/soco_fpn_r50_d2arch.yaml"
 D2_DETCO_ARCH = "configs/detectron2/pretrain/detco_r50_d2arch.yaml"
+D2_DETCO_FPN = "configs/detectron2/mask_rcnn_R50_FPN_1x_detco.yaml"
+DETCO_RECIPE = "DetCo README COCO 1x rows (MoCo detection recipe, soco_d2.evaluation.reported_ap)"
 D2_FT = (D2_1X, D2_2X, D2_C4, D2_RETINA)
 D2_SOCO_FPN = (D2_1X, D2_2X)
 
@@ -299,6 +301,14 @@ ROWS = [
     ((D2_ARCH,), "MODEL.ROI_BOX_HEAD.NORM", "BN", "official fast_rcnn_conv_fc_head.py: BN after each conv"),
     ((D2_ARCH,), "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7, FPN_SH + " --output_size 7"),
     ((D2_ARCH,), "MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlignV2", FPN_SH + " --aligned (roi_align aligned=True)"),
+    ((D2_DETCO_FPN,), "MODEL.ROI_BOX_HEAD.NUM_CONV", 0, DETCO_RECIPE + ": 2fc box head"),
+    ((D2_DETCO_FPN,), "MODEL.ROI_BOX_HEAD.NUM_FC", 2, DETCO_RECIPE + ": 2fc box head"),
+    ((D2_DETCO_FPN,), "MODEL.ROI_BOX_HEAD.NORM", "", DETCO_RECIPE + ": box head without norm"),
+    ((D2_DETCO_FPN,), "MODEL.ROI_MASK_HEAD.NORM", "", DETCO_RECIPE + ": mask head without norm"),
+    ((D2_DETCO_FPN,), "MODEL.RESNETS.NORM", "SyncBN", DETCO_RECIPE + ": SyncBN in the backbone"),
+    ((D2_DETCO_FPN,), "MODEL.FPN.NORM", "SyncBN", DETCO_RECIPE + ": SyncBN in the FPN"),
+    ((D2_DETCO_FPN,), "SOLVER.WEIGHT_DECAY", 1e-4, DETCO_RECIPE + ": weight decay 1e-4"),
+    ((D2_DETCO_FPN,), "SOLVER.MAX_ITER", 90000, D2_1X_SCHED),
     ((D2_DETCO_ARCH,), "MODEL.META_ARCHITECTURE", "D2DetCo", "DetCo paper (Xie et al., ICCV 2021)"),
     ((D2_DETCO_ARCH,), "MODEL.PIXEL_MEAN", STATS[0], TORCHVISION_STATS),
     ((D2_DETCO_ARCH,), "MODEL.PIXEL_STD", STATS[1], TORCHVISION_STATS),
