@@ -38,6 +38,10 @@ __all__ = [
     "read_metrics",
     "format_ap_table",
     "plot_curves",
+    "probe_folders",
+    "knn_curve",
+    "format_knn_curve",
+    "knn_verdict",
     "run_demo",
 ]
 
@@ -51,9 +55,12 @@ DEFAULT_FINETUNE_CONFIG = os.path.join(_REPO, "configs", "demo", "mask_rcnn_demo
 REFERENCE_MINUTES = 10.0
 PRETRAIN_ITERS = 200
 FINETUNE_ITERS = 450
+# kNN probe points over the pretraining run (besides iteration 0), and crops per class and side.
+KNN_POINTS = 8
+PROBE_CROPS_PER_CLASS = 60
 
 # Everything the demo writes under its output folder (removed first with ``overwrite``).
-_OUTPUTS = ("data", "proposals.socoprop", "proposals.socoprop.parts", "pretrain",
+_OUTPUTS = ("data", "probe", "views", "proposals.socoprop", "proposals.socoprop.parts", "pretrain",
             "soco_converted.pkl", "finetune_soco", "finetune_scratch", "demo_curves.png",
             "demo_summary.json", "log.txt")
 
@@ -221,11 +228,28 @@ def _load_config(path: str, flag: str, overrides: Sequence[str]):
     return load_config(path, list(overrides), freeze=False)
 
 
-def _pretrain(s: DemoSettings, data: DemoData, proposals: str, iters: int) -> str:
-    import soco_d2.data  # noqa: F401  (registers the view mappers)
-    import soco_d2.modeling  # noqa: F401  (registers the meta-architectures)
-    from soco_d2.engine.trainer import PretrainTrainer
+def probe_folders(s: DemoSettings, data: DemoData, say=print) -> Optional[Tuple[str, str]]:
+    """Labelled folders for the kNN monitor: object crops of the training json (train side) and
+    of the validation json (val side), one sub-folder per category. None (probe off, said why)
+    when fewer than two categories have crops on both sides, e.g. one-class data."""
+    from soco_d2.evaluation.knn import write_object_crops
 
+    root = os.path.join(s.output_dir, "probe")
+    train = write_object_crops(data.train_json, data.train_images, os.path.join(root, "train"),
+                               PROBE_CROPS_PER_CLASS)
+    val = write_object_crops(data.val_json, data.val_images, os.path.join(root, "val"),
+                             PROBE_CROPS_PER_CLASS)
+    both = sorted(set(train) & set(val))
+    if len(both) < 2:
+        say(f"    kNN probe off: {len(both)} category with object crops in both jsons; it needs 2.")
+        return None
+    say(f"    kNN probe: object crops of {len(both)} categories, {sum(train.values())} train / "
+        f"{sum(val.values())} val in {root}")
+    return os.path.join(root, "train"), os.path.join(root, "val")
+
+
+def _pretrain_config(s: DemoSettings, data: DemoData, proposals: str, iters: int,
+                     probe: Optional[Tuple[str, str]]):
     cfg = _load_config(s.pretrain_config, "--pretrain-config", s.pretrain_opts)
     cfg.DATASETS.PRETRAIN.NAME = ""
     cfg.DATASETS.PRETRAIN.IMAGE_ROOT = data.pretrain_images
@@ -233,11 +257,56 @@ def _pretrain(s: DemoSettings, data: DemoData, proposals: str, iters: int) -> st
     cfg.SOLVER.MAX_ITER = iters
     cfg.SEED = s.seed
     cfg.OUTPUT_DIR = os.path.join(s.output_dir, "pretrain")
+    if probe:
+        cfg.MONITOR.KNN.ENABLED = True
+        cfg.MONITOR.KNN.TRAIN_ROOT, cfg.MONITOR.KNN.VAL_ROOT = probe
+        cfg.MONITOR.KNN.PERIOD = max(1, iters // KNN_POINTS)
+        cfg.MONITOR.KNN.IMAGE_SIZE = max(16, cfg.INPUT.SOCO.VIEW1_SIZE)  # the scale SoCo trains at
+        cfg.merge_from_list(list(s.pretrain_opts))  # the user's overrides win
     cfg.freeze()
+    return cfg
+
+
+def _pretrain(cfg) -> str:
+    import soco_d2.data  # noqa: F401  (registers the view mappers)
+    import soco_d2.modeling  # noqa: F401  (registers the meta-architectures)
+    from soco_d2.engine.trainer import PretrainTrainer
+
     trainer = PretrainTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
     return os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+
+
+def knn_curve(rows: List[Dict]) -> Dict[str, Dict[int, float]]:
+    """``{feature: {iteration: kNN top-1}}`` from the pretraining ``metrics.json`` rows."""
+    out: Dict[str, Dict[int, float]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("knn_") and k.endswith("_top1"):
+                out.setdefault(k[4:-5], {})[r["iteration"]] = v
+    return out
+
+
+def format_knn_curve(curve: Dict[str, Dict[int, float]]) -> str:
+    its = sorted({i for c in curve.values() for i in c})
+    lines = [f"{'iteration':<10}" + "".join(f"{i:>7}" for i in its)]
+    for name, c in curve.items():
+        lines.append(f"{name:<10}" + "".join(f"{c[i]:>7.1f}" if i in c else f"{'':>7}" for i in its))
+    return "\n".join(lines)
+
+
+def knn_verdict(curve: Dict[str, Dict[int, float]]) -> str:
+    """One sentence on what the kNN curve shows (res5 features of the backbone)."""
+    c = curve.get("res5") or next(iter(curve.values()))
+    first, last = c[min(c)], c[max(c)]
+    if last > first:
+        return (f"the pretrained backbone separates the object classes better than its random "
+                f"initialisation (kNN top-1 {first:.1f}% at iteration 0 -> {last:.1f}% at "
+                f"iteration {max(c)}), so SoCo learned something from these images")
+    return (f"the pretraining did not improve the kNN probe ({first:.1f}% at iteration 0 -> "
+            f"{last:.1f}% at iteration {max(c)}): at this budget nothing measurable was learned; "
+            f"raise --minutes")
 
 
 def _register_datasets(data: DemoData) -> Tuple[str, str]:
@@ -433,10 +502,22 @@ def run_demo(settings: DemoSettings, stream: TextIO = None) -> Dict:
 
     t = stage(3, "pretrain", f"SoCo pretraining: {pretrain_iters} iterations "
                              f"({os.path.relpath(s.pretrain_config)})")
-    checkpoint = _pretrain(s, data, proposals, pretrain_iters)
+    probe = probe_folders(s, data, say)
+    pretrain_cfg = _pretrain_config(s, data, proposals, pretrain_iters, probe)
+    from soco_d2.data.visualize import write_view_sheets
+
+    sheets = write_view_sheets(pretrain_cfg, data.pretrain_images, os.path.join(s.output_dir, "views"),
+                               num_images=1, seed=s.seed, proposals_file=proposals)
+    say(f"    what SoCo trains on (proposals, views, boxes; colour = proposal id): {sheets[0]}")
+    checkpoint = _pretrain(pretrain_cfg)
     pretrain_rows = read_metrics(os.path.join(s.output_dir, "pretrain", "metrics.json"))
-    say(f"    loss {_fmt(pretrain_rows[0]['total_loss'])} -> {_fmt(pretrain_rows[-1]['total_loss'])};"
+    losses = [r for r in pretrain_rows if "total_loss" in r]
+    say(f"    loss {_fmt(losses[0]['total_loss'])} -> {_fmt(losses[-1]['total_loss'])};"
         f" checkpoint {checkpoint}")
+    curve = knn_curve(pretrain_rows)
+    if curve:
+        say("    kNN top-1 (%) of the object crops during pretraining:\n"
+            + "\n".join("      " + line for line in format_knn_curve(curve).splitlines()))
     done(t)
 
     t = stage(4, "convert", "Conversion of the online network (backbone, FPN, box head) to detectron2 .pkl")
@@ -486,8 +567,10 @@ def run_demo(settings: DemoSettings, stream: TextIO = None) -> Dict:
                       "unreadable": len(gen.unreadable)},
         "pretrain": {"output_dir": os.path.dirname(checkpoint), "checkpoint": checkpoint,
                      "iterations": pretrain_iters,
-                     "first_loss": pretrain_rows[0]["total_loss"],
-                     "last_loss": pretrain_rows[-1]["total_loss"]},
+                     "first_loss": losses[0]["total_loss"],
+                     "last_loss": losses[-1]["total_loss"],
+                     "knn_top1": {k: {str(i): v for i, v in c.items()} for k, c in curve.items()},
+                     "view_sheet": sheets[0]},
         "converted": {"path": converted, "mapped": len(report.mapped), "dropped": len(report.dropped)},
         "finetune": runs,
         "curves": curves,
@@ -499,6 +582,15 @@ def run_demo(settings: DemoSettings, stream: TextIO = None) -> Dict:
     say(f"\nCOCO AP on {data.num_val} validation images after {finetune_iters} fine-tuning "
         f"iterations (AP points):\n")
     say(table)
+    if curve:
+        say(f"\nkNN top-1 (%) of the pretrained backbone on object crops (weighted kNN, k = 20), "
+            f"by pretraining iteration (0 = random initialisation):\n")
+        say(format_knn_curve(curve))
+        say(f"\nWhat this run shows: {knn_verdict(curve)}. What it does not show: how SoCo "
+            f"transfers; that needs far longer pretraining on far more images.")
+    else:
+        say("\nWhat this run shows: the whole chain runs on your data. What it does not show: "
+            "whether SoCo learned (no kNN probe: it needs two categories) or how it transfers.")
     say("\n" + _FOOTER.format(n_train=data.num_train, n_val=data.num_val))
     say(f"\nCurves: {curves}\nSummary: {os.path.join(s.output_dir, 'demo_summary.json')}")
     say("Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())

@@ -43,6 +43,7 @@ __all__ = [
     "weighted_knn",
     "linear_probe",
     "CROP_FRACTION",
+    "write_object_crops",
 ]
 
 logger = logging.getLogger(__name__)
@@ -313,3 +314,42 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
         opt.step(closure)
     with torch.no_grad():
         return _topk_accuracy(layer(xt), test_labels)
+
+
+def write_object_crops(json_file: str, image_root: str, output_dir: str, max_per_class: int = 50,
+                       min_size: float = 8.0, margin: float = 0.1) -> Dict[str, int]:
+    """A labelled probe folder from a COCO instances json: each non-crowd object at least
+    ``min_size`` px wide and tall, cropped with ``margin`` x its size of context on each side,
+    saved as ``output_dir/<category name>/<annotation id>.png`` (the first ``max_per_class``
+    per category, in annotation order). Returns the number of crops per category."""
+    import json
+
+    import cv2
+
+    with open(json_file) as f:
+        data = json.load(f)
+    names = {c["id"]: c["name"].replace("/", "_") for c in data["categories"]}
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    by_image: Dict[int, List[dict]] = {}
+    counts = {n: 0 for n in names.values()}
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        name = names.get(a["category_id"])
+        if a.get("iscrowd", 0) or w < min_size or h < min_size or name is None:
+            continue
+        if counts[name] >= max_per_class:
+            continue
+        counts[name] += 1
+        by_image.setdefault(a["image_id"], []).append(a)
+    for image_id, anns in by_image.items():
+        img = read_image(os.path.join(image_root, files[image_id]))
+        ih, iw = img.shape[:2]
+        for a in anns:
+            x, y, w, h = a["bbox"]
+            x0, y0 = max(0, int(x - margin * w)), max(0, int(y - margin * h))
+            x1, y1 = min(iw, int(math.ceil(x + w + margin * w))), min(ih, int(math.ceil(y + h + margin * h)))
+            folder = os.path.join(output_dir, names[a["category_id"]])
+            os.makedirs(folder, exist_ok=True)
+            cv2.imwrite(os.path.join(folder, f"{a['id']}.png"),
+                        cv2.cvtColor(img[y0:y1, x0:x1], cv2.COLOR_RGB2BGR))
+    return {n: c for n, c in counts.items() if c}

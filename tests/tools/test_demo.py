@@ -10,7 +10,18 @@ import pytest
 import torch
 
 from soco_d2.data.synthetic import make_synthetic_coco
-from soco_d2.demo import DemoError, DemoSettings, format_ap_table, prepare_data, run_demo, scaled_iters
+from soco_d2.demo import (
+    DemoError,
+    DemoSettings,
+    format_ap_table,
+    format_knn_curve,
+    knn_curve,
+    knn_verdict,
+    prepare_data,
+    probe_folders,
+    run_demo,
+    scaled_iters,
+)
 from soco_d2.finetune.trainer import FinetuneTrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,7 +84,13 @@ def test_demo_end_to_end_on_synthetic_data(tmp_path, keep_threads, backbone_at_s
     checkpoint = out / "pretrain" / "model_final.pth"
     assert checkpoint.is_file()
     pre_rows = [json.loads(x) for x in (out / "pretrain" / "metrics.json").read_text().splitlines()]
-    assert [r["iteration"] for r in pre_rows] == [1, 2]
+    assert [r["iteration"] for r in pre_rows if "total_loss" in r] == [1, 2]
+    # the kNN monitor on the object crops: iteration 0 (random init), then every iteration here
+    assert [r["iteration"] for r in pre_rows if "knn_res5_top1" in r] == [0, 1, 2]
+    assert set(summary["pretrain"]["knn_top1"]) == {"res5", "box"}
+    assert sorted(os.listdir(out / "probe" / "train")) == ["box", "disc", "triangle"]
+    sheet = summary["pretrain"]["view_sheet"]
+    assert os.path.basename(os.path.dirname(sheet)) == "views" and os.path.getsize(sheet) > 1000
     assert (out / "soco_converted.pkl").is_file()
     for run in ("soco", "scratch"):
         rows = [json.loads(x) for x in (out / f"finetune_{run}" / "metrics.json").read_text().splitlines()]
@@ -102,6 +119,7 @@ def test_demo_end_to_end_on_synthetic_data(tmp_path, keep_threads, backbone_at_s
     for heading in ("[1/6] Data", "[3/6] SoCo pretraining", "[5/6] Mask R-CNN", "SoCo pretrained"):
         assert heading in printed
     assert "APbb50" in printed and "APmk" in printed and "noisy" in printed
+    assert "kNN top-1 (%) of the pretrained backbone" in printed and "What this run shows:" in printed
 
 
 @pytest.mark.slow
@@ -168,6 +186,37 @@ def test_budget_scaling_and_table():
     assert lines[3].split() == ["APbbl", "n/a", "n/a", "n/a"]
     assert lines[4].split() == ["APmk", "3.00", "4.25", "-1.25"]
     assert len(lines) == 5  # metrics neither run has are left out
+
+
+def test_knn_curve_and_the_sentence_that_reads_it():
+    rows = [{"iteration": 0, "knn_res5_top1": 40.0, "knn_box_top1": 50.0, "knn_time": 1.0},
+            {"iteration": 5, "total_loss": -1.0},
+            {"iteration": 10, "total_loss": -2.0, "knn_res5_top1": 55.5, "knn_box_top1": 49.0}]
+    curve = knn_curve(rows)
+    assert curve == {"res5": {0: 40.0, 10: 55.5}, "box": {0: 50.0, 10: 49.0}}
+    lines = format_knn_curve(curve).splitlines()
+    assert lines[0].split() == ["iteration", "0", "10"] and lines[1].split() == ["res5", "40.0", "55.5"]
+    assert "40.0% at iteration 0 -> 55.5% at iteration 10" in knn_verdict(curve)
+    assert "separates the object classes better" in knn_verdict(curve)
+    flat = {"res5": {0: 40.0, 10: 39.0}}
+    assert "did not improve the kNN probe" in knn_verdict(flat) and "--minutes" in knn_verdict(flat)
+
+
+def test_probe_folders_from_the_jsons(tmp_path):
+    data = prepare_data(DemoSettings(output_dir=str(tmp_path), num_train_images=8, num_val_images=4,
+                                     image_size=64), say=lambda *a: None)
+    said = []
+    train, val = probe_folders(DemoSettings(output_dir=str(tmp_path)), data, said.append)
+    assert sorted(os.listdir(train)) == ["box", "disc", "triangle"] and os.path.isdir(val)
+    assert "object crops of 3 categories" in said[0]
+    one = tmp_path / "one.json"
+    d = json.loads(open(data.train_json).read())
+    d["annotations"] = [a for a in d["annotations"] if a["category_id"] == 1]
+    one.write_text(json.dumps(d))
+    data.train_json = str(one)
+    said.clear()
+    assert probe_folders(DemoSettings(output_dir=str(tmp_path / "x")), data, said.append) is None
+    assert "kNN probe off" in said[0]
 
 
 def _coco_subset(src, dst, num_images):
