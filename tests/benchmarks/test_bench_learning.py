@@ -1,0 +1,58 @@
+"""benchmarks/bench_learning.py at a toy size on a generated copy of the data layout: both
+benchmark configs train with the kNN and health monitors, the table and the PNG come out."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "engine"))
+import monitor_toy as mtoy  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_learning", os.path.join(REPO, "benchmarks", "bench_learning.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _scenes(folder, n, seed):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)
+        cv2.rectangle(img, (10, 10), (50, 60), (255, 255, 255), -1)
+        cv2.imwrite(os.path.join(folder, f"{i}.png"), img)
+
+
+@pytest.mark.slow
+def test_toy_run_writes_curves_table_and_png(tmp_path, capsys):
+    root = tmp_path / "data"
+    _scenes(root / "coco_mini" / "train2017", 2, 0)
+    _scenes(root / "coco_mini" / "val2017", 1, 1)
+    _scenes(root / "pennfudan" / "PNGImages", 1, 2)
+    mtoy.make_labeled_folder(root / "caltech101_subset", per_class=4, size=40)
+    out = tmp_path / "out"
+    rc = _bench().main([str(a) for a in [
+        "--data-root", root, "--output-dir", out, "--seeds", 0, 1, "--iters", 2, "--batch", 2,
+        "--probe-period", 1, "--probe-size", 32, "--soco-opts", "DATALOADER.NUM_WORKERS", 0,
+        "--detco-opts", "MODEL.DETCO.QUEUE_SIZE", 8, "DATALOADER.NUM_WORKERS", 0]])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["knn"]) == {"soco/knn_res5_top1", "soco/knn_box_top1", "detco/knn_res5_top1"}
+    for key, rows in summary["knn"].items():
+        assert [k for k in rows if k != "target"] == ["0", "1", "2"], key
+        assert len(rows["2"]["per_seed"]) == 2 and "met" in rows["target"]
+    assert (out / "learning_curves.png").stat().st_size > 10_000
+    detco = [json.loads(x) for x in (out / "detco_seed1" / "metrics.json").read_text().splitlines()]
+    assert any(r.get("chance_level") == pytest.approx(math.log(9)) for r in detco)
+    assert any("rankme" in r for r in detco)
+    printed = capsys.readouterr().out
+    assert "| detco | res5 | 2 |" in printed and "target (> 3 std)" in printed
