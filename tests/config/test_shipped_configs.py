@@ -37,6 +37,8 @@ D2_DETCO_200 = "configs/detectron2/pretrain/detco_r50_200ep.yaml"
 SOCO_FPN = ("configs/soco/Base-SoCo-FPN.yaml", SOCO_100, SOCO_400, D2_SOCO_100)
 SOCO = SOCO_FPN + (SOCO_STAR,)
 SOCO_DEMO = "configs/demo/soco_demo.yaml"
+BENCH_SOCO = "configs/benchmark/soco_r18_learning_cpu.yaml"
+BENCH_DETCO = "configs/benchmark/detco_r18_learning_cpu.yaml"
 
 DETCO_200 = "configs/detco/detco_r50_200ep.yaml"
 DETCO_AA = "configs/detco/detco_r50_200ep_aa.yaml"
@@ -155,6 +157,21 @@ ROWS = [
     ((SOCO_DEMO,), "MODEL.EMA.BASE_MOMENTUM", 0.99, FPN_SH + " --contrast_momentum 0.99"),
     ((SOCO_DEMO,), "INPUT.SOCO.NUM_PROPOSALS", 4, FPN_SH + " --select_k 4 --padding_k 4"),
     ((SOCO_DEMO,), "SOLVER.BASE_LR", 1.0, FPN_SH + " --base_lr 1.0"),
+    # The CPU learning benchmark (benchmarks/bench_learning.py) keeps the recipe, not the sizes.
+    ((BENCH_SOCO,), "SOLVER.OPTIMIZER", "LARS", FPN_SH + " --optimizer lars"),
+    ((BENCH_SOCO,), "SOLVER.BASE_LR", 1.0, FPN_SH + " --base_lr 1.0"),
+    ((BENCH_SOCO,), "SOLVER.BASE_LR_BATCH_SIZE", 256, "official main_pretrain.py: lr = batch * world / 256 * base_lr"),
+    ((BENCH_SOCO,), "SOLVER.WARMUP_EPOCHS", 10, FPN_SH + " warmup=10"),
+    ((BENCH_SOCO,), "MODEL.EMA.BASE_MOMENTUM", 0.99, FPN_SH + " --contrast_momentum 0.99"),
+    ((BENCH_SOCO,), "INPUT.SOCO.NUM_PROPOSALS", 4, FPN_SH + " --select_k 4 --padding_k 4"),
+    ((BENCH_DETCO,), "SOLVER.OPTIMIZER", "SGD", MOCO_V2 + ": SGD"),
+    ((BENCH_DETCO,), "SOLVER.BASE_LR", 0.03, MOCO_V2 + ": lr 0.03 at batch 256"),
+    ((BENCH_DETCO,), "SOLVER.BASE_LR_BATCH_SIZE", 256, MOCO_V2 + ": lr 0.03 at batch 256"),
+    ((BENCH_DETCO,), "SOLVER.WARMUP_EPOCHS", 0, MOCO_V2 + ": no warmup"),
+    ((BENCH_DETCO,), "MODEL.DETCO.TEMPERATURE", 0.2, MOCO_V2 + ": temperature 0.2"),
+    ((BENCH_DETCO,), "MODEL.EMA.BASE_MOMENTUM", 0.999, MOCO_V2 + ": key encoder momentum 0.999"),
+    ((BENCH_DETCO,), "MODEL.DETCO.LEVEL_WEIGHTS", (0.1, 0.4, 0.7, 1.0),
+     "DetCo paper level weights (res2..res5), as shuuchen/DetCo.pytorch main_detco.py"),
     # ---------------------------------------------------------------- DetCo pretraining
     (DETCO, "MODEL.META_ARCHITECTURE", "DetCo", "DetCo paper (Xie et al., ICCV 2021)"),
     (DETCO, "MODEL.RESNETS.DEPTH", 50, "DetCo README: released R50 models"),

@@ -114,18 +114,22 @@ def test_probe_leaves_train_and_eval_flags_as_they_were(tmp_path):
 
 
 def test_slow_probe_warns_with_measured_times(tmp_path, caplog, monkeypatch):
+    """The monitor's clock advances 10 s per feature extraction and not at all in training: the
+    probe (20 s) is slower than the training since the previous probe (0 s)."""
+    import types
+
     import soco_d2.engine.monitors as monitors
 
     probe = mtoy.make_labeled_folder(tmp_path / "probe")
+    clock = [0.0]
     real = monitors.extract_features
 
     def slow(*args, **kwargs):
-        import time
-
-        time.sleep(0.05)
+        clock[0] += 10.0
         return real(*args, **kwargs)
 
     monkeypatch.setattr(monitors, "extract_features", slow)
+    monkeypatch.setattr(monitors, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     caplog.set_level(logging.WARNING, logger="soco_d2")
     logging.getLogger("soco_d2").propagate = True
     try:
@@ -134,7 +138,11 @@ def test_slow_probe_warns_with_measured_times(tmp_path, caplog, monkeypatch):
     finally:
         logging.getLogger("soco_d2").propagate = False
     msgs = [r.getMessage() for r in caplog.records if "kNN probe at iteration" in r.getMessage()]
-    assert msgs and "longer than the" in msgs[0] and "MONITOR.KNN.PERIOD = 1" in msgs[0]
+    assert len(msgs) == 2  # iterations 1 and 2; none at 0 (no training interval yet)
+    assert "took 20.0 s, longer than the 0.0 s of training" in msgs[0]
+    assert "MONITOR.KNN.PERIOD = 1" in msgs[0]
+    rows = [r for r in _rows(tmp_path / "run") if "knn_time" in r]
+    assert [r["knn_time"] for r in rows] == [20.0, 20.0, 20.0]
 
 
 def test_collapse_is_reported(tmp_path, caplog):
