@@ -147,11 +147,15 @@ def run_module(name: str, args) -> dict:
         elif code in TIMEOUT_CODES:
             counts["timeout"] += 1
         else:
-            status = "survived" if code in SURVIVED_CODES else "no tests" if code in NO_TESTS_CODES else f"exit {code}"
-            counts["survived" if code in SURVIVED_CODES else "no tests" if code in NO_TESTS_CODES else "other"] += 1
-            diff = subprocess.run(
-                [_mutmut_exe(), "show", key], cwd=root, env=env, capture_output=True, text=True
-            ).stdout
+            if code in SURVIVED_CODES:
+                kind = status = "survived"
+            elif code in NO_TESTS_CODES:
+                kind = status = "no tests"
+            else:
+                kind, status = "other", f"exit {code}"
+            counts[kind] += 1
+            show = [_mutmut_exe(), "show", key]
+            diff = subprocess.run(show, cwd=root, env=env, capture_output=True, text=True).stdout
             survivors.append({"mutant": key, "status": status, "diff": diff})
     total = len(codes)
     killed = counts["killed"] + counts["timeout"]
@@ -183,7 +187,8 @@ def main(argv=None) -> int:
         help="a mutant times out (counted killed) after about 2x this many times its tests' clean time",
     )
     p.add_argument("--work-dir", default=None, help="where the scratch copies go (default: the temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the scratch copies (to rerun or inspect mutants)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the scratch copies (to rerun or inspect mutants)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
     p.add_argument("--no-diffs", action="store_true", help="list survivors by name only")
     args = p.parse_args(argv)

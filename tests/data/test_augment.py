@@ -47,6 +47,66 @@ def test_random_resized_crop_fallback_is_centre_crop_clamped_to_ratio(hw, expect
     assert crop == expected
 
 
+@pytest.mark.parametrize(
+    "hw, expected",
+    [
+        ((1, 300), (0, 149, 1, 1)),  # too wide, one row: w = round(1 * 4/3) = 1
+        ((300, 1), (149, 0, 1, 1)),  # too tall, one column: h = round(1 / (3/4)) = 1
+        ((10, 10), (0, 0, 10, 10)),  # ratio in range: the whole image
+    ],
+)
+def test_random_resized_crop_fallback_small_and_square(hw, expected):
+    crop = A.random_resized_crop_params(hw[0], hw[1], (2.0, 2.0), (3 / 4, 4 / 3), np.random.default_rng(0))
+    assert crop == expected
+
+
+def test_random_resized_crop_fallback_after_exactly_ten_attempts():
+    rng, ref = np.random.default_rng(7), np.random.default_rng(7)
+    A.random_resized_crop_params(10, 10, (2.0, 2.0), (3 / 4, 4 / 3), rng)
+    ref.uniform(size=20)  # ten attempts, two draws each
+    assert rng.random() == ref.random()
+
+
+def _replay_crop(height, width, scale, ratio, seed):
+    """The first attempt of torchvision's get_params, replayed (it must fit)."""
+    ref = np.random.default_rng(seed)
+    area = ref.uniform(*scale) * height * width
+    aspect = math.exp(ref.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+    return int(ref.integers(0, height - h + 1)), int(ref.integers(0, width - w + 1)), h, w
+
+
+@pytest.mark.parametrize(
+    "hw, scale, ratio",
+    [
+        ((10, 20), (0.5, 0.5), (4.0, 4.0)),  # full width (w = 20), h = 5
+        ((20, 10), (0.5, 0.5), (0.25, 0.25)),  # full height (h = 20), w = 5
+        ((1, 4), (0.25, 0.25), (1.0, 1.0)),  # a 1x1 crop
+        ((8, 8), (1.0, 1.0), (1.0, 1.0)),  # the whole image
+    ],
+)
+def test_random_resized_crop_accepts_crops_touching_the_limits(hw, scale, ratio):
+    crop = A.random_resized_crop_params(hw[0], hw[1], scale, ratio, np.random.default_rng(11))
+    assert crop == _replay_crop(hw[0], hw[1], scale, ratio, 11)
+
+
+@pytest.mark.parametrize(
+    "ratio, expected",
+    [
+        ((0.1, 0.1), (0, 1, 4, 1)),  # every attempt rounds to w = 0: fallback, full height
+        ((10.0, 10.0), (1, 0, 1, 4)),  # every attempt rounds to h = 0: fallback, full width
+    ],
+)
+def test_random_resized_crop_never_returns_an_empty_side(ratio, expected):
+    assert A.random_resized_crop_params(4, 4, (0.01, 0.01), ratio, np.random.default_rng(0)) == expected
+
+
+@pytest.mark.parametrize("hw", [(0, 5), (5, 0)])
+def test_random_resized_crop_rejects_empty_images(hw):
+    with pytest.raises(ValueError, match=rf"random_resized_crop_params: empty image \({hw[0]}x{hw[1]}\)"):
+        A.random_resized_crop_params(hw[0], hw[1], (0.5, 1.0), (0.75, 4 / 3), np.random.default_rng(0))
+
+
 # ---------------------------------------------------------------- resize / flip
 
 
@@ -87,6 +147,9 @@ def test_brightness_contrast_saturation_by_hand():
     np.testing.assert_allclose(A.adjust_contrast(img, 0.5)[0, 1], [131.05, 81.05, 56.05], rtol=1e-5)
     np.testing.assert_allclose(A.adjust_saturation(img, 0.0)[0, 1], [124.2] * 3, rtol=1e-5)
     np.testing.assert_allclose(A.adjust_saturation(img, 2.0)[0, 1], [255, 75.8, 0], rtol=1e-5)
+    # Contrast 2: 2 * img - mean(gray) leaves [0, 255] on both sides and is clipped.
+    np.testing.assert_allclose(A.adjust_contrast(img, 2.0), [[[0, 0, 0], [255, 137.9, 37.9]]], rtol=1e-5)
+    np.testing.assert_array_equal(A.adjust_brightness(img, 0.0), np.zeros_like(img))
 
 
 def test_hue_shift_zero_is_identity_and_half_turn_maps_red_to_cyan():
@@ -106,6 +169,9 @@ def test_hue_shift_zero_is_identity_and_half_turn_maps_red_to_cyan():
     # One third of a turn: red -> green, green -> blue.
     rg = np.array([[[255, 0, 0], [0, 255, 0]]], np.float32)
     np.testing.assert_allclose(A.adjust_hue(rg, 1 / 3), [[[0, 255, 0], [0, 0, 255]]], atol=3)
+    # The shift is round(shift * 255) hue bytes: 0.3 turns are 76.5 bytes, rounded half to even to 76.
+    np.testing.assert_array_equal(A.adjust_hue(img, 0.3), A.adjust_hue(img, 76 / 255))
+    assert not np.array_equal(A.adjust_hue(img, 0.3), A.adjust_hue(img, 77 / 255))
     # Grey has no hue; the round trip keeps a colour's value (max) and saturation.
     grey = np.full((1, 1, 3), 77, np.float32)
     np.testing.assert_array_equal(A.adjust_hue(grey, 0.3), grey)
@@ -124,6 +190,7 @@ def test_solarize_threshold():
     img = np.array([[[0, 127, 128], [200, 255, 10]]], np.uint8)
     np.testing.assert_array_equal(A.solarize(img), [[[0, 127, 127], [55, 0, 10]]])
     np.testing.assert_array_equal(A.solarize(img, threshold=201), [[[0, 127, 128], [200, 0, 10]]])
+    assert A.solarize(img).dtype == np.uint8
 
 
 def test_gaussian_blur_matches_normalised_gaussian():
@@ -180,12 +247,53 @@ def test_color_augment_is_deterministic_given_rng_and_varies_otherwise():
 
 
 def test_color_augment_rejects_bad_settings():
-    with pytest.raises(ValueError, match="hue"):
+    with pytest.raises(ValueError, match=r"ColorAugment: hue must be in \[0, 0.5\], got 0.7"):
         A.ColorAugment(hue=0.7)
-    with pytest.raises(ValueError, match="grayscale_prob"):
-        A.ColorAugment(grayscale_prob=1.5)
-    with pytest.raises(ValueError, match="brightness"):
-        A.ColorAugment(brightness=-0.1)
+    with pytest.raises(ValueError, match=r"ColorAugment: hue must be in \[0, 0.5\], got -0.1"):
+        A.ColorAugment(hue=-0.1)
+    for name in ("jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        with pytest.raises(ValueError, match=rf"ColorAugment: {name} must be in \[0, 1\], got 1.5"):
+            A.ColorAugment(**{name: 1.5})
+    for name in ("brightness", "contrast", "saturation"):
+        with pytest.raises(ValueError, match=f"ColorAugment: {name} must be non-negative, got -0.1"):
+            A.ColorAugment(**{name: -0.1})
+
+
+def test_color_augment_defaults_are_byols():
+    aug = A.ColorAugment()
+    assert (aug.brightness, aug.contrast, aug.saturation) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2))
+    assert aug.hue == (-0.1, 0.1)
+    assert (aug.jitter_prob, aug.grayscale_prob, aug.blur_prob, aug.solarize_prob) == (0.8, 0.2, 1.0, 0.0)
+    assert aug.blur_sigma == (0.1, 2.0) and aug.solarize_threshold == 128
+
+
+def test_color_augment_jitter_ranges_at_their_limits():
+    aug = A.ColorAugment(brightness=1.0, contrast=0.0, saturation=2.0, hue=0.5)
+    assert aug.brightness == (0.0, 2.0)  # 1 - s clamped at 0 only below
+    assert aug.contrast is None  # no jitter: no factor drawn
+    assert aug.saturation == (0.0, 3.0)
+    assert aug.hue == (-0.5, 0.5)
+    assert A.ColorAugment(hue=0.0).hue is None
+
+
+def test_color_augment_brightness_only_in_float32():
+    # Only brightness jitters, so the draws are: apply-jitter, the op order, one factor. Every grey
+    # level is tested; seed 1283 draws a factor for which level 247 rounds differently in float64.
+    aug = A.ColorAugment(0.4, 0.0, 0.0, 0.0, jitter_prob=1.0, grayscale_prob=0.0, blur_prob=0.0)
+    img = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+    ref = np.random.default_rng(1283)
+    ref.random()
+    ref.permutation(4)
+    factor = np.float32(ref.uniform(0.6, 1.4))
+    expected = np.rint(np.clip(img.astype(np.float32) * factor, 0, 255)).astype(np.uint8)
+    np.testing.assert_array_equal(aug(img, np.random.default_rng(1283)), expected)
+
+
+def test_color_augment_solarizes_at_its_threshold():
+    img = np.array([[[150, 199, 200]]], np.uint8)
+    aug = A.ColorAugment(jitter_prob=0, grayscale_prob=0, blur_prob=0, solarize_prob=1,
+                         solarize_threshold=200)
+    np.testing.assert_array_equal(aug(img, np.random.default_rng(0)), [[[150, 199, 55]]])
 
 
 def test_resize_antialiases_large_reductions_like_area_averaging():
@@ -202,3 +310,14 @@ def test_resize_antialiases_large_reductions_like_area_averaging():
     blocks = np.kron(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20, np.ones((4, 4), np.uint8))
     out = A.resize(np.repeat(blocks[..., None], 3, axis=2), (3, 4))
     np.testing.assert_array_equal(out[..., 0], np.arange(12).reshape(3, 4) * 20)
+
+
+def test_resize_antialiases_from_just_above_a_2x_reduction():
+    import cv2
+
+    # 2.5x: bilinear alone skips pixels; ours stays ~10x closer to area averaging (mean abs 2.4 vs 28).
+    noise = np.random.default_rng(0).integers(0, 256, size=(375, 500, 3)).astype(np.uint8)
+    area = cv2.resize(noise, (200, 150), interpolation=cv2.INTER_AREA).astype(np.float64)
+    plain = cv2.resize(noise, (200, 150), interpolation=cv2.INTER_LINEAR).astype(np.float64)
+    ours = A.resize(noise, (150, 200)).astype(np.float64)
+    assert np.abs(ours - area).mean() < 0.2 * np.abs(plain - area).mean()

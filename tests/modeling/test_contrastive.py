@@ -75,6 +75,62 @@ def test_loading_a_queue_of_another_size_names_the_config_key():
         FeatureQueue(dim=3, size=4).load_state_dict(saved)
 
 
+def test_info_nce_with_more_queries_than_dimensions():
+    # N = 3 queries of dimension 2, one negative: each loss is -log(e^(pos/T) / (e^(pos/T) + e^(neg/T))).
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    queue = torch.tensor([[0.0, -1.0]])
+    per_query = [
+        -math.log(math.exp(1) / (math.exp(1) + 1)),
+        -math.log(math.exp(1) / (math.exp(1) + math.exp(-1))),
+        -math.log(1 / 2),
+    ]
+    assert info_nce(q, k, queue, temperature=1.0).item() == pytest.approx(sum(per_query) / 3, rel=1e-6)
+
+
+def test_keys_per_step_boundaries():
+    assert check_queue_size(4, 1) == 1  # one key per step
+    assert check_queue_size(8, 8, grad_accum_steps=3) == 2  # 8 // 3 keys per accumulation step
+    assert isinstance(check_queue_size(8, 8, grad_accum_steps=3), int)
+    assert check_queue_size(8, 8, grad_accum_steps=0) == 8  # no accumulation
+    # Fewer images per step than accumulation steps: no key at all per step.
+    with pytest.raises(ValueError, match=r"1 / 2 = 0\."):
+        check_queue_size(8, 1, grad_accum_steps=2)
+
+
+def test_queue_size_error_suggests_a_multiple():
+    message = (
+        "MODEL.DETCO.QUEUE_SIZE (100) must be a positive multiple of the keys enqueued per step, "
+        "SOLVER.IMS_PER_BATCH / SOLVER.GRAD_ACCUM_STEPS = 64 / 1 = 64. Set MODEL.DETCO.QUEUE_SIZE "
+        "to a multiple of 64 (e.g. 64) or change SOLVER.IMS_PER_BATCH."
+    )
+    with pytest.raises(ValueError) as err:
+        check_queue_size(100, 64)
+    assert str(err.value) == message
+    with pytest.raises(ValueError, match=r"\(e.g. 192\)"):
+        check_queue_size(200, 64)
+
+
+def test_queue_sizes_and_repr():
+    qu = FeatureQueue(dim=1, size=1)  # smallest valid queue
+    assert qu.queue.shape == (1, 1) and qu.size == 1
+    assert repr(FeatureQueue(dim=3, size=8)) == "FeatureQueue(size=8, dim=3)"
+    assert FeatureQueue(dim=3, size=8).state_dict()["ptr"].dtype == torch.long
+    for size, dim in ((0, 3), (8, 0)):
+        with pytest.raises(ValueError, match=f"^FeatureQueue needs size >= 1 and dim >= 1, got {size} x {dim}$"):
+            FeatureQueue(dim=dim, size=size)
+
+
+def test_loading_error_message_in_full():
+    saved = FeatureQueue(dim=3, size=8).state_dict()
+    with pytest.raises(ValueError) as err:
+        FeatureQueue(dim=2, size=4).load_state_dict(saved)
+    assert str(err.value) == (
+        "Checkpoint queue queue has shape (8, 3) (size x dim) but the model's is (4, 2): set "
+        "MODEL.DETCO.QUEUE_SIZE = 8 and MODEL.DETCO.FEATURE_DIM = 3 to resume it, or start a new run."
+    )
+
+
 def _gather_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

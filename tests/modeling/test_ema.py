@@ -48,5 +48,8 @@ def test_cosine_momentum_hand_computed():
     assert cosine_momentum(0.99, 100, 100) == pytest.approx(1.0)
     # it = 25: 1 - 0.01 * (cos(pi / 4) + 1) / 2
     assert cosine_momentum(0.99, 25, 100) == pytest.approx(1 - 0.01 * (math.sqrt(0.5) + 1) / 2)
-    with pytest.raises(ValueError):
+    # One-iteration run: base at the start, 1 at the end.
+    assert cosine_momentum(0.99, 0, 1) == pytest.approx(0.99)
+    assert cosine_momentum(0.99, 1, 1) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="max_iter must be positive, got 0"):
         cosine_momentum(0.99, 0, 0)

@@ -53,3 +53,18 @@ def test_mlp_hand_computed():
     out = mlp(torch.tensor([[0.0], [1.0]]))
     expected = torch.tensor([[0.5], [0.5 + 3 / (1 + 1e-5) ** 0.5]])
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("num_conv, num_fc, expected", [
+    (0, 0, 4 * 5 * 5),  # flattened pooled features
+    (1, 0, 8 * 5 * 5),  # flattened conv output
+    (2, 0, 8 * 5 * 5),
+    (0, 1, 16),
+])
+def test_box_head_output_dim_is_the_heads_output_width(num_conv, num_fc, expected):
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.ROI_BOX_HEAD.NUM_CONV", num_conv, "MODEL.ROI_BOX_HEAD.NUM_FC", num_fc,
+                         "MODEL.ROI_BOX_HEAD.CONV_DIM", 8, "MODEL.ROI_BOX_HEAD.FC_DIM", 16,
+                         "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 5])
+    assert box_head_output_dim(cfg, 4) == expected
+    assert build_box_head(cfg, 4)(torch.randn(2, 4, 5, 5)).shape == (2, expected)

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -56,6 +57,28 @@ def test_fp32_under_autocast_and_gradient():
     assert math.isclose(soco_pair_loss(k, k, distinct, distinct).item(), -2.0, abs_tol=1e-5)
 
 
-def test_bad_shapes_raise():
-    with pytest.raises(ValueError, match="ids_q"):
-        soco_pair_loss(torch.ones(1, 2, 3), torch.ones(1, 2, 3), torch.ones(1, 3), torch.ones(1, 2))
+@pytest.mark.parametrize("q_shape, k_shape, ids_q_shape, ids_k_shape", [
+    ((1, 2, 3), (1, 2, 3), (1, 3), (1, 2)),
+    ((1, 2, 3), (1, 2, 3), (1, 2), (2, 2)),
+    ((1, 2, 3, 1), (1, 2, 3), (1, 2), (1, 2)),  # only q has the wrong rank
+    ((1, 2, 3), (1, 2, 3, 1), (1, 2), (1, 2)),  # only k has the wrong rank
+])
+def test_bad_shapes_raise(q_shape, k_shape, ids_q_shape, ids_k_shape):
+    expects = "soco_pair_loss expects q (N, M, C), k (N, M', C), ids_q (N, M), ids_k (N, M'); got "
+    expects += f"{q_shape}, {k_shape}, {ids_q_shape}, {ids_k_shape}."
+    with pytest.raises(ValueError, match=f"^{re.escape(expects)}$"):
+        soco_pair_loss(torch.ones(q_shape), torch.ones(k_shape), torch.ones(ids_q_shape), torch.ones(ids_k_shape))
+
+
+def test_proposal_id_zero_is_a_valid_id():
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    k = torch.tensor([[[0.6, 0.8], [1.0, 0.0]]])
+    # Box 0 of q pairs with box 1 of k (id 0, cosine 1); box 1 with box 0 (id 3, cosine 0.8).
+    loss = soco_pair_loss(q, k, torch.tensor([[0, 3]]), torch.tensor([[3, 0]]), eps=0.0)
+    torch.testing.assert_close(loss, torch.tensor(-2 * (1.0 + 0.8) / 2))
+
+
+def test_eps_is_added_to_the_number_of_positives():
+    q = torch.tensor([[[1.0, 0.0]]])
+    ids = torch.tensor([[4]])
+    torch.testing.assert_close(soco_pair_loss(q, q, ids, ids, eps=0.5), torch.tensor(-2 * 1.0 / 1.5))
