@@ -43,7 +43,8 @@ def load_config(config_file: str = "", overrides=(), freeze: bool = True) -> Cfg
     if overrides:
         if len(overrides) % 2:
             raise ConfigError(
-                f"Overrides must come in KEY VALUE pairs; got an odd number: {overrides}"
+                f"Overrides must come in KEY VALUE pairs; got an odd number: {overrides} "
+                "(options such as --resume go before the KEY VALUE pairs)"
             )
         try:
             cfg.merge_from_list(overrides)
@@ -64,6 +65,10 @@ def validate_config(cfg: CfgNode) -> None:
         raise ConfigError(f"SOLVER.GRAD_ACCUM_STEPS must be >= 1, got {s.GRAD_ACCUM_STEPS}.")
     if s.AMP.DTYPE not in ("bfloat16", "float16"):
         raise ConfigError(f"SOLVER.AMP.DTYPE must be 'bfloat16' or 'float16', got {s.AMP.DTYPE!r}.")
+    if s.ON_CHECKPOINT_ERROR not in ("continue", "stop"):
+        raise ConfigError(
+            f"SOLVER.ON_CHECKPOINT_ERROR must be 'continue' or 'stop', got {s.ON_CHECKPOINT_ERROR!r}."
+        )
     if cfg.MODEL.EMA.SCHEDULE not in ("cosine", "constant"):
         raise ConfigError(
             f"MODEL.EMA.SCHEDULE must be 'cosine' or 'constant', got {cfg.MODEL.EMA.SCHEDULE!r}."

@@ -63,6 +63,9 @@ _C.MODEL.EMA.SCHEDULE = "cosine"  # "cosine" or "constant"
 _C.INPUT = CN()
 # Name of the view mapper in soco_d2.data.MAPPER_REGISTRY used for pretraining.
 _C.INPUT.MAPPER = "SoCoViewMapper"
+# Images whose header declares more pixels are skipped as unreadable before decoding (a
+# decompression bomb, or a scan too large to hold); 0: no limit besides the decoders' own.
+_C.INPUT.MAX_IMAGE_PIXELS = 178_956_970
 
 # ---------------------------------------------------------------------------------------------
 # Datasets
@@ -118,6 +121,9 @@ _C.SOLVER.CHECKPOINT_PERIOD = 5000
 # Keep at most this many periodic checkpoints (0 keeps all).
 _C.SOLVER.MAX_TO_KEEP = 3
 _C.SOLVER.CLIP_GRAD_NORM = 0.0  # 0 disables
+# A periodic checkpoint that cannot be written (disk full): "continue" training (the previous
+# checkpoint stays the last one) or "stop". The final and preemption checkpoints always stop.
+_C.SOLVER.ON_CHECKPOINT_ERROR = "continue"
 
 _C.SOLVER.AMP = CN()
 _C.SOLVER.AMP.ENABLED = False
@@ -132,3 +138,6 @@ _C.CUDNN_BENCHMARK = True
 _C.CHANNELS_LAST = False
 # Print a progress line (and write metrics) every this many iterations.
 _C.LOG_PERIOD = 20
+# On SIGTERM / SIGUSR1 the run saves a checkpoint and exits with code 75; with this, the main
+# process also runs `scontrol requeue $SLURM_JOB_ID` first (docs/TRAINING.md).
+_C.REQUEUE_ON_PREEMPTION = False

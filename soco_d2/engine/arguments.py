@@ -3,6 +3,22 @@ import argparse
 import sys
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Refuses an option placed among the trailing ``KEY VALUE`` overrides, naming it."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        flags = {s for a in self._actions for s in a.option_strings}
+        for item in getattr(namespace, "opts", None) or []:
+            name = item.split("=", 1)[0]
+            if name in flags:
+                self.error(
+                    f"option {name} appears among the KEY VALUE overrides "
+                    f"({' '.join(namespace.opts)}); options go before them, e.g. "
+                    f"{self.prog} --config-file cfg.yaml {item} OUTPUT_DIR out")
+        return namespace, extra
+
+
 def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
     """``--config-file``, ``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``,
     ``--resume``, ``--eval-only`` and trailing ``KEY VALUE`` config overrides."""
@@ -25,7 +41,7 @@ Under torchrun or srun the rank variables of the environment are used instead of
 --num-gpus/--num-machines/--machine-rank/--dist-url (see docs/TRAINING.md).
 On a machine without GPUs (MODEL.DEVICE cpu), --num-gpus N starts N CPU processes (gloo).
 """
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")

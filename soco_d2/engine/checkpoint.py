@@ -9,12 +9,18 @@ random-number-generator states included.
 A checkpoint holds ``model`` (the whole meta-architecture: online and target networks, queues),
 ``optimizer``, ``scaler``, ``iteration`` (the number of finished iterations), ``rng_states`` (one
 per process), ``world_size``, ``config`` (YAML text) and any extra entries given to ``save``.
+
+A write that fails (disk full, quota, I/O error) raises :class:`CheckpointWriteError` on every
+process and leaves the previous checkpoint and ``last_checkpoint`` as they were; temporary files
+left by a process killed in the middle of a write are removed when the next run starts.
 """
 import logging
 import os
 import random
 import re
 from typing import Dict, List, Optional
+
+import yaml
 
 import numpy as np
 import torch
@@ -26,6 +32,7 @@ from soco_d2.utils.fileio import atomic_write, atomic_write_text
 __all__ = [
     "Checkpointer",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
     "atomic_save",
     "atomic_write_text",
     "get_rng_state",
@@ -38,10 +45,15 @@ logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint"
 _PERIODIC = re.compile(r"^model_(\d{7})\.pth$")
+_PARTIAL = re.compile(r"^\.(model_.*\.pth|last_checkpoint)\..*\.tmp$")  # left by a killed write
 
 
 class CheckpointMismatchError(RuntimeError):
     """The model of a checkpoint does not have the keys / shapes of the model being trained."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous one and ``last_checkpoint`` are intact."""
 
 
 def atomic_save(obj, path: str) -> None:
@@ -80,9 +92,36 @@ def set_rng_state(state: Dict) -> None:
                            len(cuda_states), torch.cuda.device_count())
 
 
+def _flatten(tree, prefix: str = "") -> Dict[str, object]:
+    out = {}
+    for k, v in (tree or {}).items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: str, current: str, limit: int = 12) -> List[str]:
+    """``KEY: checkpoint value vs this config value`` for the config keys that differ between
+    two config dumps (YAML text), model keys first; ``OUTPUT_DIR`` is left out."""
+    try:
+        a, b = _flatten(yaml.safe_load(saved)), _flatten(yaml.safe_load(current))
+    except yaml.YAMLError:
+        return []
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "OUTPUT_DIR"]
+    keys.sort(key=lambda k: (not k.startswith("MODEL."), k))
+    lines = [f"{k}: checkpoint {a.get(k, '(absent)')!r} vs config {b.get(k, '(absent)')!r}"
+             for k in keys[:limit]]
+    if len(keys) > limit:
+        lines.append(f"... and {len(keys) - limit} more")
+    return lines
+
+
 def check_state_dict_matches(expected: Dict[str, torch.Tensor], loaded: Dict[str, torch.Tensor],
-                             source: str) -> None:
-    """Raise :class:`CheckpointMismatchError` listing every missing, unexpected or reshaped key."""
+                             source: str, saved_config: str = "", config: str = "") -> None:
+    """Raise :class:`CheckpointMismatchError` listing every missing, unexpected or reshaped key
+    and, when both config dumps are given, the config keys that differ."""
     lines: List[str] = []
     for k in sorted(set(expected) - set(loaded)):
         lines.append(f"  missing in checkpoint: {k} (model {tuple(expected[k].shape)})")
@@ -93,10 +132,13 @@ def check_state_dict_matches(expected: Dict[str, torch.Tensor], loaded: Dict[str
             lines.append(f"  shape mismatch:        {k}: checkpoint {tuple(loaded[k].shape)}"
                          f" vs model {tuple(expected[k].shape)}")
     if lines:
+        diff = config_differences(saved_config, config) if saved_config and config else []
+        cfg_text = ("\nThe checkpoint was written with another config; keys that differ:\n  "
+                    + "\n  ".join(diff)) if diff else ""
         raise CheckpointMismatchError(
             f"The model in {source} does not match the model built from the config "
-            f"({len(lines)} keys differ):\n" + "\n".join(lines) + "\nResume with the config the "
-            "checkpoint was written with, or start a new run in another OUTPUT_DIR."
+            f"({len(lines)} keys differ):\n" + "\n".join(lines) + cfg_text + "\nResume with the "
+            "config the checkpoint was written with, or start a new run in another OUTPUT_DIR."
         )
 
 
@@ -110,29 +152,58 @@ class Checkpointer:
     ``save`` must be called by every process (it gathers their RNG states); only the main
     process writes. Periodic checkpoints are ``model_{iteration:07d}.pth``; at most
     ``max_to_keep`` of them are kept (0 keeps all). ``last_checkpoint`` names the newest file.
+    ``config`` (the YAML dump of the run's config) lets a refused checkpoint name the config
+    keys it was written with that differ.
     """
 
     def __init__(self, model: nn.Module, output_dir: str, optimizer=None, scaler=None,
-                 max_to_keep: int = 0):
+                 max_to_keep: int = 0, config: str = ""):
         self.model = _unwrap(model)
         self.output_dir = output_dir
         self.optimizer, self.scaler, self.max_to_keep = optimizer, scaler, max_to_keep
+        self.config = config
+        if comm.is_main_process() and os.path.isdir(output_dir):
+            for name in os.listdir(output_dir):
+                if _PARTIAL.match(name):
+                    logger.info("Removing %s, left by a checkpoint write that did not finish.", name)
+                    os.remove(os.path.join(output_dir, name))
 
     # -------------------------------------------------------------------- saving
     def save(self, name: str, iteration: int, config: str = "", **extra) -> Optional[str]:
+        """Write ``name`` and point ``last_checkpoint`` at it (main process; every process calls
+        it). Raises :class:`CheckpointWriteError` on every process when the write fails."""
         rng_states = comm.all_gather_object(get_rng_state())
+        path = os.path.join(self.output_dir, name)
+        error = None
+        if comm.is_main_process():
+            data = {"model": self.model.state_dict(), "iteration": int(iteration),
+                    "rng_states": rng_states, "world_size": comm.get_world_size(),
+                    "config": config or self.config}
+            if self.optimizer is not None:
+                data["optimizer"] = self.optimizer.state_dict()
+            if self.scaler is not None:
+                data["scaler"] = self.scaler.state_dict()
+            data.update(extra)
+            try:
+                previous = self.last_checkpoint()
+            except FileNotFoundError:
+                previous = None
+            try:
+                atomic_save(data, path)
+                atomic_write_text(os.path.join(self.output_dir, LAST_CHECKPOINT), name)
+            except OSError as e:
+                error = (
+                    f"Could not write checkpoint {path} (iteration {iteration}): "
+                    f"{e.strerror or e}. Nothing was replaced: last_checkpoint still names "
+                    f"{previous or 'no checkpoint (none written yet)'}. Free space in "
+                    f"{self.output_dir} (or fix the disk), then continue with --resume."
+                )
+        if comm.get_world_size() > 1:
+            error = comm.all_gather_object(error)[0]
+        if error:
+            raise CheckpointWriteError(error)
         if not comm.is_main_process():
             return None
-        data = {"model": self.model.state_dict(), "iteration": int(iteration),
-                "rng_states": rng_states, "world_size": comm.get_world_size(), "config": config}
-        if self.optimizer is not None:
-            data["optimizer"] = self.optimizer.state_dict()
-        if self.scaler is not None:
-            data["scaler"] = self.scaler.state_dict()
-        data.update(extra)
-        path = os.path.join(self.output_dir, name)
-        atomic_save(data, path)
-        atomic_write_text(os.path.join(self.output_dir, LAST_CHECKPOINT), name)
         logger.info("Saved checkpoint %s (iteration %d).", path, iteration)
         if _PERIODIC.match(name):
             self._remove_old_periodic()
@@ -169,7 +240,9 @@ class Checkpointer:
         state = data.pop("model") if isinstance(data, dict) and "model" in data else data
         if not isinstance(state, dict):
             raise CheckpointMismatchError(f"{path} holds no model state dict.")
-        check_state_dict_matches(self.model.state_dict(), state, path)
+        saved_config = data.get("config", "") if isinstance(data, dict) else ""
+        check_state_dict_matches(self.model.state_dict(), state, path,
+                                 saved_config if isinstance(saved_config, str) else "", self.config)
         self.model.load_state_dict(state)
         if model_only:
             return {}

@@ -14,21 +14,30 @@ Three ways to get a process group, checked in this order:
    here with :mod:`torch.multiprocessing` when that is more than one.
 
 On a machine without GPUs (``gloo`` backend) a "GPU" is simply one CPU process.
+
+When this process spawned the workers, it forwards SIGTERM and SIGUSR1 to them (they stop
+cleanly, see :mod:`soco_d2.engine.preemption`) and exits with their preemption exit code.
 """
+import contextlib
 import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 from datetime import timedelta
 from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from soco_d2.utils import comm
+
+from .preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Preempted
 
 __all__ = ["launch", "launch_from_args", "default_backend", "DistEnv", "dist_env_from_environ", "first_slurm_host"]
 
@@ -167,14 +176,43 @@ def launch(
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     if num_machines > 1 and dist_url.startswith("file://"):
         logger.warning("file:// init is unreliable across machines; prefer tcp://<host>:<port>.")
-    mp.start_processes(
+    context = mp.start_processes(
         _spawned_worker,
         nprocs=num_gpus_per_machine,
         args=(main_func, args, backend, dist_url, world_size, num_gpus_per_machine,
               machine_rank, timeout),
         daemon=False,
         start_method="spawn",
+        join=False,
     )
+    with _forward_signals(context.processes):
+        try:
+            while not context.join():
+                pass
+        except ProcessExitedException as e:
+            if e.exit_code == PREEMPTED_EXIT_CODE:
+                raise Preempted(f"the workers stopped for preemption ({e})") from None
+            raise
+
+
+@contextlib.contextmanager
+def _forward_signals(processes):
+    """Pass SIGTERM / SIGUSR1 received by this (spawning) process on to ``processes``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
+        for p in processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _spawned_worker(local_rank, main_func, args, backend, dist_url, world_size,

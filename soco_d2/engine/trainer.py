@@ -5,6 +5,10 @@ autocast when AMP is on, backward of the summed ``loss*`` entries; DDP gradient 
 last one); optional gradient clipping; optimizer step; ``model.momentum_update(m)`` with the
 scheduled EMA momentum. Losses stay on the device and are checked / averaged over processes once
 per log period and before every checkpoint, so the loop does not wait for the GPU each step.
+
+After every step the loop asks the :class:`~soco_d2.engine.preemption.PreemptionWatcher`
+whether a process received SIGTERM / SIGUSR1; if so it writes a checkpoint and exits with
+``PREEMPTED_EXIT_CODE`` (see :mod:`soco_d2.engine.preemption` and docs/TRAINING.md).
 """
 import collections
 import inspect
@@ -21,11 +25,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from soco_d2.data.loader import build_pretrain_loader
+from soco_d2.data.loader import build_pretrain_loader, usable_num_workers
 from soco_d2.utils import comm
 
-from .checkpoint import Checkpointer, atomic_write_text
+from .checkpoint import Checkpointer, CheckpointWriteError, atomic_write_text
 from .monitors import Monitors
+from .preemption import Preempted, PreemptionWatcher, explain_worker_death, requeue_slurm_job
 from .optimizer import build_optimizer
 from .schedules import build_lr_schedule, build_momentum_schedule, max_iter_from_cfg
 from .sync_bn import convert_sync_batchnorm
@@ -108,7 +113,8 @@ def setup_run(cfg) -> torch.device:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
     else:
-        threads = configure_cpu_threads(cfg.DATALOADER.NUM_WORKERS, comm.get_local_world_size())
+        threads = configure_cpu_threads(usable_num_workers(cfg.DATALOADER.NUM_WORKERS),
+                                        comm.get_local_world_size())
         logger.info("CPU run: %d torch thread(s) per process.", threads)
     amp = cfg.SOLVER.AMP
     if amp.ENABLED and amp.DTYPE == "float16" and device.type != "cuda":
@@ -117,6 +123,37 @@ def setup_run(cfg) -> torch.device:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
     return device
+
+
+def save_checkpoint(cfg, checkpointer: Checkpointer, name: str, iteration: int,
+                    final: bool = False, **extra) -> bool:
+    """``checkpointer.save`` with the policy of ``SOLVER.ON_CHECKPOINT_ERROR`` for a failed write:
+    ``continue`` logs the error and trains on (the previous checkpoint stays the last one),
+    ``stop`` raises. The final and the preemption checkpoints (``final``) always raise, since
+    nothing comes after them. Returns whether the checkpoint was written."""
+    try:
+        checkpointer.save(name, iteration, config=cfg.dump(), **extra)
+        return True
+    except CheckpointWriteError as e:
+        if final or cfg.SOLVER.ON_CHECKPOINT_ERROR == "stop":
+            raise
+        logger.error("%s Training continues (SOLVER.ON_CHECKPOINT_ERROR continue); the next "
+                     "checkpoint is tried as usual.", e)
+        return False
+
+
+def stop_for_preemption(cfg, watcher: PreemptionWatcher, save, done: int, max_iter: int):
+    """Write the preemption checkpoint with ``save(name, done)``, requeue the SLURM job when
+    ``REQUEUE_ON_PREEMPTION`` says so, and raise :class:`Preempted` (every process)."""
+    name = f"model_{done:07d}.pth"
+    save(name, done)
+    path = os.path.join(cfg.OUTPUT_DIR, name)
+    logger.warning("%s received: stopped after iteration %d of %d and saved %s. Continue with "
+                   "--resume (exit code %d).", watcher.signal_name or "Preemption signal", done,
+                   max_iter, path, Preempted().code)
+    if cfg.REQUEUE_ON_PREEMPTION:
+        requeue_slurm_job()
+    raise Preempted(f"preempted after iteration {done}; resume from {path}")
 
 
 class PretrainTrainer:
@@ -167,7 +204,8 @@ class PretrainTrainer:
             self.device.type, enabled=s.AMP.ENABLED and s.AMP.DTYPE == "float16"
         )
         self.checkpointer = Checkpointer(_unwrap(model), cfg.OUTPUT_DIR, self.optimizer,
-                                         self.scaler, max_to_keep=s.MAX_TO_KEEP)
+                                         self.scaler, max_to_keep=s.MAX_TO_KEEP, config=cfg.dump())
+        self._unreadable = set()  # indices of images found unreadable by any process
         self.start_iter = 0
         self.iter = 0
         self.num_skipped_total = 0  # over all processes, since the start of the run
@@ -185,6 +223,11 @@ class PretrainTrainer:
         self.start_iter = int(data.get("iteration", 0))
         self.num_skipped_total = int(data.get("num_skipped_total", 0))
         self.num_samples_total = int(data.get("num_samples_total", 0))
+        images = getattr(self.dataset, "images", None)
+        if images is not None and hasattr(self.dataset, "mark_unreadable"):
+            known = [images.index_of(k) for k in data.get("unreadable_images", []) if k in images]
+            self.dataset.mark_unreadable(known)
+            self._unreadable.update(known)
         if self.start_iter:
             logger.info("Continuing at iteration %d of %d.", self.start_iter, self.max_iter)
 
@@ -198,21 +241,26 @@ class PretrainTrainer:
         self.model.train()
         try:
             self.monitors.before_train()
-            for it in range(self.start_iter, self.max_iter):
-                self.iter = it
-                self.run_step(it)
-                done = it + 1
-                self.monitors.after_step(done)
-                is_ckpt = cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0
-                if (done % cfg.LOG_PERIOD == 0 or is_ckpt or done == self.max_iter
-                        or self.monitors.pending):
-                    self._flush_metrics(done)
-                if is_ckpt and done < self.max_iter:
-                    self._save(f"model_{done:07d}.pth", done)
-            if self.start_iter < self.max_iter or not os.path.exists(
-                os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-            ):
-                self._save("model_final.pth", self.max_iter)
+            with PreemptionWatcher() as watcher, explain_worker_death(self.checkpointer.last_checkpoint):
+                for it in range(self.start_iter, self.max_iter):
+                    self.iter = it
+                    self.run_step(it)
+                    done = it + 1
+                    self.monitors.after_step(done)
+                    is_ckpt = cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0
+                    if (done % cfg.LOG_PERIOD == 0 or is_ckpt or done == self.max_iter
+                            or self.monitors.pending):
+                        self._flush_metrics(done)
+                    if is_ckpt and done < self.max_iter:
+                        self._save(f"model_{done:07d}.pth", done)
+                    if done < self.max_iter and watcher.should_stop():
+                        self._flush_metrics(done)
+                        stop_for_preemption(cfg, watcher, lambda n, i: self._save(n, i, final=True),
+                                            done, self.max_iter)
+                if self.start_iter < self.max_iter or not os.path.exists(
+                    os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+                ):
+                    self._save("model_final.pth", self.max_iter, final=True)
         finally:
             for w in self.writers:
                 w.close()
@@ -305,6 +353,7 @@ class PretrainTrainer:
                 f"SOLVER.BASE_LR, enable SOLVER.CLIP_GRAD_NORM or switch SOLVER.AMP.DTYPE."
             )
         skipped, samples = int(counts[0]), int(counts[1])
+        self._sync_unreadable()
         self.num_skipped_total += skipped
         self.num_samples_total += samples
         self._check_bad_images()
@@ -325,10 +374,24 @@ class PretrainTrainer:
             eta_seconds=iter_time * (self.max_iter - done),
         )
         metrics.update(monitored)
+        if hasattr(self.dataset, "unreadable_indices"):
+            metrics["num_unreadable_images"] = len(self._unreadable)  # distinct files, all processes
         if self.device.type == "cuda":
             metrics["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         for w in self.writers:
             w.write(done, metrics)
+
+    def _sync_unreadable(self) -> None:
+        """Gather the images any process found unreadable since the last call (collective), so
+        that every process skips them without reading and each file is counted once."""
+        if not hasattr(self.dataset, "unreadable_indices"):
+            return
+        new = [i for i in self.dataset.unreadable_indices() if i not in self._unreadable]
+        found = set(new)
+        if self.world_size > 1:
+            found = set().union(*comm.all_gather_object(new))
+            self.dataset.mark_unreadable(sorted(found - set(new)))
+        self._unreadable.update(found)
 
     def _check_bad_images(self) -> None:
         dl = self.cfg.DATALOADER
@@ -344,7 +407,10 @@ class PretrainTrainer:
                 f"raise the threshold."
             )
 
-    def _save(self, name: str, iteration: int) -> None:
-        self.checkpointer.save(name, iteration, config=self.cfg.dump(),
-                               num_skipped_total=self.num_skipped_total,
-                               num_samples_total=self.num_samples_total)
+    def _save(self, name: str, iteration: int, final: bool = False) -> None:
+        images = getattr(self.dataset, "images", None)
+        unreadable = sorted(images.keys[i] for i in self._unreadable) if images is not None else []
+        save_checkpoint(self.cfg, self.checkpointer, name, iteration, final=final,
+                        num_skipped_total=self.num_skipped_total,
+                        num_samples_total=self.num_samples_total,
+                        unreadable_images=unreadable)

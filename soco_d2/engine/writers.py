@@ -82,7 +82,8 @@ class TensorboardWriter:
 
 # Entries with a fixed place in the progress line (the model's other outputs are listed as-is).
 _KNOWN = {"total_loss", "lr", "momentum", "data_time", "iter_time", "images_per_sec", "max_mem_mb",
-          "eta_seconds", "num_skipped", "num_skipped_total", "num_samples_total"}
+          "eta_seconds", "num_skipped", "num_skipped_total", "num_samples_total",
+          "num_unreadable_images"}
 
 
 def format_progress_line(iteration: int, max_iter: int, m: Dict[str, float]) -> str:

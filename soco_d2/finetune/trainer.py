@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from soco_d2.checkpoint.io import load_checkpoint_file
 from soco_d2.engine.checkpoint import Checkpointer
-from soco_d2.engine.trainer import setup_run
+from soco_d2.engine.preemption import PreemptionWatcher, explain_worker_death
+from soco_d2.engine.trainer import save_checkpoint, setup_run, stop_for_preemption
 from soco_d2.engine.writers import ConsolePrinter, build_writers
 from soco_d2.evaluation.coco_evaluation import (
     COCOEvaluator,
@@ -340,7 +341,7 @@ class FinetuneTrainer:
                     broadcast_buffers=False,
                 )
         self.checkpointer = Checkpointer(_unwrap(self.model), cfg.OUTPUT_DIR, self.optimizer,
-                                         self.scaler, max_to_keep=s.MAX_TO_KEEP)
+                                         self.scaler, max_to_keep=s.MAX_TO_KEEP, config=cfg.dump())
 
     def _build_train_dataset(self):
         names = self.cfg.DATASETS.TRAIN
@@ -415,23 +416,30 @@ class FinetuneTrainer:
         self._reset_window()
         results = {}
         self.model.train()
+        save = lambda name, it, final=False: save_checkpoint(  # noqa: E731
+            cfg, self.checkpointer, name, it, final=final)
         try:
-            for it in range(self.start_iter, self.max_iter):
-                self.iter = it
-                self.run_step(it)
-                done = it + 1
-                last = done == self.max_iter
-                ckpt = cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0
-                if done % cfg.LOG_PERIOD == 0 or ckpt or last:
-                    self._flush_metrics(done)
-                period = cfg.TEST.EVAL_PERIOD
-                if cfg.DATASETS.TEST and period > 0 and done % period == 0 and not last:
-                    results = self.test(done)
-                    self.model.train()
-                if ckpt and not last:
-                    self.checkpointer.save(f"model_{done:07d}.pth", done, config=cfg.dump())
-            if self.start_iter < self.max_iter or self.checkpointer.last_checkpoint() is None:
-                self.checkpointer.save("model_final.pth", self.max_iter, config=cfg.dump())
+            with PreemptionWatcher() as watcher, explain_worker_death(self.checkpointer.last_checkpoint):
+                for it in range(self.start_iter, self.max_iter):
+                    self.iter = it
+                    self.run_step(it)
+                    done = it + 1
+                    last = done == self.max_iter
+                    ckpt = cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0
+                    if done % cfg.LOG_PERIOD == 0 or ckpt or last:
+                        self._flush_metrics(done)
+                    period = cfg.TEST.EVAL_PERIOD
+                    if cfg.DATASETS.TEST and period > 0 and done % period == 0 and not last:
+                        results = self.test(done)
+                        self.model.train()
+                    if ckpt and not last:
+                        save(f"model_{done:07d}.pth", done)
+                    if not last and watcher.should_stop():
+                        self._flush_metrics(done)
+                        stop_for_preemption(cfg, watcher, lambda n, i: save(n, i, final=True),
+                                            done, self.max_iter)
+                if self.start_iter < self.max_iter or self.checkpointer.last_checkpoint() is None:
+                    save("model_final.pth", self.max_iter, final=True)
             if cfg.DATASETS.TEST:  # the final model is saved first: a failed evaluation loses nothing
                 results = self.test(self.max_iter)
         finally:

@@ -112,3 +112,27 @@ def test_dangling_last_checkpoint(tmp_path):
     (tmp_path / "last_checkpoint").write_text("model_0000100.pth")
     with pytest.raises(FileNotFoundError, match="model_0000100.pth"):
         c.resume_or_load("", resume=True)
+
+
+def test_checkpoint_of_another_config_names_the_differing_keys(tmp_path):
+    saved = "MODEL:\n  QUEUE_SIZE: 4\n  DEPTH: 18\nOUTPUT_DIR: a\nSEED: 0\n"
+    writer = _checkpointer(tmp_path, queue=4)
+    writer.config = saved
+    writer.save("model_final.pth", 9)
+    other = _checkpointer(tmp_path, queue=16)
+    other.config = "MODEL:\n  QUEUE_SIZE: 16\n  DEPTH: 18\nOUTPUT_DIR: b\nSEED: 0\n"
+    with pytest.raises(CheckpointMismatchError) as e:
+        other.resume_or_load("", resume=True)
+    msg = str(e.value)
+    assert "queue: checkpoint (4,) vs model (16,)" in msg
+    assert "MODEL.QUEUE_SIZE: checkpoint 4 vs config 16" in msg
+    differing = msg.split("keys that differ:")[1].split("Resume with")[0]
+    assert differing.strip() == "MODEL.QUEUE_SIZE: checkpoint 4 vs config 16"
+
+
+def test_partial_files_of_a_killed_write_are_removed(tmp_path):
+    (tmp_path / ".model_0000004.pth.abc123.tmp").write_bytes(b"half")
+    (tmp_path / ".last_checkpoint.x1.tmp").write_bytes(b"")
+    (tmp_path / "notes.tmp").write_bytes(b"keep")
+    _checkpointer(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["notes.tmp"]

@@ -1,0 +1,184 @@
+"""Stopping cleanly when the job is preempted, and the faults a long run must survive.
+
+``SIGTERM`` (sent by schedulers and ``kill``) and ``SIGUSR1`` (SLURM's ``--signal=USR1@90``)
+do not kill a training process that watches for them with :class:`PreemptionWatcher`: the
+current step finishes, every process agrees to stop after the same step, the trainer writes a
+checkpoint (atomically) and raises :class:`Preempted`, which ends the process with
+:data:`PREEMPTED_EXIT_CODE` (75, ``EX_TEMPFAIL``: "try again later"), distinct from a failure
+(1). ``--resume`` then continues exactly. With ``requeue``, the main process first asks SLURM to
+put the job back in the queue (``scontrol requeue $SLURM_JOB_ID``).
+
+Loader workers ignore both signals (:func:`ignore_preemption_signals`, their ``worker_init_fn``):
+a scheduler that signals every process of the job must not kill the workers under the step that
+is still finishing.
+"""
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import traceback
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from soco_d2.utils import comm
+
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "PREEMPTION_SIGNALS",
+    "Preempted",
+    "PreemptionWatcher",
+    "ignore_preemption_signals",
+    "requeue_slurm_job",
+    "DataLoaderWorkerDied",
+    "explain_worker_death",
+]
+
+logger = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is written; exits with :data:`PREEMPTED_EXIT_CODE`
+    (a ``SystemExit``: no traceback, and ``except Exception`` does not swallow it)."""
+
+    def __init__(self, message: str = "preempted"):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the data loaders: workers leave SIGTERM / SIGUSR1 to the trainer."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class PreemptionWatcher:
+    """Records SIGTERM / SIGUSR1 in this process; :meth:`should_stop` makes all processes agree.
+
+    Use as a context manager around the training loop; the previous handlers come back on exit.
+    Handlers can only be installed from the main thread; elsewhere the watcher stays inactive
+    (with a warning) and the signals keep their previous effect.
+    """
+
+    def __init__(self, signals: Sequence[int] = PREEMPTION_SIGNALS):
+        self.signals = tuple(signals)
+        self.received: Optional[int] = None
+        self._previous = {}
+        self._group = None
+
+    def __enter__(self) -> "PreemptionWatcher":
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("Not in the main thread: SIGTERM / SIGUSR1 will not stop the run cleanly.")
+            return self
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        if comm.get_world_size() > 1:
+            # A CPU group: agreeing on the flag never waits for the GPU.
+            self._group = (None if dist.get_backend() == "gloo"
+                           else dist.new_group(backend="gloo"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def should_stop(self) -> bool:
+        """True on every process once any process received a signal (collective when
+        distributed: every process calls it after every step)."""
+        local = self.received is not None
+        if comm.get_world_size() == 1:
+            return local
+        flag = torch.tensor([int(local)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
+
+
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue $SLURM_JOB_ID`` (main process only). Returns whether it succeeded;
+    failures (not under SLURM, no ``scontrol``, refused) are logged, not raised."""
+    if not comm.is_main_process():
+        return False
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job
+           else os.environ.get("SLURM_JOB_ID"))
+    if not job:
+        logger.warning("Requeue asked for, but this is not a SLURM job (no SLURM_JOB_ID).")
+        return False
+    if shutil.which("scontrol") is None:
+        logger.error("Requeue asked for, but scontrol is not on PATH: job %s is not requeued.", job)
+        return False
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True,
+                       timeout=60)
+    except (subprocess.SubprocessError, OSError) as e:
+        detail = getattr(e, "stderr", "") or e
+        logger.error("scontrol requeue %s failed: %s", job, str(detail).strip())
+        return False
+    logger.info("SLURM job %s requeued; it continues from the checkpoint with --resume.", job)
+    return True
+
+
+class DataLoaderWorkerDied(RuntimeError):
+    """A data-loader worker process ended abnormally (most often: the out-of-memory killer)."""
+
+
+def _is_worker_death(e: BaseException) -> bool:
+    if isinstance(e, DataLoaderWorkerDied):
+        return False
+    if isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
+        return True
+    # Fetching a batch from a worker that is being killed can also fail with a broken
+    # connection (shared-memory hand-over) before torch notices that the worker is gone.
+    if isinstance(e, (ConnectionError, EOFError)):
+        tb = e.__traceback__
+        while tb is not None:
+            if f"torch{os.sep}utils{os.sep}data" in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+    return False
+
+
+@contextlib.contextmanager
+def explain_worker_death(last_checkpoint: Callable[[], Optional[str]]):
+    """Turn the death of a data-loader worker, which torch reports from wherever the main
+    process is when it notices (``next`` on the loader, or any point through its SIGCHLD
+    handler), into :class:`DataLoaderWorkerDied` with the likely cause, the fix and the
+    checkpoint to resume from (``last_checkpoint()``)."""
+    try:
+        yield
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        if not _is_worker_death(e):
+            raise
+        # The finished frames of the loader hold its iterator; free them so that it shuts
+        # its other workers down now, not when this exception is collected.
+        traceback.clear_frames(e.__traceback__)
+        try:
+            last = last_checkpoint()
+        except FileNotFoundError:
+            last = None
+        resume = (f"The last checkpoint is {last}; continue with --resume." if last
+                  else "No checkpoint was written yet; --resume starts over.")
+        raise DataLoaderWorkerDied(
+            f"A data-loader worker died ({type(e).__name__}: {str(e).strip()}). A worker that "
+            "is killed (SIGKILL, 'Killed') is almost always a victim of the kernel's "
+            "out-of-memory killer: lower DATALOADER.NUM_WORKERS or the images per process "
+            f"(SOLVER.IMS_PER_BATCH), or give the job more memory. {resume}") from None

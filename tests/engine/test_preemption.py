@@ -1,0 +1,174 @@
+"""Preemption (SIGTERM / SIGUSR1), failing checkpoint writes and dying loader workers."""
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+
+import pytest
+import torch
+from torch.utils.data import get_worker_info
+
+sys.path.insert(0, os.path.dirname(__file__))
+import toy_pretrain as toy  # noqa: E402
+
+import soco_d2.engine.checkpoint as ckpt_mod  # noqa: E402
+from soco_d2.engine.checkpoint import CheckpointWriteError  # noqa: E402
+from soco_d2.engine.preemption import (  # noqa: E402
+    PREEMPTED_EXIT_CODE,
+    DataLoaderWorkerDied,
+    Preempted,
+    PreemptionWatcher,
+)
+from soco_d2.engine.trainer import PretrainTrainer  # noqa: E402
+
+
+@pytest.fixture
+def soco_log():
+    """Messages of the ``soco_d2`` loggers (which do not propagate to pytest's caplog)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    log = logging.getLogger("soco_d2")
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)
+
+
+def _trainer(cfg, dataset=None, signal_at_call=None, sig=signal.SIGTERM):
+    torch.manual_seed(0)  # the model is built outside the trainer: same initial weights
+    model = toy.EngineToyNet(cfg)
+    if signal_at_call is not None:
+        forward = model.forward
+
+        def signalling_forward(batch):
+            if model.calls == signal_at_call:
+                os.kill(os.getpid(), sig)  # arrives in the middle of a step
+            return forward(batch)
+
+        model.forward = signalling_forward
+    return PretrainTrainer(cfg, model=model, dataset=dataset or toy.ToyDataset())
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_checkpoints_after_the_step_and_resume_is_exact(tmp_path, sig, soco_log):
+    ref = _trainer(toy.toy_cfg(tmp_path / "ref"))
+    ref.train()
+
+    cfg = toy.toy_cfg(tmp_path / "run", **{"SOLVER.CHECKPOINT_PERIOD": 0})
+    trainer = _trainer(cfg, signal_at_call=4, sig=sig)  # during iteration 5 (accumulation 1)
+    with pytest.raises(Preempted) as stop:
+        trainer.train()
+    assert stop.value.code == PREEMPTED_EXIT_CODE == 75
+    out = "\n".join(soco_log)
+    assert f"{signal.Signals(sig).name} received: stopped after iteration 5 of 6" in out
+    assert "--resume" in out
+    assert (tmp_path / "run" / "last_checkpoint").read_text() == "model_0000005.pth"
+    assert not (tmp_path / "run" / "model_final.pth").exists()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.json").read_text().splitlines()]
+    assert rows[-1]["iteration"] == 5  # the metrics of the finished steps are written
+    # the previous handler is back once the loop is left
+    assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)
+
+    resumed = _trainer(toy.toy_cfg(tmp_path / "run", **{"SOLVER.CHECKPOINT_PERIOD": 0}))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 5
+    resumed.train()
+    _assert_same_weights(_weights(tmp_path / "ref" / "model_final.pth"),
+                         _weights(tmp_path / "run" / "model_final.pth"))
+
+
+def test_watcher_restores_handlers_and_records_the_first_signal():
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionWatcher() as watcher:
+        assert not watcher.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watcher.should_stop() and watcher.signal_name == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def _failing_save(iteration_to_fail):
+    """``torch.save`` that runs out of disk space for the checkpoint of one iteration."""
+    real_save = torch.save
+
+    def save(obj, f):
+        if obj.get("iteration") == iteration_to_fail:
+            f.write(b"the first bytes of a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f)
+
+    return save
+
+
+def test_disk_full_keeps_the_last_good_checkpoint_and_continues_or_stops(tmp_path, monkeypatch,
+                                                                         soco_log):
+    monkeypatch.setattr(ckpt_mod.torch, "save", _failing_save(4))
+    cfg = toy.toy_cfg(tmp_path / "go", **{"SOLVER.CHECKPOINT_PERIOD": 2, "SOLVER.MAX_TO_KEEP": 0})
+    _trainer(cfg).train()  # ON_CHECKPOINT_ERROR "continue" (default)
+    out = "\n".join(soco_log)
+    assert "Could not write checkpoint" in out and "No space left on device" in out
+    assert "last_checkpoint still names" in out and "model_0000002.pth" in out
+    names = sorted(p.name for p in (tmp_path / "go").iterdir() if "model" in p.name)
+    assert names == ["model_0000002.pth", "model_final.pth"]  # no partial file left
+    assert (tmp_path / "go" / "last_checkpoint").read_text() == "model_final.pth"
+
+    cfg = toy.toy_cfg(tmp_path / "stop", **{"SOLVER.CHECKPOINT_PERIOD": 2,
+                                            "SOLVER.ON_CHECKPOINT_ERROR": "stop"})
+    with pytest.raises(CheckpointWriteError) as e:
+        _trainer(cfg).train()
+    assert "No space left on device" in str(e.value) and "model_0000002.pth" in str(e.value)
+    assert (tmp_path / "stop" / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert sorted(p.name for p in (tmp_path / "stop").iterdir() if "model" in p.name) == [
+        "model_0000002.pth"]
+    _weights(tmp_path / "stop" / "model_0000002.pth")  # complete and readable
+
+    # The final checkpoint failing always stops the run (nothing would come after it).
+    monkeypatch.setattr(ckpt_mod.torch, "save", _failing_save(6))
+    with pytest.raises(CheckpointWriteError, match="model_final.pth"):
+        _trainer(toy.toy_cfg(tmp_path / "final")).train()
+    assert (tmp_path / "final" / "last_checkpoint").read_text() == "model_0000003.pth"
+
+
+class SelfKillingDataset(toy.ToyDataset):
+    """Its loader worker is SIGKILLed (as by the out-of-memory killer) on its ``die_at``-th item."""
+
+    def __init__(self, die_at):
+        super().__init__()
+        self.die_at, self.calls = die_at, 0
+
+    def __getitem__(self, key):
+        self.calls += 1
+        if get_worker_info() is not None and self.calls == self.die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(key)
+
+
+def test_killed_loader_worker_names_the_cause_and_the_run_resumes(tmp_path):
+    # (the same number of workers: it sets the number of torch threads)
+    ref = _trainer(toy.toy_cfg(tmp_path / "ref", **{"DATALOADER.NUM_WORKERS": 1}))
+    ref.train()
+    cfg = toy.toy_cfg(tmp_path / "run", **{"DATALOADER.NUM_WORKERS": 1})
+    # 8 images per step, 2 batches prefetched: the worker dies loading batch 6, after the
+    # checkpoint of iteration 3.
+    with pytest.raises(DataLoaderWorkerDied) as e:
+        _trainer(cfg, dataset=SelfKillingDataset(die_at=44)).train()
+    msg = str(e.value)
+    assert "out-of-memory" in msg and "DATALOADER.NUM_WORKERS" in msg
+    assert "model_0000003.pth" in msg and "--resume" in msg
+    resumed = _trainer(toy.toy_cfg(tmp_path / "run", **{"DATALOADER.NUM_WORKERS": 1}))
+    resumed.resume_or_load(resume=True)
+    resumed.train()
+    _assert_same_weights(_weights(tmp_path / "ref" / "model_final.pth"),
+                         _weights(tmp_path / "run" / "model_final.pth"))
