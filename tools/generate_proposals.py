@@ -20,7 +20,7 @@ import argparse
 import logging
 import sys
 
-from soco_d2.data.image_list import list_images
+from soco_d2.data.image_list import DEFAULT_MAX_IMAGE_PIXELS, list_images
 from soco_d2.data.proposals import ProposalStore, merge_proposals
 from soco_d2.data.selective_search import DEFAULT_MAX_SIZE, SS_MODES, run_generation
 
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-side", type=float, default=32, help="minimum box side in original pixels (default 32)")
     p.add_argument("--max-boxes", type=int, default=None, help="keep at most this many boxes per image")
     p.add_argument("--chunk-size", type=int, default=1000, help="images per atomically written chunk")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="images whose header declares more pixels are recorded as unreadable "
+                        f"without decoding, 0 = no limit (default {DEFAULT_MAX_IMAGE_PIXELS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -92,6 +95,7 @@ def main(argv=None) -> int:
         max_boxes=args.max_boxes,
         chunk_size=args.chunk_size,
         progress=not args.no_progress,
+        max_pixels=args.max_pixels,
     )
     logger.info("wrote %s; %s", args.output, summary.format())
     return 0

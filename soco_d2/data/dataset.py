@@ -2,22 +2,33 @@
 
 ``PretrainDataset[(index, sample_seed)]`` builds ``rng = numpy.random.default_rng(sample_seed)``
 and hands it to the view mapper, so a sample depends only on ``(index, sample_seed)`` (see
-docs/ARCHITECTURE.md). An unreadable image is logged, counted in the sample's ``"num_skipped"``
-and replaced by the next index; the trainer sums the counts over all processes and stops the run
-above ``DATALOADER.MAX_BAD_IMAGE_FRACTION``.
+docs/ARCHITECTURE.md). An unreadable image is counted in the sample's ``"num_skipped"`` and
+replaced by the next index; the trainer sums the counts over all processes and stops the run
+above ``DATALOADER.MAX_BAD_IMAGE_FRACTION``. The first failure of a file is logged and
+remembered in memory shared by the process and its DataLoader workers, so the file is never
+read (nor logged) again; the replacement, hence the sample, is the same either way.
+
+Images that the proposals file records as unreadable are left out of the dataset up front.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import cv2
 import numpy as np
+import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from .boxes import scale_boxes
-from .image_list import ImageList, UnreadableImageError, list_images, read_image
+from .image_list import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageList,
+    UnreadableImageError,
+    list_images,
+    read_image,
+)
 from .proposals import ProposalStore
 from .registry import build_mapper
 
@@ -27,6 +38,7 @@ __all__ = [
     "register_pretrain_dataset",
     "registered_pretrain_datasets",
     "check_proposal_coverage",
+    "drop_unreadable",
     "datasets_root",
 ]
 
@@ -46,6 +58,8 @@ class PretrainDataset(Dataset):
         mapper: ``mapper(image, proposals, rng) -> dict`` (a registered view mapper).
         max_consecutive_failures: raise after this many unreadable images in a row (a wrong image
             root or a dead disk, not a few corrupt files).
+        max_image_pixels: images whose header declares more pixels are unreadable
+            (``INPUT.MAX_IMAGE_PIXELS``; see :func:`~soco_d2.data.image_list.read_image`).
     """
 
     def __init__(
@@ -54,6 +68,7 @@ class PretrainDataset(Dataset):
         proposals: Optional[ProposalStore],
         mapper: Callable,
         max_consecutive_failures: int = 50,
+        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         if len(images) == 0:
             raise ValueError(f"PretrainDataset: the image list {images!r} is empty")
@@ -61,8 +76,22 @@ class PretrainDataset(Dataset):
         self.proposals = proposals
         self.mapper = mapper
         self.max_consecutive_failures = int(max_consecutive_failures)
+        self.max_image_pixels = max_image_pixels
         self._warned_resize = False
         self._cv2_single_thread = False
+        # One flag per image, in shared memory: DataLoader workers (forked or spawned) see and
+        # set the same flags, so a file found unreadable is not read again by any of them.
+        self._unreadable = torch.zeros(len(images), dtype=torch.uint8).share_memory_()
+
+    def unreadable_indices(self) -> List[int]:
+        """Indices of the images found unreadable so far by this process or its loader workers."""
+        return self._unreadable.nonzero().flatten().tolist()
+
+    def mark_unreadable(self, indices: Iterable[int]) -> None:
+        """Remember images as unreadable (found by another process, or before a resume)."""
+        indices = list(indices)
+        if indices:
+            self._unreadable[torch.as_tensor(indices, dtype=torch.long)] = 1
 
     def __len__(self) -> int:
         return len(self.images)
@@ -102,10 +131,14 @@ class PretrainDataset(Dataset):
             i = (index + attempt) % n
             # The first try uses sample_seed itself (the contract); replacements derive from it.
             rng = np.random.default_rng(seed if attempt == 0 else [seed, attempt])
+            if self._unreadable[i]:
+                continue
             try:
-                image = read_image(self.images.path(i))
+                image = read_image(self.images.path(i), self.max_image_pixels)
             except UnreadableImageError as e:
-                logger.warning("Skipping unreadable image %s: %s", e.path, e.reason)
+                self._unreadable[i] = 1
+                logger.warning("Skipping unreadable image %s: %s (not read again in this run)",
+                               e.path, e.reason)
                 continue
             sample = self.mapper(image, self.proposals_for(i, *image.shape[:2]), rng)
             sample["num_skipped"] = attempt
@@ -215,10 +248,11 @@ def check_proposal_coverage(
     """Count the images without a proposals entry and those with an empty one; log both.
 
     Raises ``ValueError`` when the images without an entry exceed ``max_missing_fraction``
-    (the proposals were made for another image set). Returns ``(missing, empty)``.
+    (the proposals were made for another image set). Images the file records as unreadable
+    are not missing (:func:`drop_unreadable` leaves them out first). Returns ``(missing, empty)``.
     """
     stored_keys = store.keys
-    stored = set(stored_keys)
+    stored = set(stored_keys) | set(store.unreadable)
     missing = sum(1 for k in images.keys if k not in stored)
     image_keys = set(images.keys)
     counts = store.box_counts()
@@ -248,6 +282,22 @@ def check_proposal_coverage(
     return missing, empty
 
 
+def drop_unreadable(images: ImageList, store: ProposalStore) -> ImageList:
+    """``images`` without those the proposals file records as unreadable (logged once)."""
+    bad = [k for k in store.unreadable_keys if k in images]
+    if not bad:
+        return images
+    logger.warning(
+        "%d of %d images are recorded as unreadable in the proposals file %r (e.g. %r: %s); "
+        "they are left out.", len(bad), len(images), store.path, bad[0], store.unreadable[bad[0]])
+    if len(bad) == len(images):
+        raise ValueError(
+            f"Every image of {images.root!r} is recorded as unreadable in the proposals file "
+            f"{store.path!r} (e.g. {bad[0]!r}: {store.unreadable[bad[0]]}). Check the files.")
+    bad = set(bad)
+    return ImageList(images.root, [k for k in images.keys if k not in bad])
+
+
 def build_pretrain_dataset(cfg) -> PretrainDataset:
     """The :class:`PretrainDataset` of ``cfg.DATASETS.PRETRAIN`` with the mapper ``cfg.INPUT.MAPPER``.
 
@@ -263,10 +313,11 @@ def build_pretrain_dataset(cfg) -> PretrainDataset:
     mapper = build_mapper(cfg)
     if proposals_path:
         store = ProposalStore.open(proposals_path)
+        images = drop_unreadable(images, store)
         check_proposal_coverage(images, store, cfg.DATASETS.PRETRAIN.MAX_MISSING_PROPOSALS, source)
     elif getattr(mapper, "uses_proposals", True):
         logger.warning(
             "DATASETS.PRETRAIN.PROPOSALS is empty: every image uses one whole-image box (image-level "
             "pretraining). Generate proposals with tools/generate_proposals.py for SoCo."
         )
-    return PretrainDataset(images, store, mapper)
+    return PretrainDataset(images, store, mapper, max_image_pixels=cfg.INPUT.MAX_IMAGE_PIXELS)

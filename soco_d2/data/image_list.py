@@ -23,9 +23,10 @@ valid when the dataset moves to another machine.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -35,7 +36,9 @@ __all__ = [
     "BUILTIN_IMAGE_SOURCES",
     "resolve_image_source",
     "UnreadableImageError",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "read_image",
+    "read_image_reduced",
     "ImageList",
     "list_images",
 ]
@@ -53,6 +56,11 @@ BUILTIN_IMAGE_SOURCES = {
     "pennfudan": "pennfudan/PNGImages",
     "caltech101_subset": "caltech101_subset",
 }
+
+
+# Pillow's own refusal threshold (twice ``PIL.Image.MAX_IMAGE_PIXELS``): 13400 x 13400 pixels,
+# 537 MB as RGB. Larger files are refused from their header, before any pixel is decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 
 
 class UnreadableImageError(Exception):
@@ -110,11 +118,11 @@ def _decode_cv2(data: np.ndarray) -> Optional[np.ndarray]:
     return None
 
 
-def _decode_pil(path: str) -> np.ndarray:
+def _decode_pil(data: np.ndarray) -> np.ndarray:
     """Pillow decode for what OpenCV cannot read; raises on truncated or corrupt data."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(data.tobytes())) as image:
         image.load()  # Pillow refuses truncated files unless ImageFile.LOAD_TRUNCATED_IMAGES
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             return cv2.cvtColor(_to_uint8(np.asarray(image)), cv2.COLOR_GRAY2RGB)
@@ -123,7 +131,37 @@ def _decode_pil(path: str) -> np.ndarray:
         return np.array(image, dtype=np.uint8)
 
 
-def read_image(path) -> np.ndarray:
+def _read_header(path: str, data, max_pixels: Optional[int]) -> Optional[Tuple[int, int, str]]:
+    """``(height, width, mode)`` from the file's header (Pillow decodes no pixel for this), or
+    None when Pillow does not know the format. Raises :class:`UnreadableImageError` when the
+    declared size is above ``max_pixels`` (a decompression bomb, or an image too large to hold)."""
+    from PIL import Image
+
+    source = io.BytesIO(data.tobytes()) if isinstance(data, np.ndarray) else path
+    try:
+        with Image.open(source) as im:
+            (w, h), mode = im.size, im.mode
+    except Image.DecompressionBombError as e:
+        # Pillow refuses above 2 * Image.MAX_IMAGE_PIXELS; below our own limit, OpenCV decides.
+        if max_pixels and max_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
+            raise UnreadableImageError(path, _too_large(str(e), max_pixels)) from None
+        return None
+    except MemoryError:
+        raise UnreadableImageError(path, "out of memory while reading its header") from None
+    except Exception:  # unknown to Pillow or a damaged header: the decoders decide
+        return None
+    if max_pixels and w * h > max_pixels:
+        raise UnreadableImageError(path, _too_large(f"{w}x{h} = {w * h} pixels", max_pixels))
+    return h, w, mode
+
+
+def _too_large(declared: str, max_pixels: int) -> str:
+    return (f"its header declares {declared}, more than the limit of {max_pixels} pixels "
+            "(INPUT.MAX_IMAGE_PIXELS in configs, --max-pixels in tools/generate_proposals.py); "
+            "raise the limit if the machine has the memory, or shrink the file")
+
+
+def read_image(path, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read an image file as an RGB ``uint8`` array of shape (H, W, 3).
 
     * grayscale and palette images are expanded to RGB, CMYK is converted to RGB;
@@ -132,7 +170,11 @@ def read_image(path) -> np.ndarray:
     * the EXIF orientation tag is **not** applied: the array is the stored pixel grid, so boxes
       computed on it (proposals) stay valid whatever reader a later stage uses, as long as it
       also keeps the stored grid;
-    * a missing, empty, truncated or corrupt file raises :class:`UnreadableImageError`.
+    * every failure raises :class:`UnreadableImageError` naming the file and the reason: a
+      missing, empty, truncated or corrupt file, an unsupported format, any exception of OpenCV
+      or Pillow, running out of memory, and a header that declares more than ``max_pixels``
+      pixels (checked before decoding; ``None`` or 0: no limit of ours, the decoders' own
+      limits still apply).
 
     OpenCV decodes (fast path); Pillow is the fallback for files OpenCV cannot decode.
     """
@@ -141,15 +183,33 @@ def read_image(path) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise UnreadableImageError(path, e.strerror or str(e)) from None
+    except MemoryError:
+        raise UnreadableImageError(path, "out of memory while reading the file") from None
     if data.size == 0:
         raise UnreadableImageError(path, "the file is empty")
-    image = _decode_cv2(data)
+    _read_header(path, data, max_pixels)
+    try:
+        image = _decode_cv2(data)
+    except MemoryError:
+        raise UnreadableImageError(path, "out of memory while decoding") from None
+    except Exception as e:  # cv2.error (OpenCV 5 raises where 4.x returned None), ValueError
+        cv2_error = f"OpenCV: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+        image = None
+    else:
+        cv2_error = ""
     if image is not None:
         return image
     try:
-        image = _decode_pil(path)
+        image = _decode_pil(data)
+    except MemoryError:
+        raise UnreadableImageError(path, "out of memory while decoding") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
-        raise UnreadableImageError(path, f"truncated, corrupt or unsupported image data ({e})") from None
+        from PIL import UnidentifiedImageError
+
+        why = "no known image format" if isinstance(e, UnidentifiedImageError) else str(e)
+        extra = f"; {cv2_error}" if cv2_error else ""
+        raise UnreadableImageError(
+            path, f"truncated, corrupt or unsupported image data ({why}{extra})") from None
     if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
         raise UnreadableImageError(path, f"decoded to an empty array of shape {image.shape}")
     return image
@@ -204,34 +264,35 @@ _REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_
                   (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 
-def read_image_reduced(path, min_long_side: Optional[int]):
+def read_image_reduced(path, min_long_side: Optional[int],
+                       max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
     """``(image, (H, W))``: the image at reduced resolution and its full size.
 
     A JPEG is decoded at 1/8, 1/4 or 1/2 scale by libjpeg's DCT scaling (several times cheaper
     than a full decode), the smallest whose long side is still >= ``min_long_side``; like
     :func:`read_image`, EXIF orientation is not applied. Other formats, JPEGs that are not
     RGB / grayscale (CMYK) and anything that fails this way are read in full with
-    :func:`read_image`, whose errors (:class:`UnreadableImageError`) apply.
+    :func:`read_image`, whose errors (:class:`UnreadableImageError`) and pixel limit apply.
     """
     path = os.fspath(path)
     if min_long_side and path.lower().endswith((".jpg", ".jpeg")):
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:  # reads the header only
-                (w, h), mode = im.size, im.mode
-        except Exception:  # the full read below reports what is wrong with the file
-            w = h = 0
-            mode = ""
+        header = None
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            header = _read_header(path, None, max_pixels)  # reads the header only
+        h, w, mode = header or (0, 0, "")
         for factor, flag in _REDUCED_FLAGS:
             if mode in ("RGB", "L") and -(-max(h, w) // factor) >= min_long_side:
-                data = np.fromfile(path, np.uint8)
-                img = cv2.imdecode(data, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+                try:
+                    data = np.fromfile(path, np.uint8)
+                    img = cv2.imdecode(data, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+                except Exception:  # the full read below reports what is wrong with the file
+                    img = None
                 if img is not None and img.ndim == 3:
                     return np.ascontiguousarray(img[:, :, ::-1]), (h, w)
                 break
-    image = read_image(path)
+    image = read_image(path, max_pixels)
     return image, image.shape[:2]
+
 
 def _is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)

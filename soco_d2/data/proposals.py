@@ -19,6 +19,10 @@ opened with one read-only ``mmap``; lookups binary-search the sorted keys in pla
 DataLoader workers share the page cache and copy nothing (pickling reopens by path).
 
 Keys are image paths relative to the image root (see :mod:`soco_d2.data.image_list`).
+
+The header's ``unreadable`` entry maps the key of every image the generator could not read
+to the reason (:attr:`ProposalStore.unreadable`): such an image has no row, and pretraining
+leaves it out up front instead of counting it as an image without proposals.
 """
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ def _write_file(
     counts: np.ndarray,
     box_blocks: Iterable[np.ndarray],
     metadata: Optional[dict],
+    unreadable: Optional[Dict[str, str]] = None,
 ) -> None:
     """Write a proposals file atomically; ``keys`` sorted; ``box_blocks`` yields uint16 (k, 4) in order."""
     n = len(keys)
@@ -102,6 +107,7 @@ def _write_file(
         "box_format": "x1y1x2y2 uint16, original-image pixels",
         "arrays": arrays,
         "metadata": metadata or {},
+        "unreadable": dict(sorted((unreadable or {}).items())),
     }
     # Reserve room for the largest possible "file_size", then pad the real header with spaces.
     header["file_size"] = 10**19
@@ -135,14 +141,19 @@ def _write_file(
     atomic_write(path, write)
 
 
-def write_proposals(path, entries: Dict[str, Tuple[np.ndarray, Tuple[int, int]]], metadata=None) -> None:
-    """Write ``{key: (boxes (N, 4) float, (H, W))}`` to a proposals file (atomically)."""
+def write_proposals(path, entries: Dict[str, Tuple[np.ndarray, Tuple[int, int]]], metadata=None,
+                    unreadable: Optional[Dict[str, str]] = None) -> None:
+    """Write ``{key: (boxes (N, 4) float, (H, W))}`` to a proposals file (atomically), with the
+    images that could not be read as ``{key: reason}`` (keys with boxes must not be among them)."""
+    both = sorted(set(entries) & set(unreadable or {}))
+    if both:
+        raise ValueError(f"images {both[:5]} have proposals and are also listed as unreadable")
     items = sorted(((k.encode("utf-8"), k) for k in entries))
     keys = [kb for kb, _ in items]
     hw = np.array([entries[k][1] for _, k in items], np.uint32).reshape(-1, 2)
     blocks = [to_uint16_boxes(entries[k][0], entries[k][1], k) for _, k in items]
     counts = np.array([len(b) for b in blocks], np.int64)
-    _write_file(os.fspath(path), keys, hw, counts, blocks, metadata)
+    _write_file(os.fspath(path), keys, hw, counts, blocks, metadata, unreadable)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,6 +184,11 @@ class ProposalStore:
     @classmethod
     def open(cls, path) -> "ProposalStore":
         return cls(path)
+
+    @property
+    def unreadable_keys(self) -> List[str]:
+        """Keys of the images the generator could not read (sorted); reasons in :attr:`unreadable`."""
+        return sorted(self.unreadable)
 
     def _fail(self, why: str):
         raise ValueError(f"{self.path!r} is not a valid soco_d2 proposals file: {why}")
@@ -209,6 +225,7 @@ class ProposalStore:
             views[name] = np.frombuffer(self._mmap, dtype, count, start).reshape(spec["shape"])
         self.header = header
         self.metadata: dict = header.get("metadata", {})
+        self.unreadable: Dict[str, str] = dict(header.get("unreadable", {}))
         self._key_offsets = views["key_offsets"]
         self._image_hw = views["image_hw"]
         self._box_offsets = views["box_offsets"]
@@ -338,7 +355,12 @@ def _merge_stores(stores: Sequence[ProposalStore], output: str, metadata, block:
                     out[np.repeat(mine, counts[b0:b1])] = store._boxes[_ranges(starts[sel], counts[sel])]
             yield out
 
-    _write_file(output, [keys[i] for i in keep], hw, counts, blocks(), metadata)
+    # An image unreadable in one input but with boxes in another (read after a fix) has boxes.
+    unreadable = {k: r for s in stores for k, r in s.unreadable.items()}
+    for k in list(unreadable):
+        if any(s.index(k) >= 0 for s in stores):
+            del unreadable[k]
+    _write_file(output, [keys[i] for i in keep], hw, counts, blocks(), metadata, unreadable)
 
 
 def _merged_metadata(stores: Sequence[ProposalStore]) -> dict:
@@ -367,8 +389,10 @@ class ProposalWriter:
     atomically) into the folder ``<output>.parts/`` every ``chunk_size`` images; :meth:`close`
     merges the chunks (and a previous ``output`` when resuming) into ``output`` and removes the
     folder. A killed run loses only the unwritten buffer; an exception inside a ``with`` block
-    flushes the buffer first. With ``resume=True`` the images already in ``output`` or in its
-    chunks are listed in :attr:`done_keys`; the generation metadata must then match.
+    flushes the buffer first. Images that could not be read are recorded with
+    :meth:`add_unreadable`. With ``resume=True`` the images already in ``output`` or in its
+    chunks (with boxes or recorded as unreadable) are listed in :attr:`done_keys`; the
+    generation metadata must then match.
     """
 
     def __init__(self, output, chunk_size: int = 1000, resume: bool = False, metadata: Optional[dict] = None):
@@ -377,6 +401,7 @@ class ProposalWriter:
         self.chunk_size = int(chunk_size)
         self.metadata = dict(metadata or {})
         self._buffer: Dict[str, Tuple[np.ndarray, Tuple[int, int]]] = {}
+        self._unreadable: Dict[str, str] = {}
         self.done_keys: Set[str] = set()
         self._next_chunk = 0
         existing = self._existing_files()
@@ -393,6 +418,7 @@ class ProposalWriter:
                     f"this run uses {self.metadata}"
                 )
             self.done_keys.update(store.keys)
+            self.done_keys.update(store.unreadable)
         os.makedirs(self.parts_dir, exist_ok=True)
         for name in os.listdir(self.parts_dir):
             if name.startswith(".") and name.endswith(".tmp"):  # left by a killed atomic_write
@@ -414,18 +440,27 @@ class ProposalWriter:
         to_uint16_boxes(boxes, image_hw, key)  # validate now, not at flush time
         self._buffer[key] = (np.asarray(boxes), (int(image_hw[0]), int(image_hw[1])))
         self.done_keys.add(key)
-        if len(self._buffer) >= self.chunk_size:
+        self._maybe_flush()
+
+    def add_unreadable(self, key: str, reason: str) -> None:
+        """Record that the image ``key`` could not be read, and why."""
+        self._unreadable[key] = str(reason)
+        self.done_keys.add(key)
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if len(self._buffer) + len(self._unreadable) >= self.chunk_size:
             self.flush()
 
     def flush(self) -> None:
         """Write the buffered entries as one chunk file (atomically)."""
-        if not self._buffer:
+        if not self._buffer and not self._unreadable:
             return
         self._chunk_files()
         path = os.path.join(self.parts_dir, f"chunk-{self._next_chunk:06d}.socoprop")
-        write_proposals(path, self._buffer, self.metadata)
+        write_proposals(path, self._buffer, self.metadata, self._unreadable)
         self._next_chunk += 1
-        self._buffer = {}
+        self._buffer, self._unreadable = {}, {}
 
     def close(self) -> None:
         """Flush, merge everything into ``output`` and remove the chunk folder."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import List, Optional, Tuple
 import cv2
 import numpy as np
 
-from .image_list import ImageList, UnreadableImageError, read_image_reduced
+from .image_list import DEFAULT_MAX_IMAGE_PIXELS, ImageList, UnreadableImageError, read_image_reduced
 from .proposals import ProposalWriter
 
 logger = logging.getLogger(__name__)
@@ -208,29 +209,48 @@ class GenerationSummary:
             f"images done: {self.images_done} (of {self.images_total} in this shard, "
             f"{self.images_skipped} already done), boxes per image: mean {self.boxes_mean:.1f}, "
             f"min {self.boxes_min}; images with zero boxes: {self.zero_box_images}; "
-            f"unreadable images skipped: {len(self.unreadable)}; "
+            f"unreadable images skipped: {len(self.unreadable)} (recorded in the file); "
             f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s"
         )
 
 
 def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would oversubscribe
+    """Pool initializer: OpenCV single-threaded (one process per core; OpenCV's own threads
+    would oversubscribe)."""
+    cv2.setNumThreads(1)
+    # SIGUSR1 is for the main process (which stops cleanly); SIGTERM ends a worker as usual.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _poll(results, watcher, timeout: float = 1.0):
+    """The pool's results as they come, stopping early once ``watcher`` saw a signal (a result
+    that never comes, because a signal killed its worker, does not block the stop)."""
+    while not watcher.received:
+        try:
+            yield results.next(timeout)
+        except multiprocessing.TimeoutError:
+            continue
+        except StopIteration:
+            return
 
 
 def _process_one(task):
     """Worker body: (key, path, params) -> (key, boxes uint16 or None, (H, W), error or None)."""
-    key, path, params = task
+    key, path, params, max_pixels = task
     try:
         # JPEGs are decoded at a reduced scale (DCT scaling) that keeps at least twice the
         # search size; decoding only down to the search size itself cost recall in
         # benchmarks/bench_proposals.py.
         max_size = params.get("max_size")
-        image, hw = read_image_reduced(path, 2 * max_size if max_size else None)
+        image, hw = read_image_reduced(path, 2 * max_size if max_size else None, max_pixels)
     except UnreadableImageError as e:
         return key, None, None, e.reason
     try:
         boxes = generate_proposals(image, image_hw=hw, **params)
-    except cv2.error as e:
+    except MemoryError:
+        return key, None, None, "out of memory in selective search"
+    except Exception as e:  # cv2.error or anything else this one image triggers
         return key, None, None, f"selective search failed ({e})"
     return key, boxes, hw, None
 
@@ -247,15 +267,22 @@ def run_generation(
     max_boxes: Optional[int] = None,
     chunk_size: int = 1000,
     progress: bool = True,
+    max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> GenerationSummary:
     """Compute the proposals of ``images`` (shard ``(i, n)``: every n-th image from the i-th) into
     the proposals file ``output``, with a pool of ``workers`` processes (default: all cores).
 
-    Unreadable images are logged, counted and skipped. With ``resume`` the images already in
-    ``output`` or in its partial chunks are skipped. Results are written in chunks of
+    SIGTERM or SIGUSR1 stops the run: what is finished is written (``output.parts/``) and
+    :class:`~soco_d2.engine.preemption.Preempted` is raised (exit code 75); ``resume``
+    continues. Unreadable images (see :func:`~soco_d2.data.image_list.read_image`; ``max_pixels`` is its
+    header-checked pixel limit) are logged, counted and recorded in the file's ``unreadable``
+    list. With ``resume`` the images already in ``output`` or in its partial chunks (unreadable
+    ones included) are skipped. Results are written in chunks of
     ``chunk_size`` images, so a killed run loses at most the images of one chunk.
     """
     from tqdm import tqdm
+
+    from soco_d2.engine.preemption import Preempted, PreemptionWatcher
 
     index, count = shard
     if not (count >= 1 and 0 <= index < count):
@@ -268,17 +295,19 @@ def run_generation(
     start = time.perf_counter()
     shard_ids = range(index, len(images), count)
     summary.images_total = len(shard_ids)
-    with ProposalWriter(output, chunk_size=chunk_size, resume=resume, metadata=metadata) as writer:
-        tasks = [(images.keys[i], images.path(i), params) for i in shard_ids if images.keys[i] not in writer.done_keys]
+    with PreemptionWatcher() as watcher, ProposalWriter(
+            output, chunk_size=chunk_size, resume=resume, metadata=metadata) as writer:
+        tasks = [(images.keys[i], images.path(i), params, max_pixels)
+                 for i in shard_ids if images.keys[i] not in writer.done_keys]
         summary.images_skipped = summary.images_total - len(tasks)
         workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks) or 1))
         if workers == 1:
-            _init_worker()
+            cv2.setNumThreads(1)
             results = map(_process_one, tasks)
             pool = None
         else:
             pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker)
-            results = pool.imap_unordered(_process_one, tasks, chunksize=4)
+            results = _poll(pool.imap_unordered(_process_one, tasks, chunksize=4), watcher)
         min_boxes = None
         try:
             for key, boxes, image_hw, error in tqdm(results, total=len(tasks), disable=not progress,
@@ -286,16 +315,25 @@ def run_generation(
                 if error is not None:
                     logger.warning("skipping unreadable image %s: %s", key, error)
                     summary.unreadable.append(key)
-                    continue
-                writer.add(key, boxes, image_hw)
-                summary.images_done += 1
-                summary.boxes_total += len(boxes)
-                summary.zero_box_images += len(boxes) == 0
-                min_boxes = len(boxes) if min_boxes is None else min(min_boxes, len(boxes))
+                    writer.add_unreadable(key, error)
+                else:
+                    writer.add(key, boxes, image_hw)
+                    summary.images_done += 1
+                    summary.boxes_total += len(boxes)
+                    summary.zero_box_images += len(boxes) == 0
+                    min_boxes = len(boxes) if min_boxes is None else min(min_boxes, len(boxes))
+                if watcher.received:
+                    break
         finally:
             if pool is not None:
                 pool.terminate()
                 pool.join()
         summary.boxes_min = min_boxes or 0
+        if watcher.received:
+            writer.flush()
+            summary.seconds = time.perf_counter() - start
+            logger.warning("%s received: stopped; %s. The finished images are in %s; continue "
+                           "with --resume.", watcher.signal_name, summary.format(), writer.parts_dir)
+            raise Preempted(f"proposal generation stopped by {watcher.signal_name}")
     summary.seconds = time.perf_counter() - start
     return summary

@@ -41,8 +41,13 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from soco_d2.data.image_list import UnreadableImageError, default_coco_image_root, read_image
-from soco_d2.data.loader import per_process_batch_size
+from soco_d2.data.image_list import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    UnreadableImageError,
+    default_coco_image_root,
+    read_image,
+)
+from soco_d2.data.loader import loader_worker_init, per_process_batch_size, usable_num_workers
 from soco_d2.data.samplers import ResumableInfiniteSampler
 from soco_d2.utils import comm
 
@@ -149,6 +154,7 @@ class COCODetection(torch.utils.data.Dataset):
         filter_empty: drop training images left without annotations.
         skip_missing: drop images absent on disk (else raise naming them).
         flip_prob: probability of a horizontal flip (training only).
+        max_image_pixels: images declaring more pixels are unreadable (``INPUT.MAX_IMAGE_PIXELS``).
     """
 
     def __init__(
@@ -162,8 +168,10 @@ class COCODetection(torch.utils.data.Dataset):
         skip_missing: bool = False,
         flip_prob: float = 0.5,
         name: Optional[str] = None,
+        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         self.name = name or json_file
+        self.max_image_pixels = max_image_pixels
         self.json_file = json_file
         self.image_root = image_root
         self.is_train = is_train
@@ -259,7 +267,7 @@ class COCODetection(torch.utils.data.Dataset):
         return np.asarray(self.category_ids, dtype=np.int64)[np.asarray(labels) - self.first_label]
 
     def _read(self, rec: dict) -> np.ndarray:
-        image = read_image(rec["file_name"])
+        image = read_image(rec["file_name"], self.max_image_pixels)
         if image.shape[:2] != (rec["height"], rec["width"]):
             raise UnreadableImageError(
                 rec["file_name"],
@@ -346,6 +354,7 @@ def build_dataset(cfg, name: str, is_train: bool, first_label: int) -> COCODetec
         skip_missing=cfg.DATALOADER.SKIP_MISSING_IMAGES,
         flip_prob=0.5 if flip == "horizontal" else 0.0,
         name=name,
+        max_image_pixels=cfg.INPUT.MAX_IMAGE_PIXELS,
     )
 
 
@@ -364,7 +373,7 @@ def build_train_loader(cfg, dataset: COCODetection, start_iter: int = 0):
         len(dataset), seed=cfg.SEED, rank=rank, world_size=world, shuffle=True,
         start_position=start_iter * cfg.SOLVER.IMS_PER_BATCH,
     )
-    num_workers = cfg.DATALOADER.NUM_WORKERS
+    num_workers = usable_num_workers(cfg.DATALOADER.NUM_WORKERS)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=per_process_batch_size(cfg, world),
@@ -377,6 +386,7 @@ def build_train_loader(cfg, dataset: COCODetection, start_iter: int = 0):
         # A private generator: building the loader must not consume the global torch RNG,
         # whose state is part of an exact resume.
         generator=torch.Generator().manual_seed(cfg.SEED + rank),
+        worker_init_fn=loader_worker_init,
     )
     return iter(loader)
 
@@ -389,7 +399,8 @@ def build_test_loader(cfg, dataset: COCODetection):
         torch.utils.data.Subset(dataset, indices),
         batch_size=cfg.TEST.IMS_PER_BATCH,
         shuffle=False,
-        num_workers=min(cfg.DATALOADER.NUM_WORKERS, 4),
+        num_workers=min(usable_num_workers(cfg.DATALOADER.NUM_WORKERS), 4),
+        worker_init_fn=loader_worker_init,
         collate_fn=list_collate,
         pin_memory=_use_pin_memory(cfg),
     )

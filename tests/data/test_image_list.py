@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import sys
 
 import cv2
 import numpy as np
@@ -264,3 +265,77 @@ def test_read_image_reduced_decodes_jpeg_at_a_fraction(tmp_path):
     (tmp_path / "t.jpg").write_bytes((tmp_path / "a.jpg").read_bytes()[:200])
     with pytest.raises(UnreadableImageError):
         read_image_reduced(tmp_path / "t.jpg", 128)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile files: one contract for every decoder failure
+# ------------------------------------------------------------------------------------------------
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hostile_images import bomb_png, make_hostile_folder  # noqa: E402
+
+from soco_d2.data.image_list import DEFAULT_MAX_IMAGE_PIXELS, read_image_reduced  # noqa: E402
+
+
+def test_bomb_header_png_is_refused_before_decoding(tmp_path):
+    data = bomb_png()
+    assert len(data) < 70
+    (tmp_path / "bomb.png").write_bytes(data)
+    for read in (read_image, lambda p: read_image_reduced(p, 256)[0]):
+        with pytest.raises(UnreadableImageError) as info:
+            read(tmp_path / "bomb.png")
+        assert "bomb.png" in str(info.value) and "pixels" in info.value.reason
+
+
+def test_pixel_limit_is_checked_from_the_header_and_named(tmp_path):
+    # 20000 x 15000 declared; a limit below it refuses the file and names the limit.
+    (tmp_path / "big.png").write_bytes(bomb_png(20000, 15000))
+    with pytest.raises(UnreadableImageError) as info:
+        read_image(tmp_path / "big.png", max_pixels=10**8)
+    assert "300000000 pixels" in info.value.reason and "limit of 100000000" in info.value.reason
+    assert "MAX_IMAGE_PIXELS" in info.value.reason
+    assert DEFAULT_MAX_IMAGE_PIXELS < 20000 * 15000  # refused by default too
+    with pytest.raises(UnreadableImageError, match="limit"):
+        read_image(tmp_path / "big.png")
+    # A real image above a low limit is refused; under it, decoded.
+    Image.fromarray(_rgb(40, 50)).save(tmp_path / "a.jpg")
+    with pytest.raises(UnreadableImageError, match="40 = 2000 pixels"):
+        read_image(tmp_path / "a.jpg", max_pixels=1999)
+    with pytest.raises(UnreadableImageError, match="limit of 1999"):
+        read_image_reduced(tmp_path / "a.jpg", 16, max_pixels=1999)
+    assert read_image(tmp_path / "a.jpg", max_pixels=2000).shape == (40, 50, 3)
+
+
+def test_any_decoder_exception_becomes_unreadable(tmp_path, monkeypatch):
+    import soco_d2.data.image_list as image_list
+
+    Image.fromarray(_rgb()).save(tmp_path / "a.png")
+
+    def explode(*args, **kwargs):
+        raise cv2.error("OpenCV(5.0.0) simulated decoder failure")
+
+    monkeypatch.setattr(image_list.cv2, "imdecode", explode)
+    # OpenCV raising is not the end: Pillow decodes the file.
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), _rgb())
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(image_list, "_decode_pil", no_memory)
+    with pytest.raises(UnreadableImageError, match="out of memory"):
+        read_image(tmp_path / "a.png")
+
+
+def test_hostile_folder_reads_good_files_and_reports_bad_ones(tmp_path):
+    good, bad = make_hostile_folder(tmp_path)
+    for name in good:
+        image = read_image(tmp_path / name)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, name
+        assert read_image_reduced(tmp_path / name, 32)[0].shape[2] == 3
+    assert read_image(tmp_path / "one_pixel.png").shape == (1, 1, 3)
+    assert read_image(tmp_path / "exif_rotated.jpg").shape == (32, 64, 3)  # stored grid
+    for name in bad:
+        for read in (read_image, lambda p: read_image_reduced(p, 32)):
+            with pytest.raises(UnreadableImageError) as info:
+                read(tmp_path / name)
+            assert info.value.path.endswith(name) and info.value.reason

@@ -163,3 +163,32 @@ def test_empty_writer_gives_empty_file(tmp_path):
         pass
     store = ProposalStore.open(tmp_path / "e.socoprop")
     assert len(store) == 0 and store.keys == [] and store.get("a") is None
+
+
+def test_unreadable_images_are_recorded_merged_and_resumed(tmp_path):
+    boxes = np.array([[1, 2, 10, 12]], np.float32)
+    a, b = tmp_path / "a.socoprop", tmp_path / "b.socoprop"
+    write_proposals(a, {"x.jpg": (boxes, (20, 20))}, unreadable={"bad.png": "the file is empty"})
+    # b read "bad.png" (fixed since) and found "worse.jpg" unreadable.
+    write_proposals(b, {"bad.png": (boxes, (20, 20))}, unreadable={"worse.jpg": "corrupt"})
+    store = ProposalStore.open(a)
+    assert store.keys == ["x.jpg"] and store.unreadable == {"bad.png": "the file is empty"}
+    assert "bad.png" not in store and store.unreadable_keys == ["bad.png"]
+    merge_proposals([a, b], tmp_path / "m.socoprop")
+    merged = ProposalStore.open(tmp_path / "m.socoprop")
+    assert merged.keys == ["bad.png", "x.jpg"] and merged.unreadable == {"worse.jpg": "corrupt"}
+    with pytest.raises(ValueError, match="also listed as unreadable"):
+        write_proposals(tmp_path / "c", {"x.jpg": (boxes, (20, 20))}, unreadable={"x.jpg": "?"})
+
+    out = tmp_path / "w.socoprop"
+    writer = ProposalWriter(out, chunk_size=2)
+    writer.add("k1.jpg", boxes, (20, 20))
+    writer.add_unreadable("k2.jpg", "truncated")  # second entry: a chunk is written
+    writer.add_unreadable("k3.jpg", "bomb")
+    del writer  # killed: k3 was only buffered
+    writer = ProposalWriter(out, chunk_size=2, resume=True)
+    assert writer.done_keys == {"k1.jpg", "k2.jpg"}  # unreadable images are not retried
+    writer.add_unreadable("k3.jpg", "bomb")
+    writer.close()
+    final = ProposalStore.open(out)
+    assert final.keys == ["k1.jpg"] and final.unreadable == {"k2.jpg": "truncated", "k3.jpg": "bomb"}

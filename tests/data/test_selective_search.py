@@ -227,9 +227,14 @@ def test_unreadable_images_logged_counted_skipped(tmp_path, caplog):
         summary = run_generation(images, tmp_path / "p.socoprop", workers=1, progress=False)
     assert summary.unreadable == ["c0/broken.jpg"] and summary.images_done == 3
     assert "c0/broken.jpg" in caplog.text
-    assert "unreadable images skipped: 1" in summary.format()
+    assert "unreadable images skipped: 1 (recorded in the file)" in summary.format()
     store = ProposalStore.open(tmp_path / "p.socoprop")
     assert "c0/broken.jpg" not in store and len(store) == 3
+    assert list(store.unreadable) == ["c0/broken.jpg"]
+    assert "truncated" in store.unreadable["c0/broken.jpg"]
+    # Resuming does not try the unreadable image again.
+    again = run_generation(images, tmp_path / "p.socoprop", workers=1, progress=False, resume=True)
+    assert again.images_skipped == 4 and again.unreadable == []
     assert store.metadata["mode"] == "fast" and store.metadata["max_size"] == ss_mod.DEFAULT_MAX_SIZE
 
 
