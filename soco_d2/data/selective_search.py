@@ -307,7 +307,8 @@ def run_generation(
             pool = None
         else:
             pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker)
-            results = _poll(pool.imap_unordered(_process_one, tasks, chunksize=4), watcher)
+            # chunksize 1: the only kind of result iterator that can wait with a timeout.
+            results = _poll(pool.imap_unordered(_process_one, tasks), watcher)
         min_boxes = None
         try:
             for key, boxes, image_hw, error in tqdm(results, total=len(tasks), disable=not progress,

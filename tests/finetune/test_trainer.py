@@ -242,3 +242,44 @@ def test_pennfudan_real_data(data_root, monkeypatch, tiny_overrides, tmp_path, c
         assert set(results[task]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     final = [json.loads(line) for line in open(tmp_path / "pf" / "metrics.json")][-1]
     assert "bbox/AP" in final and "segm/AP" in final and final["iteration"] == 2
+
+
+def test_preemption_signal_checkpoints_and_resume_continues_exactly(tiny_coco, tiny_overrides,
+                                                                    tmp_path):
+    import signal
+
+    from soco_d2.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+    json_file, _ = tiny_coco
+    common = ["SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 0, "DATASETS.TEST", "()"]
+
+    def trainer_for(out, resume):
+        cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, out) + common)
+        trainer = FinetuneTrainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        return trainer
+
+    def final(out):
+        return torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
+
+    trainer_for(tmp_path / "a", False).train()
+    trainer = trainer_for(tmp_path / "b", False)
+    step = trainer.run_step
+
+    def signalled_step(it):
+        if it == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # during iteration 2
+        step(it)
+
+    trainer.run_step = signalled_step
+    with pytest.raises(Preempted) as stop:
+        trainer.train()
+    assert stop.value.code == PREEMPTED_EXIT_CODE
+    assert (tmp_path / "b" / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert not (tmp_path / "b" / "model_final.pth").exists()
+    resumed = trainer_for(tmp_path / "b", True)
+    assert resumed.start_iter == 2
+    resumed.train()
+    straight = final(tmp_path / "a")
+    for k, v in final(tmp_path / "b").items():
+        torch.testing.assert_close(v, straight[k], rtol=0, atol=0, msg=k)

@@ -1,6 +1,7 @@
 import importlib.util
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 from soco_d2.data.proposals import ProposalStore
+from soco_d2.data.selective_search import _process_one
 
 TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "generate_proposals.py")
 
@@ -89,3 +91,43 @@ def test_resume_and_usage_errors(tmp_path, caplog, capsys):
     with pytest.raises(SystemExit):
         _main("--help")
     assert "--merge OUTPUT SHARD" in capsys.readouterr().out
+
+
+_MAIN_PID = os.getpid()
+_SIGNAL_AT = "cls0/0.jpg"
+
+
+def _signalling_process_one(task):
+    """The worker body, sending SIGTERM to the main process when it reaches ``_SIGNAL_AT``."""
+    result = _process_one(task)
+    if task[0] == _SIGNAL_AT:
+        os.kill(_MAIN_PID, signal.SIGTERM)
+    return result
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_keeps_the_finished_images_and_resume_completes(tmp_path, monkeypatch, workers):
+    import soco_d2.data.selective_search as ss
+
+    from soco_d2.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+    _images(tmp_path / "img")
+    for i in range(4, 10):  # more images, so that the signal comes before the end
+        Image.fromarray(np.full((60, 90, 3), 20 * i, np.uint8)).save(tmp_path / "img" / f"x{i}.png")
+    ref = tmp_path / "ref.socoprop"
+    assert _main("--images", tmp_path / "img", "--output", ref, "--workers", 1, "--no-progress") == 0
+
+    out = tmp_path / "p.socoprop"
+    args = ("--images", tmp_path / "img", "--output", out, "--workers", workers, "--chunk-size", 1,
+            "--no-progress")
+    monkeypatch.setattr(ss, "_process_one", _signalling_process_one)
+    with pytest.raises(Preempted) as stop:
+        _main(*args)
+    monkeypatch.undo()
+    assert stop.value.code == PREEMPTED_EXIT_CODE == 75
+    assert not out.exists()
+    chunks = os.listdir(str(out) + ".parts")
+    assert 1 <= len(chunks) < 11  # what was finished is kept, and it stopped early
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
+    assert _main(*args, "--resume") == 0
+    assert out.read_bytes() == ref.read_bytes()

@@ -3,8 +3,11 @@ import glob
 import json
 import math
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -87,3 +90,105 @@ def test_cli_trains_then_resumes_with_a_longer_schedule(unlabeled, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Continuing at iteration 2 of 3" in run.stdout + run.stderr
     assert [r["iteration"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile images, SIGKILL and SIGTERM through the real command lines
+# ------------------------------------------------------------------------------------------------
+
+sys.path.insert(0, os.path.join(REPO, "tests", "data"))
+from hostile_images import make_hostile_folder  # noqa: E402
+
+
+def _cli(out, image_dir, props, *extra):
+    overrides = tiny_overrides(image_dir, props, out) + [
+        "DATALOADER.NUM_WORKERS", "2", "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2",
+        "SEED", "5", *extra]
+    tool = os.path.join(REPO, "tools", "pretrain_net.py")
+    return [sys.executable, tool, "--config-file", SOCO_CONFIGS[0]], overrides
+
+
+def _run_until(cmd, out, iteration, sig, timeout=240):
+    """Start ``cmd``, send ``sig`` once ``metrics.json`` reaches ``iteration``; returns the process."""
+    metrics = os.path.join(out, "metrics.json")
+    rows_before = len(read_metrics(out)) if os.path.exists(metrics) else 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            rows = read_metrics(out)[rows_before:] if os.path.exists(metrics) else []
+        except json.JSONDecodeError:  # a line being written
+            rows = []
+        if rows and rows[-1]["iteration"] >= iteration:  # a row written by this run
+            if sig == signal.SIGKILL:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole job: trainer and loader workers
+            else:
+                os.kill(proc.pid, sig)  # the trainer only, as `kill` or a scheduler does
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=timeout)
+    return proc
+
+
+def _final_weights(out):
+    import torch
+
+    return torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_cli_hostile_images_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path):
+    """Both tools run to completion on a folder of good and hostile files, each bad file counted
+    once; SIGKILL at a random step, then SIGTERM, each followed by --resume, give bit-identical
+    final weights to an uninterrupted run (SoCo R18, 2 loader workers)."""
+    import torch
+
+    image_dir = tmp_path / "images"
+    good, bad = make_hostile_folder(image_dir)
+    props = str(tmp_path / "props.socoprop")
+    gen = subprocess.run([sys.executable, os.path.join(REPO, "tools", "generate_proposals.py"),
+                          "--images", str(image_dir), "--output", props, "--workers", "1",
+                          "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert f"images done: {len(good)}" in gen.stderr
+    assert f"unreadable images skipped: {len(bad)}" in gen.stderr
+    for name in bad:
+        assert gen.stderr.count(f"skipping unreadable image {name}:") == 1, name
+    # A good file that goes bad after the proposals were made: found once during training.
+    late = image_dir / "plain3.jpg"
+    late.write_bytes(late.read_bytes()[:200])
+
+    ref = str(tmp_path / "ref")
+    cmd, overrides = _cli(ref, str(image_dir), props)
+    run = subprocess.run(cmd + overrides, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    assert f"{len(bad)} of {len(good) + len(bad)} images are recorded as unreadable" in log
+    assert "no entry in the proposals file" not in log
+    assert log.count("Skipping unreadable image") == 1 and "plain3.jpg" in log
+    rows = read_metrics(ref)
+    assert [r["iteration"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["num_unreadable_images"] == 1
+
+    out = str(tmp_path / "run")
+    cmd, overrides = _cli(out, str(image_dir), props)
+    step = random.Random().randint(1, 4)
+    killed = _run_until(cmd + overrides, out, step, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, f"SIGKILL after iteration {step}"
+    assert not os.path.exists(os.path.join(out, "model_final.pth"))
+
+    stopped = _run_until(cmd + ["--resume"] + overrides, out, 5, signal.SIGTERM)
+    text = stopped.stdout.read()
+    assert stopped.returncode == 75, text[-3000:]
+    assert "SIGTERM received: stopped after iteration" in text and "--resume" in text
+    assert not os.path.exists(os.path.join(out, "model_final.pth"))
+
+    done = subprocess.run(cmd + ["--resume"] + overrides, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert read_metrics(out)[-1]["num_unreadable_images"] == 1
+    a, b = _final_weights(ref), _final_weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs (SIGKILL after iteration {step})"
