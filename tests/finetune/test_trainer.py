@@ -244,6 +244,7 @@ def test_pennfudan_real_data(data_root, monkeypatch, tiny_overrides, tmp_path, c
     assert "bbox/AP" in final and "segm/AP" in final and final["iteration"] == 2
 
 
+@pytest.mark.slow  # three short Mask R-CNN runs
 def test_preemption_signal_checkpoints_and_resume_continues_exactly(tiny_coco, tiny_overrides,
                                                                     tmp_path):
     import signal
