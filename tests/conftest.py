@@ -14,3 +14,21 @@ def data_root():
     if not root or not os.path.isdir(root):
         pytest.skip("SOCO_DATA_ROOT is not set (real-data test)")
     return root
+
+
+@pytest.fixture
+def soco_log():
+    """Messages of the ``soco_d2`` loggers, whatever their configuration (the training engine's
+    ``setup_logging`` stops them propagating to pytest's ``caplog``)."""
+    import logging
+
+    records = []
+    handler = logging.Handler(level=logging.DEBUG)
+    handler.emit = lambda record: records.append(record.getMessage())
+    log = logging.getLogger("soco_d2")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(min(level or logging.INFO, logging.INFO))
+    yield records
+    log.removeHandler(handler)
+    log.setLevel(level)

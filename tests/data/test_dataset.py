@@ -221,17 +221,16 @@ def test_real_images_through_the_soco_mapper(data_root):
     assert by_json.images.keys == ds.images.keys
 
 
-def test_unreadable_image_is_remembered_logged_once_and_never_reread(folder, caplog, monkeypatch):
+def test_unreadable_image_is_remembered_logged_once_and_never_reread(folder, soco_log, monkeypatch):
     root, _ = folder
     (root / "img1.png").write_bytes(b"not an image at all")
     ds = PretrainDataset(list_images(str(root)), None, RecordingMapper())
     reads = []
     real_read = dataset_module.read_image
     monkeypatch.setattr(dataset_module, "read_image", lambda p, m: reads.append(p) or real_read(p, m))
-    with caplog.at_level(logging.WARNING, logger="soco_d2.data.dataset"):
-        first = ds[(1, 7)]
-        again = [ds[(1, s)] for s in range(3)]
-    assert caplog.text.count("img1.png") == 1
+    first = ds[(1, 7)]
+    again = [ds[(1, s)] for s in range(3)]
+    assert "\n".join(soco_log).count("img1.png") == 1
     assert sum(p.endswith("img1.png") for p in reads) == 1  # never retried
     assert ds.unreadable_indices() == [1]
     # The replacement (and the sample) is the same as when the file was read and failed.
@@ -250,18 +249,18 @@ def test_unreadable_image_is_remembered_logged_once_and_never_reread(folder, cap
     assert fresh[(1, 7)]["draw"] == first["draw"] and reads == [str(root / "img2.png")]
 
 
-def test_images_recorded_unreadable_in_the_proposals_are_left_out(folder, tmp_path, caplog):
+def test_images_recorded_unreadable_in_the_proposals_are_left_out(folder, tmp_path, soco_log):
     root, keys = folder
     store_path = tmp_path / "props.bin"
     boxes = np.array([[1, 1, 10, 10]], np.float32)
     # 2 of 4 images unreadable at generation: they are not "missing proposals" (threshold 0).
     write_proposals(str(store_path), {keys[0]: (boxes, (40, 60)), keys[2]: (boxes, (20, 20))},
                     unreadable={keys[1]: "the file is empty", keys[3]: "corrupt"})
-    with caplog.at_level(logging.INFO, logger="soco_d2.data.dataset"):
-        ds = build_pretrain_dataset(_cfg(root, store_path, max_missing=0.0))
+    ds = build_pretrain_dataset(_cfg(root, store_path, max_missing=0.0))
+    log = "\n".join(soco_log)
     assert ds.images.keys == [keys[0], keys[2]]
-    assert "2 of 4 images are recorded as unreadable" in caplog.text
-    assert "img1.png" in caplog.text and "the file is empty" in caplog.text
-    assert "no entry" not in caplog.text
+    assert "2 of 4 images are recorded as unreadable" in log
+    assert "img1.png" in log and "the file is empty" in log
+    assert "no entry" not in log
     store = ProposalStore.open(str(store_path))
     assert check_proposal_coverage(list_images(str(root)), store, 1.0) == (0, 0)

@@ -1,7 +1,6 @@
 """Preemption (SIGTERM / SIGUSR1), failing checkpoint writes and dying loader workers."""
 import errno
 import json
-import logging
 import os
 import signal
 import sys
@@ -22,18 +21,6 @@ from soco_d2.engine.preemption import (  # noqa: E402
     PreemptionWatcher,
 )
 from soco_d2.engine.trainer import PretrainTrainer  # noqa: E402
-
-
-@pytest.fixture
-def soco_log():
-    """Messages of the ``soco_d2`` loggers (which do not propagate to pytest's caplog)."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    log = logging.getLogger("soco_d2")
-    log.addHandler(handler)
-    yield records
-    log.removeHandler(handler)
 
 
 def _trainer(cfg, dataset=None, signal_at_call=None, sig=signal.SIGTERM):
