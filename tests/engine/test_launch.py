@@ -113,3 +113,40 @@ def test_slurm_tasks_form_one_job(tmp_path):
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     infos = _read(tmp_path)
     assert [(i["rank"], i["local_rank"], i["world"]) for i in infos] == [(0, 0, 2), (1, 1, 2)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_spawned_process_after_the_same_step(tmp_path):
+    """``kill <launcher>``: the two spawned processes agree on a step, write one checkpoint with
+    both random states, and the launcher exits with the preemption code."""
+    import signal
+    import time
+
+    import torch
+
+    engine_tests = os.path.dirname(os.path.abspath(__file__))
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {engine_tests!r})
+        import toy_pretrain as toy
+        from soco_d2.engine.launch import launch
+        overrides = {{"SOLVER.MAX_ITER": 100000, "SOLVER.CHECKPOINT_PERIOD": 0, "LOG_PERIOD": 1}}
+        launch(toy.train_and_dump, 2, backend="gloo", args=({str(out)!r}, "unused.pt", overrides))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=_clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.1)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 75, output[-3000:]
+    name = (out / "last_checkpoint").read_text()
+    state = torch.load(out / name, weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng_states"]) == 2
+    assert name == f"model_{state['iteration']:07d}.pth" and 3 <= state["iteration"] < 100000
+    assert "SIGTERM received: stopped after iteration" in output
