@@ -241,7 +241,8 @@ class PretrainTrainer:
         self.model.train()
         try:
             self.monitors.before_train()
-            with PreemptionWatcher() as watcher, explain_worker_death(self.checkpointer.last_checkpoint):
+            with PreemptionWatcher() as watcher, \
+                    explain_worker_death(self.checkpointer.last_checkpoint):
                 for it in range(self.start_iter, self.max_iter):
                     self.iter = it
                     self.run_step(it)

@@ -419,7 +419,8 @@ class FinetuneTrainer:
         save = lambda name, it, final=False: save_checkpoint(  # noqa: E731
             cfg, self.checkpointer, name, it, final=final)
         try:
-            with PreemptionWatcher() as watcher, explain_worker_death(self.checkpointer.last_checkpoint):
+            with PreemptionWatcher() as watcher, \
+                    explain_worker_death(self.checkpointer.last_checkpoint):
                 for it in range(self.start_iter, self.max_iter):
                     self.iter = it
                     self.run_step(it)
