@@ -624,8 +624,8 @@ def convert_to_d2(
     if report.unmapped and not allow_unmapped:
         raise ConversionError(
             f"{source}: {len(report.unmapped)} key(s) are neither converted nor known to be "
-            f"droppable, e.g. {report.unmapped[:8]}. Check the input is the intended checkpoint; "
-            "pass --allow-unmapped (allow_unmapped=True) to ignore them."
+            f"droppable, e.g. {_explain_unmapped(report.unmapped[:8], components)}. Check the input "
+            "is the intended checkpoint; pass --allow-unmapped (allow_unmapped=True) to ignore them."
         )
     if "backbone" in parts:
         report.depth = _validate_backbone(out, depth, source)
@@ -634,6 +634,19 @@ def convert_to_d2(
     if "head" in parts:
         _validate_head(out, source)
     return out, report
+
+
+def _explain_unmapped(keys: Sequence[str], components: Sequence[_Component]) -> str:
+    """The keys, each inside a recognised block with what that block's layout expects there."""
+    out = []
+    for key in keys:
+        c = next((c for c in components if c.prefix and key.startswith(c.prefix)), None)
+        if c is None:
+            out.append(f"'{key}'")
+            continue
+        layout = next((d for n, d in KNOWN_LAYOUTS.items() if n.startswith(c.style)), c.style)
+        out.append(f"'{key}' (inside the {c.style} block at '{c.prefix}', which expects {layout})")
+    return "; ".join(out)
 
 
 def _part_of(name: str) -> str:

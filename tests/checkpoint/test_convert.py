@@ -546,3 +546,13 @@ def test_project_detco_model_converts():
     reasons = Counter(report.dropped.values())
     assert set(reasons) == {"target branch", "head (not transferred)", "queue"}
     assert reasons["queue"] == len([k for k in state if k.startswith("queues_")])
+
+
+def test_unmappable_official_key_named_with_what_its_block_expects(modules):
+    ckpt = official_soco_state(modules)
+    ckpt["model"]["module.encoder.layer1.0.se.fc.weight"] = torch.zeros(4, 4)
+    with pytest.raises(ConversionError) as e:
+        convert_to_d2(ckpt)
+    msg = str(e.value)
+    assert "'module.encoder.layer1.0.se.fc.weight' (inside the ResNet, torchvision names block at 'module.encoder.'" in msg
+    assert "layer1.0.conv1.weight" in msg and "--allow-unmapped" in msg
