@@ -9,16 +9,15 @@ all of them alike:
   forward on them, no RoI heads, no loss. No SoCo implementation can be faster than this.
 * ``official`` — ``contrast/models/SoCo_FPN.py`` of the official code (pass its checkout with
   ``--official-repo``; it is not part of this project). Its FPN imports ``mmcv.cnn.ConvModule``;
-  this script supplies a minimal stand-in (conv + BN + optional activation) so mmcv is not needed.
+  ``benchmarks/official_soco.py`` supplies a minimal stand-in (conv + BN + optional activation)
+  so mmcv is not needed.
 
 Example: ``python benchmarks/bench_pretrain_step.py --rounds 5 --official-repo /path/to/SoCo``
 """
 import argparse
 import math
 import statistics
-import sys
 import time
-import types
 
 import torch
 from torch import nn
@@ -26,6 +25,8 @@ from torch import nn
 from soco_d2.config import load_config
 from soco_d2.modeling import build_model
 from soco_d2.modeling.backbone import build_resnet_fpn_backbone
+
+from official_soco import import_official
 
 
 def make_batch(n, k, sizes=(224, 224, 112), seed=0):
@@ -68,48 +69,12 @@ class Floor(nn.Module):
         loss.backward()
 
 
-def _mmcv_stand_in():
-    """Just enough of ``mmcv.cnn`` for the official FPN: ConvModule = conv (+ BN) (+ ReLU)."""
-
-    class ConvModule(nn.Module):
-        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                     conv_cfg=None, norm_cfg=None, act_cfg=dict(type="ReLU"), inplace=True, **_):
-            super().__init__()
-            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
-                                  bias=norm_cfg is None)
-            self.bn = nn.BatchNorm2d(out_channels) if norm_cfg is not None else None
-            self.act = nn.ReLU(inplace=inplace) if act_cfg is not None else None
-
-        def forward(self, x):
-            x = self.conv(x)
-            if self.bn is not None:
-                x = self.bn(x)
-            return self.act(x) if self.act is not None else x
-
-    def xavier_init(module, gain=1, bias=0, distribution="normal"):
-        init = nn.init.xavier_uniform_ if distribution == "uniform" else nn.init.xavier_normal_
-        init(module.weight, gain=gain)
-        if getattr(module, "bias", None) is not None:
-            nn.init.constant_(module.bias, bias)
-
-    mmcv = types.ModuleType("mmcv")
-    cnn = types.ModuleType("mmcv.cnn")
-    cnn.ConvModule, cnn.xavier_init = ConvModule, xavier_init
-    mmcv.cnn = cnn
-    sys.modules.update({"mmcv": mmcv, "mmcv.cnn": cnn})
-
-
 class Official(nn.Module):
     """The official SoCo_FPN model, fed the same pixels and boxes in its own input format."""
 
     def __init__(self, repo, depth):
         super().__init__()
-        _mmcv_stand_in()
-        sys.path.insert(0, repo)
-        import torch.distributed as dist
-
-        if not dist.is_initialized():  # the official __init__ asks for the world size
-            dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+        import_official(repo)  # stand-ins for mmcv / mmdet, a one-process group, sys.path
         nn.SyncBatchNorm.convert_sync_batchnorm = staticmethod(lambda m, *a, **k: m)  # 1 process: BN
         from contrast import resnet
         from contrast.models.SoCo_FPN import SoCo_FPN
