@@ -461,12 +461,15 @@ def build_ours(config: str, depth: int, mode_key: Optional[str], mode: str):
     return cfg, build_model(cfg)
 
 
-def run_case(off_model, ckpt, config, depth, n, bn_mode, sample, mode_key, modes, log):
-    """Official vs ours for one (depth, images, BN mode) and every head mode."""
+def run_case(off_model, ckpt, config, depth, bn_mode, sample, batch, mean, std, mode_key, modes, log):
+    """Official vs ours for one (depth, images, BN mode) and every head mode. ``batch``: the
+    sample in this project's format; the official model gets its images as this model normalises
+    them (bit-identical input; they differ from the sample's by the 0-255 round trip, ~1 ulp)."""
     pristine = copy.deepcopy(off_model.state_dict())
     off_model.load_state_dict(pristine)
     off_model.train(bn_mode == "train")
-    im1, im2, im3, b1_12, b1_13, b2, b3, c12, c13 = sample
+    _, _, _, b1_12, b1_13, b2, b3, c12, c13 = sample
+    im1, im2, im3 = ((batch["images"][v].float() - mean) / std for v in ("v1", "v2", "v3"))
     off_model.contrast_momentum = 1.0  # keep the loaded target (see the module docstring)
     off_model.zero_grad(set_to_none=True)
     loss_off = off_model(im1, im2, im3, b1_12, b1_13, b2, b3, c12, c13)
@@ -478,14 +481,12 @@ def run_case(off_model, ckpt, config, depth, n, bn_mode, sample, mode_key, modes
     k = b1_12.shape[1]
     lv = {"v1_v2": official_loss_levels(c12, k), "v1_v3": official_loss_levels(c13, k)}
 
-    results = {}
-    for mode in modes:
+    def evaluate(mode, levels_from_official):
         cfg, ours = build_ours(config, depth, mode_key, mode)
         origin = load_official_weights(ours, ckpt, depth)
         ours.train(bn_mode == "train")
-        mean = ours.pixel_mean.clone()
-        std = ours.pixel_std.clone()
-        batch = to_model_batch(sample, mean, std)
+        if levels_from_official:
+            use_official_levels(ours.pooler, batch, lv)
         losses = ours(batch)
         loss = sum(losses.values())
         loss.backward()
@@ -495,7 +496,13 @@ def run_case(off_model, ckpt, config, depth, n, bn_mode, sample, mode_key, modes
             "loss_terms_ours": {k_: float(v) for k_, v in losses.items()},
             "loss_rel_diff": abs(loss.item() - loss_off.item()) / max(abs(loss_off.item()), 1e-12),
             "gradients": compare_gradients(off_model, ours, origin),
+            "level_disagreements": level_disagreements(ours, batch, lv),
         }
+        return cfg, ours, origin, r
+
+    results = {}
+    for mode in modes:
+        cfg, ours, origin, r = evaluate(mode, False)
         with torch.no_grad():
             feats = our_features(ours, batch)
             r["fpn_max_abs_diff"] = {
@@ -512,16 +519,42 @@ def run_case(off_model, ckpt, config, depth, n, bn_mode, sample, mode_key, modes
             r["pooled_max_abs_diff"] = max(diffs.values())
             r["pooled_max_abs_diff_per_set_and_level"] = diffs
             r["pooled_max_abs"] = max(float(x.abs().max()) for x in pooled_off)
-            r["level_disagreements"] = level_disagreements(ours, batch, lv)
         results[mode] = r
-        log(f"    {bn_mode:5s} {mode:9s} loss ours {loss.item():+.8f} official {loss_off.item():+.8f} "
+        log(f"    {bn_mode:5s} {mode:9s} loss ours {r['loss_ours']:+.8f} official {r['loss_official']:+.8f} "
             f"(rel {r['loss_rel_diff']:.1e})  grad cos {r['gradients']['all']['cosine']:.7f}")
         if bn_mode == "train" and mode == modes[0]:
             results["_optim"] = compare_optim_and_ema(off_model, ours, origin, cfg)
         del ours
+        if r["level_disagreements"]["different"]:
+            # The same comparison with each box's loss on the level the official code chose.
+            _, ours, _, r2 = evaluate(mode, True)
+            del ours
+            results[mode]["with_official_levels"] = r2
+            log(f"    {bn_mode:5s} {mode:9s} with the official levels: loss ours {r2['loss_ours']:+.8f} "
+                f"(rel {r2['loss_rel_diff']:.1e})  grad cos {r2['gradients']['all']['cosine']:.7f}")
     off_model.load_state_dict(pristine)
     off_model.zero_grad(set_to_none=True)
     return results
+
+
+def use_official_levels(pooler, batch, official_levels) -> None:
+    """Make ``pooler.assign_levels`` return, for every box that enters the official loss, the level
+    the official code chose for it (looked up by its exact coordinates); its own level otherwise."""
+    table = {}
+    for p, key in zip(batch["pairs"], ("v1_v2", "v1_v3")):
+        for side, levels in zip(("a", "b"), official_levels[key]):
+            for box, level in zip(p[f"boxes_{side}"].reshape(-1, 4).tolist(), levels.reshape(-1).tolist()):
+                if level >= 0:
+                    table[tuple(box)] = level
+    own = pooler.assign_levels
+
+    def assign_levels(boxes):
+        levels = own(boxes).clone()
+        for i, box in enumerate(boxes.reshape(-1, 4).tolist()):
+            levels[i] = table.get(tuple(box), levels[i])
+        return levels
+
+    pooler.assign_levels = assign_levels
 
 
 def level_disagreements(ours, batch, official_levels) -> Dict:
@@ -587,6 +620,8 @@ def compare_optim_and_ema(off_model, ours, origin, cfg) -> Dict:
     my_state = ours.state_dict()
     targets = [(off_state[src], my_state[key]) for key, src in origin.items() if key.startswith("target_")
                and key.rsplit(".", 1)[1] in ("weight", "bias")]
+    for (a, _), g in zip(pairs, grads):  # the official gradients, for the next comparisons
+        a.grad = g
     return {
         "lr": lr,
         "lars_steps": steps,
@@ -715,6 +750,11 @@ def mapper_statistics(dataset, cfg_file: str, paths, proposals, samples: int, se
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
+def grad_columns(g: Dict) -> str:
+    return (" ".join(f"{g[p]['cosine']:9.6f}" if p in g else f"{'-':>9s}" for p in PARTS + ("all",))
+            + f" {g['all']['max_abs_diff'] / max(g['all']['max_abs_grad'], 1e-30):14.1e}")
+
+
 def print_report(report: Dict) -> None:
     print("\n== Parity with the official SoCo code ==")
     print(f"official: {report['official_repo']}  config: {report['config']}  images: {report['images']}")
@@ -724,7 +764,7 @@ def print_report(report: Dict) -> None:
     print(hdr)
     for case in report["cases"]:
         for bn_mode in ("eval", "train"):
-            for mode, r in case[bn_mode].items():
+            for mode, r in case.get(bn_mode, {}).items():
                 if mode.startswith("_"):
                     continue
                 g = r["gradients"]
@@ -732,10 +772,14 @@ def print_report(report: Dict) -> None:
                 print(f"{case['name']:9s} {bn_mode:5s} {mode:9s} {r['loss_official']:+14.8f} {r['loss_ours']:+14.8f} "
                       f"{r['loss_rel_diff']:8.1e} {max(r['fpn_max_abs_diff'].values()):11.1e} "
                       f"{r['pooled_max_abs_diff']:11.1e} {ld['different']:>3d}/{ld['boxes_in_loss']:<4d} | "
-                      + " ".join(f"{g[p]['cosine']:9.6f}" if p in g else f"{'-':>9s}" for p in PARTS + ("all",))
-                      + f" {g['all']['max_abs_diff'] / max(g['all']['max_abs_grad'], 1e-30):14.1e}")
+                      + grad_columns(g))
+                if "with_official_levels" in r:
+                    o = r["with_official_levels"]
+                    print(f"{'':9s} {'':5s} {'+ levels':9s} {'':14s} {o['loss_ours']:+14.8f} {o['loss_rel_diff']:8.1e} "
+                          f"{'':11s} {'':11s} {o['level_disagreements']['different']:>3d}/"
+                          f"{o['level_disagreements']['boxes_in_loss']:<4d} | " + grad_columns(o["gradients"]))
     for case in report["cases"]:
-        o = case["train"].get("_optim")
+        o = case.get("train", {}).get("_optim")
         if o:
             s = "; ".join(f"step {i + 1}: max|du| {st['max_abs_update_diff']:.1e} of max|u| {st['max_abs_update']:.1e}, "
                           f"min cos {st['min_update_cosine']:.8f}" for i, st in enumerate(o["lars_steps"]))
@@ -802,6 +846,8 @@ def main(argv=None):
     report = {"official_repo": os.path.abspath(args.official_repo), "config": args.config,
               "images": f"{args.images} ({len(paths)})", "command": " ".join(sys.argv), "cases": []}
     cfg0 = load_config(args.config)
+    mean = torch.tensor(cfg0.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cfg0.MODEL.PIXEL_STD).view(1, 3, 1, 1)
     mode_key, modes = head_modes(cfg0)
     report["head_mode_key"], report["head_modes"] = mode_key, modes
     for depth, n in args.cases:
@@ -811,9 +857,12 @@ def main(argv=None):
         off_model = build_official(oa, args.seed)
         ckpt = official_checkpoint(off_model)
         sample = official_batch(dataset, n, args.seed)
-        case = {"name": name, "depth": depth, "images": n}
+        batch = to_model_batch(sample, mean, std)
+        case = {"name": name, "depth": depth, "images": n, "input_round_trip_max_abs_diff": max(
+            max_abs((batch["images"][v] - mean) / std, x) for v, x in zip(("v1", "v2", "v3"), sample[:3]))}
         for bn_mode in args.bn_modes.split(","):
-            case[bn_mode] = run_case(off_model, ckpt, args.config, depth, n, bn_mode, sample, mode_key, modes, log)
+            case[bn_mode] = run_case(off_model, ckpt, args.config, depth, bn_mode, sample, batch, mean, std,
+                                     mode_key, modes, log)
         report["cases"].append(case)
         del off_model, ckpt
     log("schedules")
