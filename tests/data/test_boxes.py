@@ -96,3 +96,49 @@ def test_pad_to_k_draws_duplicates_uniformly_and_afresh_each_call():
     np.testing.assert_allclose(np.bincount(pads.ravel(), minlength=3) / pads.size, 1 / 3, atol=0.02)
     # Successive calls (one per box set of a pair) are independent draws, not one shared draw.
     assert (pads[0::2] != pads[1::2]).any(axis=1).mean() > 0.9
+
+
+def test_crop_boxes_size_limits_and_dtype():
+    crop = (5, 8, 40, 42)  # x in [8, 50), y in [5, 45)
+    boxes = np.array(
+        [
+            [10, 10, 11, 30],  # exactly 1 px wide: kept by the default min_size=1
+            [10, 10, 30, 11],  # exactly 1 px tall
+            [10, 10, 11.5, 30],  # 1.5 px wide
+            [10, 44.5, 30, 60],  # 0.5 px sliver at the bottom edge
+            [10, 50, 30, 60],  # below the crop, overlapping it in x only
+            [10, 45, 30, 60],  # touches the bottom edge: zero height
+        ],
+        np.float32,
+    )
+    out, keep = crop_boxes(boxes, crop)
+    np.testing.assert_array_equal(keep, [True, True, True, False, False, False])
+    _, keep0 = crop_boxes(boxes, crop, min_size=0)
+    np.testing.assert_array_equal(keep0, [True, True, True, True, False, False])
+    _, keep2 = crop_boxes(boxes, crop, min_size=1.5)
+    np.testing.assert_array_equal(keep2, [False, False, True, False, False, False])
+    assert out.dtype == np.float32
+    # Integer or float64 input, a flat box: float32 crop coordinates all the same.
+    out64, keep64 = crop_boxes([[10, 10, 30, 30]], crop)
+    assert out64.dtype == np.float32 and keep64.tolist() == [True]
+    np.testing.assert_array_equal(out64, [[2, 5, 22, 25]])
+
+
+def test_jitter_boxes_returns_float32():
+    boxes = np.array([[10, 20, 50, 100], [0, 0, 10, 10]], np.float32)
+    assert jitter_boxes(boxes, 0.5, 0.1, np.random.default_rng(0)).dtype == np.float32
+
+
+def test_sample_k_and_pad_to_k_smallest_cases():
+    rng = np.random.default_rng(0)
+    one = sample_k(5, 1, rng)
+    assert len(one) == 1 and one.dtype == np.int64
+    np.testing.assert_array_equal(sample_k(1, 3, rng), [0])  # a single candidate is used
+    empty = sample_k(0, 3, rng)
+    assert empty.dtype == np.int64 and empty.shape == (0,)
+    np.testing.assert_array_equal(pad_to_k(1, 1, rng), [0])
+    np.testing.assert_array_equal(pad_to_k(1, 3, rng), [0, 0, 0])
+    with pytest.raises(ValueError, match=r"^sample_k: k must be >= 1, got 0$"):
+        sample_k(3, 0, rng)
+    with pytest.raises(ValueError, match=r"^pad_to_k: need 1 <= m <= k, got m=5, k=4$"):
+        pad_to_k(5, 4, rng)
