@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -132,3 +133,114 @@ def test_pool_all_levels_scales_each_level_by_its_exact_size_ratio():
         torch.testing.assert_close(out[level, 0, 0], expected, rtol=0, atol=1e-3)
     # Image 1's box is pooled from image 1's maps (the batch index).
     assert out[:, 1].min() >= 10000
+
+
+def test_official_levels_of_boxes_away_from_the_origin():
+    pooler = ScaleAwareRoIPooler()
+    boxes = torch.tensor([
+        [100.0, 50.0, 147.0, 97.0],  # 48 x 48 (inclusive) -> P2
+        [100.0, 50.0, 148.0, 97.0],  # 49 x 48 -> s = 48.5 -> P3
+        [30.0, 120.0, 125.0, 215.0],  # 96 x 96 -> P3
+    ])
+    assert (pooler.assign_levels(boxes) + 2).tolist() == [2, 3, 3]
+
+
+def test_torchvision_levels_follow_the_canonical_settings_and_clamp_to_p5():
+    pooler = ScaleAwareRoIPooler(canonical_box_size=112, canonical_level=3, level_assignment="torchvision")
+    # s = 112 -> P3; s < 112 -> P2; s = 224 -> P4; s = 1000 -> P5 (clamped).
+    boxes = _square_boxes([111.0, 112.0, 224.0, 1000.0])
+    assert (pooler.assign_levels(boxes) + 2).tolist() == [2, 3, 4, 5]
+    assert pooler.boundaries == [112.0, 224.0, 448.0]
+
+
+def test_build_soco_pooler_takes_every_setting_from_the_config():
+    cfg = get_cfg()
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 5
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 2
+    cfg.MODEL.SOCO.CANONICAL_BOX_SIZE = 112
+    cfg.MODEL.SOCO.CANONICAL_LEVEL = 3
+    cfg.MODEL.SOCO.LEVEL_ASSIGNMENT = "torchvision"
+    pooler = build_soco_pooler(cfg)
+    assert pooler.output_size == (5, 5) and pooler.sampling_ratio == 2
+    assert pooler.boundaries == [112.0, 224.0, 448.0]
+    assert (pooler.assign_levels(_square_boxes([111.0, 112.0])) + 2).tolist() == [2, 3]
+
+
+def _random_features(n, height, width, channels=3):
+    torch.manual_seed(0)
+    sizes = [(math.ceil(height / 2**lvl), math.ceil(width / 2**lvl)) for lvl in range(2, 6)]
+    return [torch.randn(n, channels, h, w) for h, w in sizes]
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 1, 2])
+def test_sampling_ratio_reaches_roi_align(sampling_ratio):
+    """Random (non-linear) maps, where the number of samples per bin changes the result; 0 is
+    torchvision's adaptive sampling (-1)."""
+    from torchvision.ops import roi_align
+
+    pooler = ScaleAwareRoIPooler(output_size=3, sampling_ratio=sampling_ratio)
+    feats = _random_features(1, 64, 64)
+    boxes = torch.tensor([[[3.0, 5.0, 40.0, 41.0]]])  # s = 38 * 37 inclusive -> P2
+    ratio = sampling_ratio if sampling_ratio > 0 else -1
+    expected = roi_align(feats[0], torch.tensor([[0.0, 3.0, 5.0, 40.0, 41.0]]), (3, 3), spatial_scale=0.25,
+                         sampling_ratio=ratio, aligned=True)
+    torch.testing.assert_close(pooler(feats, boxes, (64, 64)), expected)
+    all_levels = pooler.pool_all_levels(feats, boxes, (64, 64))
+    torch.testing.assert_close(all_levels[0], expected)
+    other = roi_align(feats[0], torch.tensor([[0.0, 3.0, 5.0, 40.0, 41.0]]), (3, 3), spatial_scale=0.25,
+                      sampling_ratio=1 if ratio != 1 else -1, aligned=True)
+    assert not torch.allclose(expected, other)  # the setting matters on these maps
+    if sampling_ratio == 0:
+        torch.testing.assert_close(ScaleAwareRoIPooler(output_size=3)(feats, boxes, (64, 64)), expected)
+
+
+def test_non_square_views():
+    """A 224 x 112 (H x W) view: strides from the height, each map of pool_all_levels scaled per axis."""
+    pooler = ScaleAwareRoIPooler()
+    feats = _random_features(1, 224, 112)
+    assert pooler.feature_scales(feats, (224, 112)) == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    boxes = torch.tensor([[[8.0, 16.0, 100.0, 200.0]]])
+    out = pooler.pool_all_levels(feats, boxes, (224, 112))
+    from torchvision.ops import roi_align
+
+    for level, feat in enumerate(feats):
+        sy, sx = feat.shape[-2] / 224, feat.shape[-1] / 112
+        roi = torch.tensor([[0.0, 8.0 * sx, 16.0 * sy, 100.0 * sx, 200.0 * sy]])
+        torch.testing.assert_close(out[level], roi_align(feat, roi, (7, 7), sampling_ratio=-1, aligned=True))
+
+
+def test_no_boxes_gives_an_empty_batch():
+    pooler = ScaleAwareRoIPooler(output_size=5)
+    feats = _random_features(2, 64, 64, channels=6)
+    out = pooler(feats, torch.zeros(2, 0, 4), (64, 64))
+    assert out.shape == (0, 6, 5, 5) and out.dtype == feats[0].dtype
+
+
+def test_pool_all_levels_with_one_image_and_two_channels():
+    # Batch size (1) different from the channel count (2): the batch check reads the right axis.
+    pooler = ScaleAwareRoIPooler()
+    out = pooler.pool_all_levels(_ramp_features(1, 112), torch.tensor([[[0.0, 0.0, 56.0, 56.0]]]), (112, 112))
+    assert out.shape == (4, 1, 2, 7, 7)
+
+
+def test_bad_input_messages():
+    pooler = ScaleAwareRoIPooler()
+    feats = _random_features(1, 64, 64, channels=3)
+    message = "boxes must be (N, K, 4) with N = 1 images; got (1, 2, 5)."
+    for pool in (pooler.forward, pooler.pool_all_levels):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            pool(feats, torch.zeros(1, 2, 5), (64, 64))
+        with pytest.raises(ValueError, match=r"^Expected 4 feature maps \(P2\.\.P5\), got 3\.$"):
+            pool(feats[:3], torch.zeros(1, 2, 4), (64, 64))
+    message = "boxes must be (N, K, 4) with N = 1 images; got (2, 1, 4)."  # two images of boxes, one of maps
+    for pool in (pooler.forward, pooler.pool_all_levels):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            pool(feats, torch.zeros(2, 1, 4), (64, 64))
+    message = "Feature map 0 has size (16, 16) for a view of (32, 32): stride 2, expected 4 for P2."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        pooler(feats, torch.zeros(1, 1, 4), (32, 32))
+    message = "Feature map 1 has size (16, 16) for a view of (64, 64): stride 4, expected 8 for P3."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        pooler([feats[0], feats[0], feats[2], feats[3]], torch.zeros(1, 1, 4), (64, 64))
+    with pytest.raises(ValueError, match=r"^sampling_ratio must be >= 0 \(0 = adaptive\), got -1\.$"):
+        ScaleAwareRoIPooler(sampling_ratio=-1)
