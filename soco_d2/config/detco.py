@@ -12,15 +12,21 @@ def add_detco_config(cfg: CN) -> None:
     # Projection: 2-layer MLP (MoCo v2) to FEATURE_DIM; hidden width 0 = the level's channels.
     cfg.MODEL.DETCO.FEATURE_DIM = 128
     cfg.MODEL.DETCO.HEAD_HIDDEN_DIM = 0
-    # How the 9 patch features of a set become one: "concat" (in cell order, after un-shuffling),
-    # "concat_shuffled" (in the shuffled order, as PIRL) or "mean".
-    cfg.MODEL.DETCO.LOCAL_COMBINE = "concat"
+    # How the 9 patch features of a set become one: "concat_shuffled" (concatenated in the order
+    # the patches were shuffled into, as the paper and PIRL), "concat_grid" (in cell order, after
+    # un-shuffling; ours) or "mean".
+    cfg.MODEL.DETCO.LOCAL_COMBINE = "concat_shuffled"
     # Negatives per queue (one global and one local queue per level). Must be a multiple of the
     # keys enqueued per step, SOLVER.IMS_PER_BATCH / SOLVER.GRAD_ACCUM_STEPS.
     cfg.MODEL.DETCO.QUEUE_SIZE = 65536
     cfg.MODEL.DETCO.TEMPERATURE = 0.2
-    # Key-encoder BN across processes: "shuffle" (MoCo's shuffle-BN) or "sync" (SyncBN).
+    # Key-encoder BN: "shuffle" (MoCo's shuffle-BN) or "sync" (SyncBN across processes).
     cfg.MODEL.DETCO.KEY_BN = "shuffle"
+    # Shuffle-BN in a one-process run: both encoders' BN normalise this many sub-batches
+    # separately and the key batch is shuffled across them (8: MoCo's 8 GPUs; 256 images per
+    # step -> 32 per sub-batch as the paper). The images per step must be a multiple with at
+    # least 2 per sub-batch, else a warning and no shuffle-BN; 1 turns it off.
+    cfg.MODEL.DETCO.SHUFFLE_BN_SPLITS = 8
 
     cfg.INPUT.DETCO = CN()
     # Global views (MoCo v2 "aug+").

@@ -13,13 +13,22 @@ and patch sets ``P_q, P_k`` (query encoder / momentum key encoder)::
 
 Features are globally average-pooled stage outputs; each level has its own global and local
 2-layer MLP head (MoCo v2) to ``FEATURE_DIM``, L2-normalised. The local feature combines the 9
-pooled patch features (``LOCAL_COMBINE``). Each level has one global and one local queue, fed
-with the keys of all processes (rank order). State-dict prefixes: ``encoder_q.body.*`` and
-``encoder_k.body.*`` are torchvision ResNet names (``conv1.weight``, ``layer1.0.conv1.weight``).
+pooled patch features (``LOCAL_COMBINE``): by default they are concatenated in the order the
+patches were shuffled into (the paper), so the local feature depends on the shuffle. Each level
+has one global and one local queue, fed with the keys of all processes (rank order).
+
+Shuffle-BN (``KEY_BN "shuffle"``, MoCo): with several processes every BN normalises over its
+process's samples and the key batch is shuffled across processes. In one process both encoders'
+BN layers normalise ``SHUFFLE_BN_SPLITS`` sub-batches separately (sample ``i`` in sub-batch
+``i % SHUFFLE_BN_SPLITS``, a patch in its image's), and the key batch is shuffled before the key
+encoder and restored after it, so that a query and its key are normalised with different samples
+(MoCo's single-GPU demos). State-dict prefixes: ``encoder_q.body.*`` and ``encoder_k.body.*`` are
+torchvision ResNet names (``conv1.weight``, ``layer1.0.conv1.weight``); the split BN keeps them.
 """
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -34,11 +43,79 @@ from ..contrastive import FeatureQueue, check_queue_size, info_nce
 from ..ema import momentum_update
 from .build import META_ARCH_REGISTRY
 
-__all__ = ["DetCo", "DetCoEncoder"]
+__all__ = ["DetCo", "DetCoEncoder", "SplitBatchNorm2d", "batch_shuffle"]
+
+logger = logging.getLogger(__name__)
 
 _STAGES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
-_COMBINE = ("concat", "concat_shuffled", "mean")
+_COMBINE = ("concat_shuffled", "concat_grid", "mean")
 _KEY_BN = ("shuffle", "sync")
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalises ``num_splits`` sub-batches separately: sample
+    ``i`` belongs to sub-batch ``i % num_splits`` (one fused ``batch_norm`` call over a
+    ``(N / s, s * C, H, W)`` view). Running statistics are the mean of the sub-batches' updates.
+    Evaluation, and ``num_splits`` 1, is plain BatchNorm2d; parameters and buffers keep its names.
+    """
+
+    def __init__(self, num_features: int, num_splits: int = 1, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if num_splits < 1:
+            raise ValueError(f"SplitBatchNorm2d: num_splits must be >= 1, got {num_splits}")
+        self.num_splits = int(num_splits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.num_splits
+        if s == 1 or not self.training:
+            return super().forward(x)
+        self._check_input_dim(x)
+        n, c = x.shape[:2]
+        if n % s:
+            raise ValueError(
+                f"SplitBatchNorm2d: a batch of {n} samples cannot be split into {s} sub-batches "
+                "(MODEL.DETCO.SHUFFLE_BN_SPLITS): feed a multiple of it."
+            )
+        factor = 0.0 if self.momentum is None else self.momentum
+        track = self.track_running_stats and self.running_mean is not None
+        if track and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        mean = self.running_mean.repeat(s) if track else None
+        var = self.running_var.repeat(s) if track else None
+        out = F.batch_norm(
+            x.reshape(n // s, s * c, *x.shape[2:]), mean, var,
+            self.weight.repeat(s) if self.affine else None,
+            self.bias.repeat(s) if self.affine else None,
+            True, factor, self.eps,
+        )
+        if track:
+            with torch.no_grad():
+                self.running_mean.copy_(mean.view(s, c).mean(0))
+                self.running_var.copy_(var.view(s, c).mean(0))
+        out = out.reshape(x.shape)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+
+def _split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace, in place, every ``nn.BatchNorm2d`` inside a freshly built ``module`` by a
+    :class:`SplitBatchNorm2d` with the same settings, parameters and buffers."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            split = SplitBatchNorm2d(child.num_features, num_splits, eps=child.eps,
+                                     momentum=child.momentum, affine=child.affine,
+                                     track_running_stats=child.track_running_stats)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split.train(child.training))
+        else:
+            _split_batchnorm(child, num_splits)
+    return module
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -95,21 +172,27 @@ class DetCoEncoder(nn.Module):
         self, images: torch.Tensor, patches: torch.Tensor, perm: torch.Tensor
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """``images`` (N, 3, S, S), ``patches`` (N, G*G, 3, P, P) float, ``perm`` (N, G*G) cell
-        index of each patch. Returns L2-normalised ``{level: (N, D)}`` global and local features."""
+        index of each patch. Returns L2-normalised ``{level: (N, D)}`` global and local features.
+
+        ``"concat_shuffled"`` concatenates patch ``j``'s feature at position ``j`` (the shuffled
+        order; ``perm`` is unused), ``"concat_grid"`` the feature of the patch cut from cell ``c``
+        at position ``c``, ``"mean"`` averages the ``G*G`` features."""
         n, g = patches.shape[:2]
         glob = self.pooled(images)
-        loc = self.pooled(patches.flatten(0, 1))
-        if self.combine == "concat":
+        # Patch-major (patch j of every image, then patch j + 1): with N a multiple of the BN
+        # splits, a patch lands in the same BN sub-batch as its image (entry j * N + i -> i % s).
+        loc = self.pooled(patches.transpose(0, 1).flatten(0, 1))
+        if self.combine == "concat_grid":
             # Un-shuffle: position c of the concatenation holds the patch cut from cell c.
             inv = torch.argsort(perm, dim=1)
         q_g, q_l = {}, {}
         for lvl in self.levels:
             q_g[lvl] = F.normalize(self.global_heads[lvl](glob[lvl]), dim=1)
-            f = loc[lvl].view(n, g, -1)
+            f = loc[lvl].view(g, n, -1).transpose(0, 1)
             if self.combine == "mean":
                 f = f.mean(dim=1)
             else:
-                if self.combine == "concat":
+                if self.combine == "concat_grid":
                     f = torch.gather(f, 1, inv[:, :, None].expand_as(f))
                 f = f.flatten(1)
             q_l[lvl] = F.normalize(self.local_heads[lvl](f), dim=1)
@@ -143,7 +226,10 @@ class DetCo(nn.Module):
                 f"local-global), got {tuple(d.LOSS_WEIGHTS)}."
             )
         if d.LOCAL_COMBINE not in _COMBINE:
-            raise ValueError(f"MODEL.DETCO.LOCAL_COMBINE must be one of {_COMBINE}, got {d.LOCAL_COMBINE!r}.")
+            hint = " ('concat' is now 'concat_grid')" if d.LOCAL_COMBINE == "concat" else ""
+            raise ValueError(
+                f"MODEL.DETCO.LOCAL_COMBINE must be one of {_COMBINE}, got {d.LOCAL_COMBINE!r}{hint}."
+            )
         if d.KEY_BN not in _KEY_BN:
             raise ValueError(f"MODEL.DETCO.KEY_BN must be one of {_KEY_BN}, got {d.KEY_BN!r}.")
         if d.TEMPERATURE <= 0:
@@ -156,6 +242,7 @@ class DetCo(nn.Module):
                 f"size ({world}) times SOLVER.GRAD_ACCUM_STEPS ({cfg.SOLVER.GRAD_ACCUM_STEPS})."
             )
         check_queue_size(d.QUEUE_SIZE, cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.GRAD_ACCUM_STEPS)
+        self.bn_splits = _one_process_bn_splits(d, world, per_process)
 
         self.level_weights = dict(zip(self.levels, (float(w) for w in d.LEVEL_WEIGHTS)))
         self.loss_weights = tuple(float(w) for w in d.LOSS_WEIGHTS)
@@ -165,6 +252,8 @@ class DetCo(nn.Module):
         # BN would let a query and its key share batch statistics again).
         self.sync_batchnorm = d.KEY_BN == "sync"
         self.encoder_q = self.build_encoder(cfg)
+        if self.bn_splits > 1:  # one-process shuffle-BN: the BN of the body over sub-batches
+            _split_batchnorm(self.encoder_q, self.bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
@@ -219,9 +308,10 @@ class DetCo(nn.Module):
 
     @torch.no_grad()
     def _keys(self, images: torch.Tensor, patches: torch.Tensor, perm: torch.Tensor):
-        """Key features; with ``KEY_BN "shuffle"`` the samples are shuffled across processes
-        for the key encoder's BN and restored afterwards (MoCo's shuffle-BN)."""
-        if self.key_bn == "shuffle" and comm.get_world_size() > 1:
+        """Key features; with ``KEY_BN "shuffle"`` the samples are shuffled (across processes, or
+        across the BN sub-batches of one process) for the key encoder's BN and restored
+        afterwards (MoCo's shuffle-BN)."""
+        if self.key_bn == "shuffle" and (comm.get_world_size() > 1 or self.bn_splits > 1):
             (images, patches, perm), restore = batch_shuffle((images, patches, perm))
             k_g, k_l = self.encoder_k(images, patches, perm)
             return restore(k_g), restore(k_l)
@@ -233,15 +323,51 @@ class DetCo(nn.Module):
         momentum_update(self.encoder_q, self.encoder_k, m)
 
 
+def _one_process_bn_splits(d, world: int, per_process: int) -> int:
+    """Number of BN sub-batches of a one-process shuffle-BN run (1: no split), with a warning
+    where shuffle-BN cannot apply."""
+    splits = int(d.SHUFFLE_BN_SPLITS)
+    if splits < 1:
+        raise ValueError(
+            f"MODEL.DETCO.SHUFFLE_BN_SPLITS must be >= 1, got {splits} (1 turns one-process "
+            "shuffle-BN off)."
+        )
+    if d.KEY_BN != "shuffle" or world > 1:
+        return 1  # several processes: MoCo's cross-process shuffle
+    consequence = (
+        "query and key encoders normalise with the statistics of the same samples, the shortcut "
+        "MoCo's shuffle-BN prevents (a positive pair can be told by its shared batch statistics)"
+    )
+    if splits == 1:
+        logger.warning("One process and MODEL.DETCO.SHUFFLE_BN_SPLITS = 1: no shuffle-BN; %s.",
+                       consequence)
+        return 1
+    if per_process % splits or per_process // splits < 2:
+        fits = [s for s in range(2, per_process // 2 + 1) if per_process % s == 0]
+        fix = (f"set MODEL.DETCO.SHUFFLE_BN_SPLITS to one of {fits}" if fits
+               else "use at least 4 images per step")
+        logger.warning(
+            "One process: MODEL.DETCO.SHUFFLE_BN_SPLITS = %d needs a multiple of %d images per "
+            "step (at least 2 per sub-batch), got %d: no shuffle-BN; %s. To fix it, %s.",
+            splits, splits, per_process, consequence, fix,
+        )
+        return 1
+    return splits
+
+
 @torch.no_grad()
 def batch_shuffle(tensors):
-    """MoCo's batch shuffle across processes: all processes gather the batches (rank order),
+    """MoCo's batch shuffle. Across processes: all processes gather the batches (rank order),
     rank 0's random permutation is broadcast, and each process takes its slice of the shuffled
-    global batch. Returns the shuffled tensors and ``restore(dict_of_tensors)``, which brings
-    per-sample outputs back to this process's original samples. All processes must hold the
-    same number of samples."""
+    global batch. In one process: a random permutation of the batch. Returns the shuffled
+    tensors and ``restore(dict_of_tensors)``, which brings per-sample outputs back to this
+    process's original samples. All processes must hold the same number of samples."""
     world, rank = comm.get_world_size(), comm.get_rank()
     n = tensors[0].shape[0]
+    if world == 1:
+        order = torch.randperm(n, device=tensors[0].device)
+        back = torch.argsort(order)
+        return [t[order] for t in tensors], lambda outputs: {k: v[back] for k, v in outputs.items()}
     gathered = [comm.all_gather(t) for t in tensors]
     device = gathered[0].device
     comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

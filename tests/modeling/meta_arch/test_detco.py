@@ -1,4 +1,5 @@
 import copy
+import logging
 import os
 
 import pytest
@@ -10,9 +11,10 @@ import torchvision
 from soco_d2.config import get_cfg
 from soco_d2.modeling import META_ARCH_REGISTRY
 from soco_d2.modeling.contrastive import info_nce
-from soco_d2.modeling.meta_arch.detco import DetCo, batch_shuffle
+from soco_d2.modeling.meta_arch.detco import DetCo, SplitBatchNorm2d, batch_shuffle
 
 LEVELS = ("res2", "res3", "res4", "res5")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "..")
 
 
 def _cfg(**detco):
@@ -27,6 +29,7 @@ def _cfg(**detco):
     cfg.MODEL.DETCO.FEATURE_DIM = 16
     cfg.INPUT.DETCO.GLOBAL_SIZE = 32
     cfg.INPUT.DETCO.PATCH_SIZE = 16
+    cfg.MODEL.DETCO.SHUFFLE_BN_SPLITS = 2  # one process: 2 BN sub-batches of 2 images
     for k, v in detco.items():
         setattr(cfg.MODEL.DETCO, k, v)
     return cfg
@@ -76,6 +79,7 @@ def test_losses_are_the_weighted_three_terms_per_level():
         q.queue.copy_(torch.nn.functional.normalize(torch.randn_like(q.queue), dim=1))
     before = copy.deepcopy(m)
     batch = _batch(seed=3)
+    torch.manual_seed(7)  # the key shuffle of one-process shuffle-BN
     out = m(batch)
 
     # Recompute every term from the encoders' outputs and the queues as they were.
@@ -83,7 +87,8 @@ def test_losses_are_the_weighted_three_terms_per_level():
     perm = batch["local_perm"]
     with torch.no_grad():
         q_g, q_l = before.encoder_q(glob[:, 0], local[:, 0], perm[:, 0])
-        k_g, k_l = before.encoder_k(glob[:, 1], local[:, 1], perm[:, 1])
+        torch.manual_seed(7)
+        k_g, k_l = before._keys(glob[:, 1], local[:, 1], perm[:, 1])
     w = dict(zip(LEVELS, (0.1, 0.4, 0.7, 1.0)))
     totals = {"global_global": 0.0, "local_local": 0.0, "local_global": 0.0}
     for lvl in LEVELS:
@@ -104,22 +109,34 @@ def test_losses_are_the_weighted_three_terms_per_level():
         torch.testing.assert_close(out[f"loss_{kind}"], value, rtol=1e-5, atol=1e-6)
 
 
-def test_local_combine_orders(model):
-    enc = copy.deepcopy(model.encoder_q).eval()
+@pytest.mark.parametrize("combine", [None, "concat_shuffled", "concat_grid", "mean"])
+def test_local_feature_and_the_patch_order(combine):
+    # The same physical patches in another order (``local_perm`` permuted with them): the
+    # paper's shuffled-order concatenation (the default) sees the order, the others do not.
+    torch.manual_seed(0)
+    m = DetCo(_cfg() if combine is None else _cfg(LOCAL_COMBINE=combine)).eval()
     b = _batch(n=2, seed=5)
-    glob, patches = model.normalize(b["global"])[:, 0], model.normalize(b["local"])[:, 0]
+    glob, patches = m.normalize(b["global"])[:, 0], m.normalize(b["local"])[:, 0]
     perm = b["local_perm"][:, 0]
-    shuffle = torch.randperm(9)
+    shuffle = torch.tensor([3, 7, 0, 8, 1, 5, 2, 6, 4])
     with torch.no_grad():
-        _, a = enc(glob, patches, perm)
-        _, c = enc(glob, patches[:, shuffle], perm[:, shuffle])
-    for lvl in LEVELS:  # "concat": in cell order, so the patch order does not matter
-        torch.testing.assert_close(a[lvl], c[lvl], rtol=1e-5, atol=1e-6)
-    enc.combine = "concat_shuffled"
-    with torch.no_grad():
-        _, a = enc(glob, patches, perm)
-        _, c = enc(glob, patches[:, shuffle], perm[:, shuffle])
-    assert not torch.allclose(a["res5"], c["res5"], atol=1e-4)
+        g_a, a = m.encoder_q(glob, patches, perm)
+        g_c, c = m.encoder_q(glob, patches[:, shuffle], perm[:, shuffle])
+    for lvl in LEVELS:
+        torch.testing.assert_close(g_a[lvl], g_c[lvl])
+        if combine in (None, "concat_shuffled"):
+            assert (a[lvl] - c[lvl]).abs().max() > 1e-3, lvl
+        else:
+            torch.testing.assert_close(a[lvl], c[lvl], rtol=1e-5, atol=1e-6)
+
+
+def test_default_local_combine_is_the_papers_shuffled_concatenation():
+    from soco_d2.config import load_config
+
+    assert get_cfg().MODEL.DETCO.LOCAL_COMBINE == "concat_shuffled"
+    for name in ("detco_r50_200ep", "detco_r50_200ep_aa", "detco_r50_800ep"):
+        cfg = load_config(os.path.join(ROOT, "configs", "detco", f"{name}.yaml"))
+        assert cfg.MODEL.DETCO.LOCAL_COMBINE == "concat_shuffled", name
 
 
 def test_mean_combine_builds_smaller_local_heads():
@@ -175,10 +192,15 @@ def test_config_errors():
         DetCo(_cfg(QUEUE_SIZE=10))
     with pytest.raises(ValueError, match="LEVEL_WEIGHTS"):
         DetCo(_cfg(LEVEL_WEIGHTS=(1.0, 1.0)))
-    with pytest.raises(ValueError, match="LOCAL_COMBINE"):
+    valid = r"\('concat_shuffled', 'concat_grid', 'mean'\)"
+    with pytest.raises(ValueError, match=r"MODEL.DETCO.LOCAL_COMBINE must be one of " + valid):
         DetCo(_cfg(LOCAL_COMBINE="max"))
-    with pytest.raises(ValueError, match="KEY_BN"):
+    with pytest.raises(ValueError, match=r"'concat' is now 'concat_grid'"):
+        DetCo(_cfg(LOCAL_COMBINE="concat"))
+    with pytest.raises(ValueError, match=r"KEY_BN must be one of \('shuffle', 'sync'\)"):
         DetCo(_cfg(KEY_BN="frozen"))
+    with pytest.raises(ValueError, match="MODEL.DETCO.SHUFFLE_BN_SPLITS must be >= 1"):
+        DetCo(_cfg(SHUFFLE_BN_SPLITS=0))
 
 
 def test_subset_of_levels_drops_the_later_stages():
@@ -225,20 +247,21 @@ def test_shipped_configs_train_a_step_on_mapped_samples(name):
     from soco_d2.data import build_mapper
     from soco_d2.modeling import build_model
 
-    root = os.path.join(os.path.dirname(__file__), "..", "..", "..")
     cfg = load_config(
-        os.path.join(root, "configs", "detco", f"{name}.yaml"),
-        ["MODEL.RESNETS.DEPTH", "18", "SOLVER.IMS_PER_BATCH", "2", "MODEL.DETCO.QUEUE_SIZE", "4",
+        os.path.join(ROOT, "configs", "detco", f"{name}.yaml"),
+        ["MODEL.RESNETS.DEPTH", "18", "SOLVER.IMS_PER_BATCH", "4", "MODEL.DETCO.QUEUE_SIZE", "8",
+         "MODEL.DETCO.SHUFFLE_BN_SPLITS", "2",
          "MODEL.DETCO.HEAD_HIDDEN_DIM", "16", "INPUT.DETCO.GLOBAL_SIZE", "32",
          "INPUT.DETCO.LOCAL_CROP_SIZE", "96", "INPUT.DETCO.PATCH_SIZE", "24"],
     )
     assert cfg.MODEL.META_ARCHITECTURE == "DetCo" and cfg.SOLVER.OPTIMIZER == "SGD"
     mapper, model = build_mapper(cfg), build_model(cfg).train()
+    assert model.encoder_k.body.layer1[0].bn1.num_splits == 2  # one-process shuffle-BN
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (50 + 10 * i, 70, 3), dtype=np.uint8) for i in range(4)]
+    images = [rng.integers(0, 256, (50 + 10 * i, 70, 3), dtype=np.uint8) for i in range(8)]
     opt = torch.optim.SGD(model.parameters(), lr=cfg.SOLVER.BASE_LR, momentum=0.9)
     for step in range(2):
-        batch = default_collate([mapper(img, None, rng) for img in images[2 * step: 2 * step + 2]])
+        batch = default_collate([mapper(img, None, rng) for img in images[4 * step: 4 * step + 4]])
         out = model(batch)
         loss = sum(v for k, v in out.items() if k.startswith("loss"))
         assert torch.isfinite(loss)
@@ -246,7 +269,7 @@ def test_shipped_configs_train_a_step_on_mapped_samples(name):
         loss.backward()
         opt.step()
         model.momentum_update(cfg.MODEL.EMA.BASE_MOMENTUM)
-    assert int(model.queues_local["res5"].ptr) == 0  # 2 steps x 2 keys wrapped a queue of 4
+    assert int(model.queues_local["res5"].ptr) == 0  # 2 steps x 4 keys wrapped a queue of 8
 
 
 def _model_worker(rank, init_file, out_dir):
@@ -266,7 +289,8 @@ def _model_worker(rank, init_file, out_dir):
         with torch.no_grad():
             train_direct = m.encoder_k(glob[:, 1], local[:, 1], perm[:, 1])[0]["res2"]
             train_shuffled = m._keys(glob[:, 1], local[:, 1], perm[:, 1])[0]["res2"]
-        torch.save({"direct": direct, "shuffled": shuffled,
+        split = any(isinstance(mod, SplitBatchNorm2d) for mod in m.modules())
+        torch.save({"direct": direct, "shuffled": shuffled, "split_bn": split,
                     "train_changed": not torch.allclose(train_direct, train_shuffled),
                     "queue": m.queues_local["res3"].queue.clone()},
                    os.path.join(out_dir, f"{rank}.pt"))
@@ -283,6 +307,7 @@ def test_two_process_shuffle_bn_and_shared_queues(tmp_path):
             for lvl in LEVELS:
                 torch.testing.assert_close(shuffled[lvl], direct[lvl], rtol=1e-5, atol=1e-6)
     assert got[0]["train_changed"] and got[1]["train_changed"]
+    assert not got[0]["split_bn"]  # several processes: plain per-process BN, shuffled across them
     assert torch.equal(got[0]["queue"], got[1]["queue"])
     keys = torch.cat([got[0]["direct"][1]["res3"], got[1]["direct"][1]["res3"]])
     torch.testing.assert_close(got[0]["queue"][:4], keys, rtol=1e-5, atol=1e-6)
@@ -291,3 +316,112 @@ def test_two_process_shuffle_bn_and_shared_queues(tmp_path):
 def test_key_bn_decides_whether_the_engine_synchronises_batchnorm():
     assert DetCo(_cfg(KEY_BN="shuffle")).sync_batchnorm is False  # MoCo: per-process BN
     assert DetCo(_cfg(KEY_BN="sync")).sync_batchnorm is True
+
+
+def test_split_batchnorm_normalises_each_sub_batch_separately():
+    torch.manual_seed(0)
+    split = SplitBatchNorm2d(3, num_splits=2)
+    with torch.no_grad():
+        split.weight.uniform_(0.5, 2.0)
+        split.bias.uniform_(-1.0, 1.0)
+    plain = [torch.nn.BatchNorm2d(3) for _ in range(2)]
+    for bn in plain:
+        bn.load_state_dict({k: v for k, v in split.state_dict().items()})
+    x = torch.randn(6, 3, 5, 4) * torch.tensor([1.0, 3.0, 0.5])[:, None, None] + 2.0
+    x.requires_grad_(True)
+    out = split(x)
+    for g in range(2):  # sub-batch g holds samples g, g + 2, g + 4
+        torch.testing.assert_close(out[g::2], plain[g](x[g::2]), rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var"):
+        expected = (getattr(plain[0], name) + getattr(plain[1], name)) / 2
+        torch.testing.assert_close(getattr(split, name), expected)
+    assert int(split.num_batches_tracked) == 1
+    out.square().sum().backward()
+    assert split.weight.grad is not None and torch.isfinite(x.grad).all()
+    split.eval()  # evaluation: the running statistics, as BatchNorm2d
+    plain[0].eval().load_state_dict(split.state_dict())
+    torch.testing.assert_close(split(x), plain[0](x))
+    with pytest.raises(ValueError, match="5 samples cannot be split into 2.*SHUFFLE_BN_SPLITS"):
+        split.train()(torch.randn(5, 3, 2, 2))
+
+
+def test_one_process_shuffle_bn_normalises_keys_with_shuffled_sub_batches():
+    """Each key equals its image's key computed with plain BN over the images of one sub-batch
+    (the un-shuffle puts every key back on its own image), and the sub-batches change with the
+    shuffle: the keys are not those of the unshuffled batch."""
+    torch.manual_seed(0)
+    m = DetCo(_cfg(SHUFFLE_BN_SPLITS=2)).train()
+    plain = DetCo(_cfg(SHUFFLE_BN_SPLITS=1)).train()
+    plain.load_state_dict(m.state_dict())  # the split BN keeps BatchNorm2d's names
+    assert m.bn_splits == 2 and plain.bn_splits == 1
+    assert not any(isinstance(mod, SplitBatchNorm2d) for mod in plain.modules())
+    batch = _batch(n=4, seed=4)
+    glob, local = m.normalize(batch["global"])[:, 1], m.normalize(batch["local"])[:, 1]
+    perm = batch["local_perm"][:, 1]
+
+    def close(a, b):
+        return all(torch.allclose(a[i][lvl], b[i][lvl], rtol=1e-4, atol=1e-5)
+                   for i in range(2) for lvl in LEVELS)
+
+    def per_image(keys):
+        n = len(keys[0]["res2"])
+        return [tuple({lvl: k[lvl][i] for lvl in LEVELS} for k in keys) for i in range(n)]
+
+    partitions = [((0, 1), (2, 3)), ((0, 2), (1, 3)), ((0, 3), (1, 2))]
+    expected = {}
+    with torch.no_grad():
+        for part in partitions:
+            keys = [None] * 4
+            for group in part:
+                idx = list(group)
+                for j, k in zip(group, per_image(plain.encoder_k(glob[idx], local[idx], perm[idx]))):
+                    keys[j] = k
+            expected[part] = keys
+        unshuffled = per_image(m.encoder_k(glob, local, perm))  # sub-batches {0, 2}, {1, 3}
+    assert all(close(a, b) for a, b in zip(unshuffled, expected[partitions[1]]))
+    assert not all(close(a, b) for a, b in zip(unshuffled, expected[partitions[0]]))
+
+    used = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            keys = per_image(m._keys(glob, local, perm))
+        match = [p for p in partitions if all(close(a, b) for a, b in zip(keys, expected[p]))]
+        assert len(match) == 1, seed
+        used.append(match[0])
+    assert len(set(used)) > 1 and any(p != partitions[1] for p in used)
+
+
+def test_one_process_shuffle_bn_warns_where_it_cannot_apply(caplog):
+    with caplog.at_level(logging.WARNING, logger="soco_d2.modeling.meta_arch.detco"):
+        assert DetCo(_cfg(SHUFFLE_BN_SPLITS=2)).bn_splits == 2
+        assert caplog.text == ""
+        m = DetCo(_cfg(SHUFFLE_BN_SPLITS=3))  # 4 images per step
+    assert m.bn_splits == 1 and not any(isinstance(x, SplitBatchNorm2d) for x in m.modules())
+    assert "SHUFFLE_BN_SPLITS = 3" in caplog.text and "no shuffle-BN" in caplog.text
+    assert "same samples" in caplog.text and "one of [2]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="soco_d2.modeling.meta_arch.detco"):
+        DetCo(_cfg(SHUFFLE_BN_SPLITS=1))
+    assert "SHUFFLE_BN_SPLITS = 1: no shuffle-BN" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="soco_d2.modeling.meta_arch.detco"):
+        assert DetCo(_cfg(KEY_BN="sync")).bn_splits == 1  # no shuffle asked for: no split
+    assert caplog.text == ""
+    cfg = _cfg()
+    cfg.SOLVER.IMS_PER_BATCH, cfg.MODEL.DETCO.QUEUE_SIZE = 8, 16
+    cfg.SOLVER.GRAD_ACCUM_STEPS = 2  # 4 images per forward
+    assert DetCo(cfg).bn_splits == 2
+
+
+def test_default_and_shipped_queue_size_is_moco_v2s_65536():
+    from soco_d2.config import load_config
+
+    cfg = _cfg()
+    cfg.MODEL.DETCO.QUEUE_SIZE = get_cfg().MODEL.DETCO.QUEUE_SIZE
+    assert DetCo(cfg).queues_local["res2"].size == 65536
+    for name in ("detco_r50_200ep", "detco_r50_200ep_aa", "detco_r50_800ep"):
+        shipped = load_config(os.path.join(ROOT, "configs", "detco", f"{name}.yaml"))
+        assert shipped.MODEL.DETCO.QUEUE_SIZE == 65536, name
+        assert shipped.MODEL.DETCO.SHUFFLE_BN_SPLITS == 8, name  # 256 / 8 = MoCo's 32 per GPU
+        assert shipped.SOLVER.IMS_PER_BATCH == 256, name
