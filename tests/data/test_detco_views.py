@@ -166,3 +166,79 @@ def test_real_images(data_root):
         out = mapper(img, None, np.random.default_rng(i))
         assert out["local"].shape == (2, 9, 3, 64, 64)
         assert out["global"].float().std() > 1
+
+
+# --- The views as the paper draws them (each test fails if one of the draws is dropped or
+# drawn with another range). Seeded, so deterministic; the bounds are several standard
+# deviations wide.
+
+
+def test_query_and_key_views_are_independent_draws():
+    mapper = DetCoViewMapper(_no_color(FLIP_PROB=0.0))
+    img = _image(seed=12)
+    for seed in range(5):
+        out = mapper(img, None, np.random.default_rng(seed))
+        assert not torch.equal(out["global"][0], out["global"][1]), seed
+        assert not torch.equal(out["local"][0], out["local"][1]), seed
+        assert not torch.equal(out["local_perm"][0], out["local_perm"][1]), seed
+
+
+def test_local_crop_covers_at_least_60_percent_of_the_image():
+    # DetCo Sec. 3.4 / PIRL: the patch set's crop has scale (0.6, 1), not the global (0.2, 1).
+    mapper = DetCoViewMapper(_no_color())
+    area = 180 * 240
+    fractions = []
+    for seed in range(200):
+        y0, x0, h, w = mapper.patch_set(_image(), np.random.default_rng(seed)).crop
+        fractions.append(h * w / area)
+    assert min(fractions) >= 0.6 - 0.01  # w, h are rounded to pixels
+    assert min(fractions) < 0.65 and max(fractions) > 0.95
+
+
+def test_jigsaw_patches_are_shuffled_uniformly():
+    # perm[j] is the cell of patch j: over 270 sets each (position, cell) pair should hold
+    # about 30 times (binomial sd 5.2); without the shuffle the diagonal would hold every time.
+    mapper = DetCoViewMapper(_no_color())
+    img = _image(seed=1)
+    counts = np.zeros((9, 9), int)
+    for seed in range(270):
+        counts[np.arange(9), mapper.patch_set(img, np.random.default_rng(seed)).perm] += 1
+    assert counts.min() >= 10 and counts.max() <= 55, counts
+
+
+def _blur_sigmas(blurred, plain, grid=np.round(np.arange(0.1, 2.001, 0.05), 2)):
+    """The grid sigma whose blur of ``plain`` is closest to ``blurred`` (0: not blurred)."""
+    if np.array_equal(blurred, plain):
+        return 0.0
+    errors = [np.abs(augment.gaussian_blur(plain, s).astype(np.int16) - blurred).mean() for s in grid]
+    return float(grid[int(np.argmin(errors))])
+
+
+def test_blur_of_the_global_views_follows_the_default_probability_and_sigma_range():
+    # MoCo v2: GaussianBlur sigma U(0.1, 2.0) with p 0.5 on the global views. Colour jitter and
+    # grayscale off, so a view is its un-blurred twin (same seed, BLUR_PROB 0) blurred.
+    default = get_cfg().INPUT.DETCO
+    assert tuple(default.BLUR_SIGMA) == (0.1, 2.0) and default.BLUR_PROB == 0.5
+    mapper = DetCoViewMapper(_cfg(COLOR_JITTER_PROB=0.0, GRAYSCALE_PROB=0.0))
+    plain = DetCoViewMapper(_cfg(COLOR_JITTER_PROB=0.0, GRAYSCALE_PROB=0.0, BLUR_PROB=0.0))
+    img = _image(seed=0)
+    sigmas = [_blur_sigmas(mapper.global_view(img, np.random.default_rng(s)),
+                           plain.global_view(img, np.random.default_rng(s))) for s in range(40)]
+    blurred = [s for s in sigmas if s > 0]
+    assert 8 <= len(blurred) <= 32, sigmas  # p 0.5 (a sigma-0.1 blur may round to no change)
+    assert max(blurred) > 1.5 and min(blurred) < 0.6, blurred
+
+
+def test_blur_of_the_patch_sets_is_drawn_per_set():
+    mapper = DetCoViewMapper(_cfg(COLOR_JITTER_PROB=0.0, GRAYSCALE_PROB=0.0))
+    plain = DetCoViewMapper(_cfg(COLOR_JITTER_PROB=0.0, GRAYSCALE_PROB=0.0, BLUR_PROB=0.0))
+    img = _image(seed=2)
+    sigmas = []
+    for s in range(30):
+        a = mapper.patch_set(img, np.random.default_rng(s)).patches
+        b = plain.patch_set(img, np.random.default_rng(s)).patches
+        per_patch = {_blur_sigmas(x, y) for x, y in zip(a, b)}
+        assert len(per_patch) == 1 or 0.0 not in per_patch  # one blur draw for the whole set
+        sigmas.append(max(per_patch))
+    blurred = [s for s in sigmas if s > 0]
+    assert 6 <= len(blurred) <= 24 and max(blurred) > 1.5, sigmas
