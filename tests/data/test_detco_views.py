@@ -1,10 +1,14 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 
-from soco_d2.config import get_cfg
+from soco_d2.config import get_cfg, load_config
 from soco_d2.data import MAPPER_REGISTRY, augment, build_mapper
 from soco_d2.data.detco_views import DetCoViewMapper
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def _cfg(**detco):
@@ -155,7 +159,6 @@ def test_unknown_policy_and_local_colour_are_config_errors():
 
 def test_real_images(data_root):
     import glob
-    import os
 
     from PIL import Image
 
@@ -217,10 +220,13 @@ def _blur_sigmas(blurred, plain, grid=np.round(np.arange(0.1, 2.001, 0.05), 2)):
 def test_blur_of_the_global_views_follows_the_default_probability_and_sigma_range():
     # MoCo v2: GaussianBlur sigma U(0.1, 2.0) with p 0.5 on the global views. Colour jitter and
     # grayscale off, so a view is its un-blurred twin (same seed, BLUR_PROB 0) blurred.
+    # The mapper is built from the shipped config; the defaults must say the same.
     default = get_cfg().INPUT.DETCO
     assert tuple(default.BLUR_SIGMA) == (0.1, 2.0) and default.BLUR_PROB == 0.5
-    mapper = DetCoViewMapper(_cfg(COLOR_JITTER_PROB=0.0, GRAYSCALE_PROB=0.0))
-    plain = DetCoViewMapper(_cfg(COLOR_JITTER_PROB=0.0, GRAYSCALE_PROB=0.0, BLUR_PROB=0.0))
+    no_colour = ["INPUT.DETCO.COLOR_JITTER_PROB", "0.0", "INPUT.DETCO.GRAYSCALE_PROB", "0.0"]
+    shipped = os.path.join(ROOT, "configs", "detco", "detco_r50_200ep.yaml")
+    mapper = DetCoViewMapper(load_config(shipped, no_colour))
+    plain = DetCoViewMapper(load_config(shipped, no_colour + ["INPUT.DETCO.BLUR_PROB", "0.0"]))
     img = _image(seed=0)
     sigmas = [_blur_sigmas(mapper.global_view(img, np.random.default_rng(s)),
                            plain.global_view(img, np.random.default_rng(s))) for s in range(40)]
