@@ -6,7 +6,10 @@ views (S px) and two sets of G x G jigsaw patches (P px), in the collated format
 of them alike:
 
 * ``detco``      — this project's DetCo meta-architecture (4 levels, 8 heads, 8 queues, 12
-  InfoNCE terms, momentum update of the key encoder).
+  InfoNCE terms, momentum update of the key encoder), with one-process shuffle-BN over
+  ``--bn-splits`` BN sub-batches (``MODEL.DETCO.SHUFFLE_BN_SPLITS``).
+* ``detco_nosplit`` — the same model without shuffle-BN (``SHUFFLE_BN_SPLITS 1``: query and
+  key share batch statistics), to price the one-process shuffle-BN.
 * ``detco_floor``— the same ResNet body on the same pixels: query forward + backward on the
   global view and on the N*G*G patches, key forward on the other view and patch set; no heads,
   no queues, a trivial loss (mean of the last stage). No DetCo can be faster than this.
@@ -15,6 +18,9 @@ of them alike:
 * ``soco_floor`` — (``--soco-floor``) that benchmark's SoCo floor.
 
 Example: ``python benchmarks/bench_detco_step.py --rounds 5``
+
+Both DetCo contestants use the shipped config's other settings (local features concatenated
+in the shuffled order).
 """
 import argparse
 import math
@@ -78,6 +84,9 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--depth", type=int, default=50)
     ap.add_argument("--queue-size", type=int, default=65536, help="MODEL.DETCO.QUEUE_SIZE")
+    ap.add_argument("--bn-splits", type=int, default=2,
+                    help="MODEL.DETCO.SHUFFLE_BN_SPLITS of `detco` (must divide --batch)")
+    ap.add_argument("--no-nosplit", action="store_true", help="skip the detco_nosplit step")
     ap.add_argument("--k", type=int, default=4, help="SoCo boxes per view pair")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
@@ -89,23 +98,37 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = load_config("configs/detco/detco_r50_200ep.yaml",
-                      ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", str(args.depth),
-                       "SOLVER.IMS_PER_BATCH", str(args.batch),
-                       "MODEL.DETCO.QUEUE_SIZE", str(args.queue_size)])
+
+    def detco_cfg(splits):
+        return load_config("configs/detco/detco_r50_200ep.yaml",
+                           ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", str(args.depth),
+                            "SOLVER.IMS_PER_BATCH", str(args.batch),
+                            "MODEL.DETCO.QUEUE_SIZE", str(args.queue_size),
+                            "MODEL.DETCO.SHUFFLE_BN_SPLITS", str(splits)])
+
+    cfg = detco_cfg(args.bn_splits)
     d = cfg.INPUT.DETCO
     batch = make_detco_batch(args.batch, d.GLOBAL_SIZE, d.PATCH_SIZE, d.GRID)
 
     detco = build_model(cfg).train()
+    assert detco.bn_splits == args.bn_splits, "--bn-splits must divide --batch (>= 2 per sub-batch)"
     floor = DetCoFloor(args.depth).train()
     models = [detco, floor]
 
-    def detco_step():
-        losses = detco(batch)
-        sum(v for k, v in losses.items() if k.startswith("loss")).backward()
-        detco.momentum_update(cfg.MODEL.EMA.BASE_MOMENTUM)
+    def make_step(model):
+        def step():
+            losses = model(batch)
+            sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+            model.momentum_update(cfg.MODEL.EMA.BASE_MOMENTUM)
+        return step
 
-    steps = {"detco": detco_step, "detco_floor": lambda: floor.step(batch)}
+    detco_step = make_step(detco)
+    steps = {"detco": detco_step}
+    if not args.no_nosplit:
+        nosplit = build_model(detco_cfg(1)).train()
+        models.append(nosplit)
+        steps["detco_nosplit"] = make_step(nosplit)
+    steps["detco_floor"] = lambda: floor.step(batch)
     if not args.no_soco:
         soco_cfg = load_config("configs/soco/soco_fpn_r50_100ep.yaml",
                                ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", str(args.depth),
@@ -138,20 +161,23 @@ def main():
                 cpu[name].append(time.process_time() - c)
 
     print(f"CPU step, R{args.depth}, batch {args.batch}; DetCo: 2 x {d.GLOBAL_SIZE} px global views + "
-          f"2 x {d.GRID ** 2} x {d.PATCH_SIZE} px patches, queue {args.queue_size}; SoCo: views "
+          f"2 x {d.GRID ** 2} x {d.PATCH_SIZE} px patches, queue {args.queue_size}, "
+          f"{args.bn_splits} BN splits; SoCo: views "
           f"224/224/112, K {args.k}; {torch.get_num_threads()} threads, {args.rounds} rounds "
           f"(median s), load average {os.getloadavg()[0]:.1f}")
     med = {name: statistics.median(t) for name, t in times.items()}
     med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
-    print(f"  {'':11s} {'wall s':>7s} {'img/s':>6s} {'CPU s':>7s}   wall min-max")
+    print(f"  {'':13s} {'wall s':>7s} {'img/s':>6s} {'CPU s':>7s}   wall min-max")
     for name, t in med.items():
-        print(f"  {name:11s} {t:7.3f} {args.batch / t:6.2f} {med_cpu[name]:7.3f}   "
+        print(f"  {name:13s} {t:7.3f} {args.batch / t:6.2f} {med_cpu[name]:7.3f}   "
               f"{min(times[name]):.3f}-{max(times[name]):.3f}")
-    ratios = [("detco / detco_floor", "detco", "detco_floor"), ("detco / soco", "detco", "soco"),
-              ("soco / soco_floor", "soco", "soco_floor")]
+    ratios = [("detco / detco_floor", "detco", "detco_floor"),
+              ("detco / detco_nosplit", "detco", "detco_nosplit"),
+              ("detco_nosplit / detco_floor", "detco_nosplit", "detco_floor"),
+              ("detco / soco", "detco", "soco"), ("soco / soco_floor", "soco", "soco_floor")]
     for label, a, b in ratios:
         if a in med and b in med:
-            print(f"  {label:19s} = {med[a] / med[b]:.3f} (wall), {med_cpu[a] / med_cpu[b]:.3f} (CPU)")
+            print(f"  {label:27s} = {med[a] / med[b]:.3f} (wall), {med_cpu[a] / med_cpu[b]:.3f} (CPU)")
     assert all(math.isfinite(v) for v in med.values())
 
     if args.profile:
