@@ -6,8 +6,7 @@ soco_d2 configs (configs/soco, configs/detco, configs/finetune, configs/demo) ar
 files (configs/detectron2, for detectron2's own tools) through fvcore's ``_BASE_`` merge, with
 tuple strings decoded as detectron2 does. A row lists the files it applies to; a deliberate
 deviation from a source is not a row (it is documented where the key is defined). Keys that are
-being redesigned (the SoCo level assignment and head batching, DetCo's local combine and key BN)
-are not pinned here.
+being redesigned (the SoCo level assignment and head batching) are not pinned here.
 
 Sources:
   official X   hologerry/SoCo @2be1229 file X (the tools/*.sh flags override contrast/option.py)
@@ -181,6 +180,11 @@ ROWS = [
     (DETCO, "MODEL.DETCO.FEATURE_DIM", 128, MOCO_V2 + ": 128-d projection"),
     (DETCO, "MODEL.DETCO.QUEUE_SIZE", 65536, MOCO_V2 + ": 65536 negatives per queue"),
     (DETCO, "MODEL.DETCO.TEMPERATURE", 0.2, MOCO_V2 + ": temperature 0.2"),
+    (DETCO, "MODEL.DETCO.LOCAL_COMBINE", "concat_shuffled",
+     "DetCo paper Sec. 3: the shuffled patches' features concatenated (both unofficial versions)"),
+    (DETCO, "MODEL.DETCO.KEY_BN", "shuffle", MOCO_V2 + ": shuffle-BN of the key encoder"),
+    (DETCO, "MODEL.DETCO.SHUFFLE_BN_SPLITS", 8,
+     MOCO_V2 + ": per-GPU BN over 32 images, 8 GPUs (one process: 8 sub-batches of 32)"),
     (DETCO, "MODEL.EMA.BASE_MOMENTUM", 0.999, MOCO_V2 + ": key encoder momentum 0.999"),
     (DETCO, "MODEL.EMA.SCHEDULE", "constant", MOCO_V2 + ": constant momentum"),
     (DETCO, "MODEL.RESNETS.ZERO_INIT_RESIDUAL", False, "MoCo v2: torchvision ResNet-50 init"),
