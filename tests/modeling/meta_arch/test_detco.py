@@ -1,5 +1,4 @@
 import copy
-import logging
 import os
 
 import pytest
@@ -392,41 +391,21 @@ def test_one_process_shuffle_bn_normalises_keys_with_shuffled_sub_batches():
     assert len(set(used)) > 1 and any(p != partitions[1] for p in used)
 
 
-class _Warnings(logging.Handler):
-    """Collects the DetCo module's warnings (the ``soco_d2`` logger may not propagate to the
-    root logger once ``setup_logging`` has run)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    def __enter__(self):
-        logging.getLogger("soco_d2.modeling.meta_arch.detco").addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger("soco_d2.modeling.meta_arch.detco").removeHandler(self)
-
-
-def test_one_process_shuffle_bn_warns_where_it_cannot_apply():
-    with _Warnings() as log:
-        assert DetCo(_cfg(SHUFFLE_BN_SPLITS=2)).bn_splits == 2
-    assert log.messages == []
-    with _Warnings() as log:
-        m = DetCo(_cfg(SHUFFLE_BN_SPLITS=3))  # 4 images per step
+def test_one_process_shuffle_bn_warns_where_it_cannot_apply(soco_log):
+    assert DetCo(_cfg(SHUFFLE_BN_SPLITS=2)).bn_splits == 2
+    assert not any("shuffle-BN" in m for m in soco_log)
+    m = DetCo(_cfg(SHUFFLE_BN_SPLITS=3))  # 4 images per step
     assert m.bn_splits == 1 and not any(isinstance(x, SplitBatchNorm2d) for x in m.modules())
-    (text,) = log.messages
+    (text,) = [m for m in soco_log if "shuffle-BN" in m]
     assert "SHUFFLE_BN_SPLITS = 3" in text and "no shuffle-BN" in text
     assert "same samples" in text and "one of [2]" in text
-    with _Warnings() as log:
-        DetCo(_cfg(SHUFFLE_BN_SPLITS=1))
-    assert len(log.messages) == 1 and "SHUFFLE_BN_SPLITS = 1: no shuffle-BN" in log.messages[0]
-    with _Warnings() as log:
-        assert DetCo(_cfg(KEY_BN="sync")).bn_splits == 1  # no shuffle asked for: no split
-    assert log.messages == []
+    soco_log.clear()
+    DetCo(_cfg(SHUFFLE_BN_SPLITS=1))
+    (text,) = [m for m in soco_log if "shuffle-BN" in m]
+    assert "SHUFFLE_BN_SPLITS = 1: no shuffle-BN" in text
+    soco_log.clear()
+    assert DetCo(_cfg(KEY_BN="sync")).bn_splits == 1  # no shuffle asked for: no split
+    assert not any("shuffle-BN" in m for m in soco_log)
     cfg = _cfg()
     cfg.SOLVER.IMS_PER_BATCH, cfg.MODEL.DETCO.QUEUE_SIZE = 8, 16
     cfg.SOLVER.GRAD_ACCUM_STEPS = 2  # 4 images per forward
