@@ -42,6 +42,12 @@ def add_finetune_config(cfg: CN) -> None:
     # k freezes the stem and res2..res(k). Frozen layers get requires_grad=False.
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
 
+    # Anchors: SIZES / ASPECT_RATIOS as detectron2's Base-RCNN-FPN. torchvision rounds the cell
+    # anchors to whole pixels (a 32 px, ratio 0.5 anchor is 46 x 22), detectron2 does not
+    # (45.25 x 22.63): ROUND_CELL_ANCHORS False gives detectron2's anchors.
+    cfg.MODEL.ANCHOR_GENERATOR = CN()
+    cfg.MODEL.ANCHOR_GENERATOR.ROUND_CELL_ANCHORS = True
+
     cfg.MODEL.RPN = CN()
     cfg.MODEL.RPN.NUM_CONV = 2  # torchvision's v2 RPN head (detectron2's has 1)
     cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 2000  # per FPN level
@@ -56,7 +62,11 @@ def add_finetune_config(cfg: CN) -> None:
     cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5
 
     # The box head uses MODEL.ROI_BOX_HEAD (shared with SoCo's pretraining head: 4conv1fc, BN).
+    # RoIAlign of the box and mask heads: "ROIAlign" (torchvision's MultiScaleRoIAlign,
+    # aligned=False) or "ROIAlignV2" (aligned=True: the half-pixel shift, detectron2's default).
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlign"
     cfg.MODEL.ROI_MASK_HEAD = CN()
+    cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE = "ROIAlign"
     cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 4
     cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 256
     cfg.MODEL.ROI_MASK_HEAD.NORM = "BN"

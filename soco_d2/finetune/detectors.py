@@ -18,10 +18,10 @@ MODEL.PIXEL_MEAN / PIXEL_STD (RGB, 0-255) and resizes them (:class:`TrainTestRes
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -35,14 +35,23 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from soco_d2.engine.sync_bn import convert_sync_batchnorm
 from soco_d2.utils import comm
 
-__all__ = ["DETECTORS", "TrainTestResize", "build_detector", "first_label", "backbone_prefix"]
+__all__ = [
+    "DETECTORS",
+    "AlignedMultiScaleRoIAlign",
+    "TrainTestResize",
+    "UnroundedAnchorGenerator",
+    "build_detector",
+    "first_label",
+    "backbone_prefix",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +145,58 @@ def _resnet_fpn(body, trainable_layers, returned_layers, extra_blocks, out_chann
                            extra_blocks=extra_blocks, norm_layer=norm_layer)
 
 
+_POOLER_TYPES = ("ROIAlign", "ROIAlignV2")
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` (same level mapper, scales and interface) whose
+    ``roi_align`` calls use ``aligned=True``: detectron2's ``ROIAlignV2`` (the -0.5 pixel shift;
+    torchvision's class always pools with ``aligned=False``)."""
+
+    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
+        x_filtered = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                x_filtered, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes)
+        first = x_filtered[0]
+        result = first.new_zeros((len(rois), first.shape[1]) + tuple(self.output_size))
+        for level, (feature, scale) in enumerate(zip(x_filtered, self.scales)):
+            idx = torch.where(levels == level)[0]
+            result[idx] = roi_align(feature, rois[idx], self.output_size, spatial_scale=scale,
+                                    sampling_ratio=self.sampling_ratio, aligned=True).to(result.dtype)
+        return result
+
+
+def _roi_pool(pooler_type: str, key: str, levels, resolution: int, sampling_ratio: int) -> MultiScaleRoIAlign:
+    if pooler_type not in _POOLER_TYPES:
+        raise ValueError(f"{key} must be one of {_POOLER_TYPES}, got {pooler_type!r}.")
+    cls = AlignedMultiScaleRoIAlign if pooler_type == "ROIAlignV2" else MultiScaleRoIAlign
+    return cls(levels, resolution, sampling_ratio)
+
+
+class UnroundedAnchorGenerator(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` with detectron2's cell anchors: ``(-w/2, -h/2, w/2,
+    h/2)`` with ``w = size / sqrt(ratio)``, ``h = size * sqrt(ratio)``, not rounded to pixels
+    (torchvision rounds them). Grid offset 0 and anchor order are the same in both libraries."""
+
+    def generate_anchors(self, scales, aspect_ratios, dtype: torch.dtype = torch.float32,
+                         device: torch.device = torch.device("cpu")) -> Tensor:
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(ratios)
+        ws = (scales[None, :] / h_ratios[:, None]).reshape(-1)
+        hs = (scales[None, :] * h_ratios[:, None]).reshape(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+
+def _anchor_generator(cfg, sizes, ratios) -> AnchorGenerator:
+    cls = AnchorGenerator if cfg.MODEL.ANCHOR_GENERATOR.ROUND_CELL_ANCHORS else UnroundedAnchorGenerator
+    return cls(sizes, ratios)
+
+
 def _box_head(box, in_channels: int) -> nn.Module:
     """4conv1fc (SoCo, torchvision v2) or, with NUM_CONV 0 and NUM_FC 2, torchvision's
     ``TwoMLPHead`` (the standard 2fc head of the MoCo / DetCo recipe; names ``fc6`` / ``fc7``)."""
@@ -152,7 +213,7 @@ def _mask_rcnn(cfg, num_classes: int) -> nn.Module:
     backbone = _backbone(cfg)
     out = backbone.out_channels
     levels = ["0", "1", "2", "3"]
-    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    anchors = _anchor_generator(cfg, ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
     rpn = cfg.MODEL.RPN
     box = cfg.MODEL.ROI_BOX_HEAD
     if box.NUM_FC < 1:
@@ -165,7 +226,8 @@ def _mask_rcnn(cfg, num_classes: int) -> nn.Module:
         rpn_pre_nms_top_n_test=rpn.PRE_NMS_TOPK_TEST,
         rpn_post_nms_top_n_train=rpn.POST_NMS_TOPK_TRAIN,
         rpn_post_nms_top_n_test=rpn.POST_NMS_TOPK_TEST,
-        box_roi_pool=MultiScaleRoIAlign(levels, res, box.POOLER_SAMPLING_RATIO),
+        box_roi_pool=_roi_pool(box.POOLER_TYPE, "MODEL.ROI_BOX_HEAD.POOLER_TYPE", levels, res,
+                               box.POOLER_SAMPLING_RATIO),
         box_head=_box_head(box, out),
         box_predictor=FastRCNNPredictor(box.FC_DIM, num_classes),
         box_batch_size_per_image=cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
@@ -180,7 +242,8 @@ def _mask_rcnn(cfg, num_classes: int) -> nn.Module:
     return MaskRCNN(
         backbone,
         None,  # classes set by the predictors
-        mask_roi_pool=MultiScaleRoIAlign(levels, m.POOLER_RESOLUTION, box.POOLER_SAMPLING_RATIO),
+        mask_roi_pool=_roi_pool(m.POOLER_TYPE, "MODEL.ROI_MASK_HEAD.POOLER_TYPE", levels,
+                                m.POOLER_RESOLUTION, box.POOLER_SAMPLING_RATIO),
         mask_head=MaskRCNNHeads(out, [m.CONV_DIM] * m.NUM_CONV, 1,
                                 norm_layer=_norm(m.NORM, "MODEL.ROI_MASK_HEAD.NORM")),
         mask_predictor=MaskRCNNPredictor(m.CONV_DIM, 256, num_classes),
@@ -192,7 +255,7 @@ def _retinanet(cfg, num_classes: int) -> nn.Module:
     backbone = _backbone(cfg, returned_layers=[2, 3, 4],
                          extra_blocks=lambda c5: LastLevelP6P7(c5, cfg.MODEL.FPN.OUT_CHANNELS))
     sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512))
-    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    anchors = _anchor_generator(cfg, sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes)
     r = cfg.MODEL.RETINANET
     return RetinaNet(

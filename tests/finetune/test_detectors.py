@@ -107,3 +107,41 @@ def test_fpn_width_follows_the_config(detector):
     model.eval()
     with torch.no_grad():
         model(x)
+
+
+def test_detectron2_choices_aligned_roi_align_and_unrounded_anchors():
+    from torchvision.ops import roi_align
+
+    from soco_d2.finetune.detectors import AlignedMultiScaleRoIAlign, UnroundedAnchorGenerator
+
+    model = build_detector(_cfg("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlignV2", "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
+                                "ROIAlignV2", "MODEL.ANCHOR_GENERATOR.ROUND_CELL_ANCHORS", False,
+                                "MODEL.RPN.NUM_CONV", 1))
+    assert isinstance(model.roi_heads.box_roi_pool, AlignedMultiScaleRoIAlign)
+    assert isinstance(model.roi_heads.mask_roi_pool, AlignedMultiScaleRoIAlign)
+    assert len(model.rpn.head.conv) == 1
+    # detectron2's cell anchors for size 32: w = 32 / sqrt(r), h = 32 sqrt(r), not rounded
+    cell = model.rpn.anchor_generator.cell_anchors[0]
+    s = 2 ** 0.5
+    torch.testing.assert_close(cell, torch.tensor([[-16 * s, -8 * s, 16 * s, 8 * s], [-16.0, -16.0, 16.0, 16.0],
+                                                   [-8 * s, -16 * s, 8 * s, 16 * s]]))
+    assert isinstance(model.rpn.anchor_generator, UnroundedAnchorGenerator)
+    rounded = build_detector(_cfg()).rpn.anchor_generator.cell_anchors[0]
+    assert torch.equal(rounded, rounded.round()) and not torch.equal(rounded, cell)
+
+    # the aligned pooler = roi_align(aligned=True) on each box's level (torchvision's mapper)
+    pool = model.roi_heads.box_roi_pool
+    g = torch.Generator().manual_seed(0)
+    feats = {k: torch.randn(1, 4, 64 // 2 ** i, 64 // 2 ** i, generator=g) for i, k in enumerate("0123")}
+    boxes = [torch.tensor([[3.0, 4.0, 20.0, 30.0], [1.0, 2.0, 250.0, 200.0], [10.0, 10.0, 130.0, 90.0]])]
+    out = pool(feats, boxes, [(256, 256)])
+    levels = pool.map_levels(boxes)
+    assert levels.tolist() == [0, 1, 0]  # sqrt(wh) 21, 222, 98 px: P2, P3, P2 (canonical 224 at P4)
+    for i, lvl in enumerate(levels.tolist()):
+        scale = 1 / 4 / 2 ** lvl
+        ref = roi_align(feats[str(lvl)], [boxes[0][i:i + 1]], 7, spatial_scale=scale, sampling_ratio=0, aligned=True)
+        torch.testing.assert_close(out[i:i + 1], ref)
+    unaligned = build_detector(_cfg()).roi_heads.box_roi_pool(feats, boxes, [(256, 256)])
+    assert not torch.allclose(out, unaligned)
+    with pytest.raises(ValueError, match="MODEL.ROI_MASK_HEAD.POOLER_TYPE"):
+        build_detector(_cfg("MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIPool"))

@@ -1,0 +1,112 @@
+"""Time one Mask R-CNN R50-FPN training step on CPU: soco_d2's torchvision detector vs. detectron2's.
+
+* ``soco_d2``     — ``build_detector`` from ``configs/finetune/mask_rcnn_R50_FPN_1x.yaml`` (the
+  detectron2-equal choices: 1-conv RPN head, unrounded anchors, ROIAlignV2; 4conv1fc BN box head,
+  4-conv BN mask head); ``sum(model(images, targets).values())``, backward, SGD step.
+* ``detectron2``  — ``GeneralizedRCNN`` from ``configs/detectron2/mask_rcnn_R50_FPN_1x.yaml``
+  (SyncBN -> BN); ``sum(model(batched_inputs).values())``, backward, SGD step.
+
+Same recipe on both sides: 2 images of SIZE x SIZE (synthetic shapes with masks, read through the
+project's dataset class), no resizing, 2000 / 1000 RPN proposals, 512 RoIs per image. Steps
+alternate, the order flips every round. Needs detectron2 (docs/DETECTRON2.md).
+
+Example: ``python benchmarks/bench_detector_vs_detectron2.py --warmup 2 --timed 4``
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from soco_d2.config import load_config  # noqa: E402
+from soco_d2.data.synthetic import make_synthetic_coco  # noqa: E402
+from soco_d2.finetune.coco_data import COCODetection  # noqa: E402
+from soco_d2.finetune.detectors import build_detector  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--timed", type=int, default=4)
+    parser.add_argument("--size", type=int, default=640)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from detectron2.config import get_cfg as get_d2_cfg
+    from detectron2.modeling import build_model as build_d2_model
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    from soco_d2.detectron2.train import sync_bn_to_bn
+
+    tmp = tempfile.mkdtemp(prefix="bench_d2_")
+    json_file, image_dir = make_synthetic_coco(tmp, 2, image_size=args.size, seed=0)
+    dataset = COCODetection(json_file, image_dir, is_train=True, flip_prob=0.0)
+    samples = [dataset[(i, 0)] for i in range(2)]
+    images = [s[0].float() for s in samples]
+    targets = [s[1] for s in samples]
+
+    cfg = load_config("configs/finetune/mask_rcnn_R50_FPN_1x.yaml", [
+        "MODEL.DEVICE", "cpu", "MODEL.NUM_CLASSES", 3, "INPUT.MIN_SIZE_TRAIN", f"({args.size},)",
+        "INPUT.MAX_SIZE_TRAIN", args.size])
+    ours = build_detector(cfg).train()
+
+    d2_cfg = get_d2_cfg()
+    d2_cfg.merge_from_file("configs/detectron2/mask_rcnn_R50_FPN_1x.yaml")
+    d2_cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", 3])
+    sync_bn_to_bn(d2_cfg, 1)
+    theirs = build_d2_model(d2_cfg).train()
+    batched = []
+    for im, t in zip(images, targets):
+        inst = Instances(tuple(im.shape[1:]))
+        inst.gt_boxes = Boxes(t["boxes"])
+        inst.gt_classes = t["labels"] - 1  # detectron2 counts classes from 0
+        inst.gt_masks = BitMasks(t["masks"].bool())
+        batched.append({"image": im, "height": im.shape[1], "width": im.shape[2], "instances": inst})
+
+    def stepper(model, forward):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0025, momentum=0.9, weight_decay=2.5e-5)
+
+        def step():
+            loss = sum(forward().values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    contestants = [("soco_d2", stepper(ours, lambda: ours(images, targets))),
+                   ("detectron2", stepper(theirs, lambda: theirs(batched)))]
+    times = {k: [] for k, _ in contestants}
+    cpu = {k: [] for k, _ in contestants}
+    print(f"Mask R-CNN R50-FPN 4conv1fc BN, 2 images {args.size}x{args.size}, CPU, "
+          f"{torch.get_num_threads()} threads; {args.warmup} warmup + {args.timed} timed rounds")
+    for r in range(args.warmup + args.timed):
+        order = contestants if r % 2 == 0 else contestants[::-1]
+        for name, step in order:
+            t, c = time.perf_counter(), time.process_time()
+            step()
+            dt, dc = time.perf_counter() - t, time.process_time() - c
+            if r >= args.warmup:
+                times[name].append(dt)
+                cpu[name].append(dc)
+            print(f"round {r} {'(warmup) ' if r < args.warmup else ''}{name}: {dt:.3f} s wall, "
+                  f"{dc:.3f} s CPU", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    print("\n| step | median wall s | median CPU s | timed wall (s) | timed CPU (s) |\n|---|---|---|---|---|")
+    for k in times:
+        print(f"| {k} | {med[k]:.3f} | {med_cpu[k]:.3f} | {', '.join(f'{x:.2f}' for x in times[k])} "
+              f"| {', '.join(f'{x:.2f}' for x in cpu[k])} |")
+    paired = [a / b for a, b in zip(times["soco_d2"], times["detectron2"])]
+    print(f"\nratio soco_d2 / detectron2: medians {med['soco_d2'] / med['detectron2']:.3f} (wall), "
+          f"{med_cpu['soco_d2'] / med_cpu['detectron2']:.3f} (CPU); geometric mean of the per-round "
+          f"wall ratios {statistics.geometric_mean(paired):.3f}")
+
+
+if __name__ == "__main__":
+    main()
