@@ -41,6 +41,7 @@ def main():
     from detectron2.config import get_cfg as get_d2_cfg
     from detectron2.modeling import build_model as build_d2_model
     from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.utils.events import EventStorage
 
     from soco_d2.detectron2.train import sync_bn_to_bn
 
@@ -85,6 +86,8 @@ def main():
     cpu = {k: [] for k, _ in contestants}
     print(f"Mask R-CNN R50-FPN 4conv1fc BN, 2 images {args.size}x{args.size}, CPU, "
           f"{torch.get_num_threads()} threads; {args.warmup} warmup + {args.timed} timed rounds")
+    storage = EventStorage(0)  # detectron2's training forward logs into one
+    storage.__enter__()
     for r in range(args.warmup + args.timed):
         order = contestants if r % 2 == 0 else contestants[::-1]
         for name, step in order:
