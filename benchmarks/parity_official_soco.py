@@ -49,7 +49,7 @@ statistics, ``train``: batch statistics, as in pretraining):
 The official forward first moves its target network by EMA; for the comparisons its momentum
 is set to 1 (the target stays as loaded), and the EMA step is compared on its own.
 
-Example (single-threaded; about 3 minutes of CPU)::
+Example (single-threaded; about 5 minutes of CPU time)::
 
     python benchmarks/parity_official_soco.py --official-repo /path/to/SoCo \\
         --images $SOCO_DATA_ROOT/coco_mini/train2017 --output parity.json
@@ -81,6 +81,7 @@ from soco_d2.data.soco_views import SoCoViewMapper
 from soco_d2.engine.optimizer import build_optimizer
 from soco_d2.engine.schedules import build_lr_schedule, build_momentum_schedule, max_iter_from_cfg
 from soco_d2.modeling import build_model
+from soco_d2.modeling.pooler import official_box_levels
 
 PARTS = ("backbone", "fpn", "head", "projector", "predictor")
 
@@ -704,20 +705,13 @@ def compare_schedules(args, cfg_file: str) -> Dict:
 # ------------------------------------------------------------------------------------------------
 # View mapper statistics
 # ------------------------------------------------------------------------------------------------
-def official_levels(boxes_px: np.ndarray) -> np.ndarray:
-    """The official rule (``assign_bboxs_to_feature_map``, aware_range 48/96/192/224) on view-pixel
-    boxes: integer corners, side sqrt((x2 - x1 + 1)(y2 - y1 + 1)), ``<=`` thresholds; 4 = none."""
-    b = np.trunc(boxes_px).astype(np.int64)
-    side = np.sqrt((b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1))
-    return np.searchsorted(np.array([48, 96, 192, 224]), side, side="left")
-
-
 class SetStats:
     def __init__(self):
         self.levels, self.sides, self.distinct, self.k = [], [], [], 0
 
     def add(self, boxes_px: np.ndarray, ids: np.ndarray):
-        self.levels.append(official_levels(boxes_px))
+        # The official rule (integer corners, sqrt((w + 1)(h + 1)), <= 48 / 96 / 192).
+        self.levels.append(official_box_levels(torch.as_tensor(boxes_px), (48.0, 96.0, 192.0)).numpy())
         self.sides.append(np.sqrt(np.clip((boxes_px[:, 2] - boxes_px[:, 0]) * (boxes_px[:, 3] - boxes_px[:, 1]), 0, None)))
         self.distinct.append(len(np.unique(ids)))
         self.k = len(ids)
