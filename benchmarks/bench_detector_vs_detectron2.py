@@ -14,10 +14,8 @@ Example: ``python benchmarks/bench_detector_vs_detectron2.py --warmup 2 --timed 
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -27,6 +25,8 @@ from soco_d2.config import load_config  # noqa: E402
 from soco_d2.data.synthetic import make_synthetic_coco  # noqa: E402
 from soco_d2.finetune.coco_data import COCODetection  # noqa: E402
 from soco_d2.finetune.detectors import build_detector  # noqa: E402
+
+from paired_timing import report, run_alternating  # noqa: E402  (benchmarks/)
 
 
 def main():
@@ -73,7 +73,7 @@ def main():
     def stepper(model, forward):
         opt = torch.optim.SGD(model.parameters(), lr=0.0025, momentum=0.9, weight_decay=2.5e-5)
 
-        def step():
+        def step(_round):
             loss = sum(forward().values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -82,34 +82,11 @@ def main():
 
     contestants = [("soco_d2", stepper(ours, lambda: ours(images, targets))),
                    ("detectron2", stepper(theirs, lambda: theirs(batched)))]
-    times = {k: [] for k, _ in contestants}
-    cpu = {k: [] for k, _ in contestants}
     print(f"Mask R-CNN R50-FPN 4conv1fc BN, 2 images {args.size}x{args.size}, CPU, "
           f"{torch.get_num_threads()} threads; {args.warmup} warmup + {args.timed} timed rounds")
-    storage = EventStorage(0)  # detectron2's training forward logs into one
-    storage.__enter__()
-    for r in range(args.warmup + args.timed):
-        order = contestants if r % 2 == 0 else contestants[::-1]
-        for name, step in order:
-            t, c = time.perf_counter(), time.process_time()
-            step()
-            dt, dc = time.perf_counter() - t, time.process_time() - c
-            if r >= args.warmup:
-                times[name].append(dt)
-                cpu[name].append(dc)
-            print(f"round {r} {'(warmup) ' if r < args.warmup else ''}{name}: {dt:.3f} s wall, "
-                  f"{dc:.3f} s CPU", flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    print("\n| step | median wall s | median CPU s | timed wall (s) | timed CPU (s) |\n|---|---|---|---|---|")
-    for k in times:
-        print(f"| {k} | {med[k]:.3f} | {med_cpu[k]:.3f} | {', '.join(f'{x:.2f}' for x in times[k])} "
-              f"| {', '.join(f'{x:.2f}' for x in cpu[k])} |")
-    paired = [a / b for a, b in zip(times["soco_d2"], times["detectron2"])]
-    print(f"\nratio soco_d2 / detectron2: medians {med['soco_d2'] / med['detectron2']:.3f} (wall), "
-          f"{med_cpu['soco_d2'] / med_cpu['detectron2']:.3f} (CPU); geometric mean of the per-round "
-          f"wall ratios {statistics.geometric_mean(paired):.3f}")
-
+    with EventStorage(0):  # detectron2's training forward logs into one
+        times, cpu = run_alternating(contestants, args.warmup, args.timed)
+    report(times, cpu)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,6 @@ update, uint8 -> float, target moves, loss accumulation), timed alone over many 
 Example: ``python benchmarks/bench_finetune_step.py --warmup 3 --timed 5``
 """
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -30,6 +29,8 @@ from soco_d2.config import load_config
 from soco_d2.data.synthetic import make_synthetic_coco
 from soco_d2.finetune.coco_data import COCODetection
 from soco_d2.finetune.trainer import FinetuneTrainer, _targets_to
+
+from paired_timing import report, run_alternating
 
 
 def main():
@@ -78,33 +79,12 @@ def main():
         loss.backward()
         bare_opt.step()
 
-    times = {"train_net": [], "bare": []}
-    cpu = {"train_net": [], "bare": []}
     contestants = [("train_net", ours), ("bare", bare)]
     print(f"Mask R-CNN R50-FPN v2, 2 images {args.size}x{args.size}, CPU, "
           f"{torch.get_num_threads()} threads; {args.warmup} warmup + {args.timed} timed rounds")
-    for r in range(args.warmup + args.timed):
-        order = contestants if r % 2 == 0 else contestants[::-1]
-        for name, step in order:
-            t, c = time.perf_counter(), time.process_time()
-            step(r)
-            dt, dc = time.perf_counter() - t, time.process_time() - c
-            if r >= args.warmup:
-                times[name].append(dt)
-                cpu[name].append(dc)
-            print(f"round {r} {'(warmup) ' if r < args.warmup else ''}{name}: {dt:.3f} s wall, "
-                  f"{dc:.3f} s CPU", flush=True)
+    times, cpu = run_alternating(contestants, args.warmup, args.timed)
     trainer._flush_metrics(args.warmup + args.timed)  # the loop's periodic host sync, once
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    print("\n| step | median wall s | median CPU s | timed wall (s) | timed CPU (s) |\n|---|---|---|---|---|")
-    for k in times:
-        print(f"| {k} | {med[k]:.3f} | {med_cpu[k]:.3f} | {', '.join(f'{x:.2f}' for x in times[k])} "
-              f"| {', '.join(f'{x:.2f}' for x in cpu[k])} |")
-    paired = [a / b for a, b in zip(times["train_net"], times["bare"])]
-    print(f"\nratio train_net / bare: medians {med['train_net'] / med['bare']:.3f} (wall), "
-          f"{med_cpu['train_net'] / med_cpu['bare']:.3f} (CPU); geometric mean of the per-round "
-          f"wall ratios {statistics.geometric_mean(paired):.3f}")
+    med = report(times, cpu)
 
     # What run_step does besides the bare step's work, timed alone.
     names = trainer._loss_names
