@@ -16,6 +16,7 @@ from soco_d2.checkpoint.convert import convert_to_d2, map_torchvision_resnet_key
 from soco_d2.config import get_cfg  # noqa: E402
 from soco_d2.detectron2 import D2DetCo, add_soco_d2_config  # noqa: E402
 from soco_d2.modeling import build_model  # noqa: E402
+from soco_d2.modeling.meta_arch.detco import SplitBatchNorm2d  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "../.."))
 D2_CONFIGS = os.path.join(REPO, "configs", "detectron2")
@@ -92,14 +93,21 @@ def test_registered_in_detectron2_with_detectron2_resnet_names():
     assert all(not p.requires_grad for p in model.encoder_k.parameters())
 
 
-def test_same_forward_losses_and_queues_as_detco_with_the_same_weights():
+@pytest.mark.parametrize("splits", [1, 2])
+def test_same_forward_losses_and_queues_as_detco_with_the_same_weights(splits):
     """D2DetCo is DetCo with detectron2's ResNet: with DetCo's weights renamed it gives the same
-    twelve loss terms, the same gradients and the same queue contents."""
-    ref, model = _detco().train(), _d2detco(seed=7).train()
+    twelve loss terms, the same gradients and the same queue contents, with plain BN and with
+    one-process shuffle-BN (BN over 2 sub-batches, key batch shuffled)."""
+    n = 2 * splits
+    common = {"SOLVER.IMS_PER_BATCH": n, "MODEL.DETCO.SHUFFLE_BN_SPLITS": splits}
+    ref, model = _detco(**common).train(), _d2detco(seed=7, **common).train()
+    split_bn = [m for m in model.encoder_q.body.modules() if isinstance(m, SplitBatchNorm2d)]
+    assert len(split_bn) == (0 if splits == 1 else len(
+        [m for m in ref.encoder_q.body.modules() if isinstance(m, SplitBatchNorm2d)])) and (splits == 1 or split_bn)
     state = {_torchvision_to_d2detco(k): v for k, v in ref.state_dict().items()}
     missing, unexpected = model.load_state_dict(state, strict=True)
     assert not missing and not unexpected
-    batch = _batch()
+    batch = _batch(n=n)
     torch.manual_seed(11)
     out_ref = ref(batch)
     torch.manual_seed(11)
@@ -113,7 +121,7 @@ def test_same_forward_losses_and_queues_as_detco_with_the_same_weights():
                                ref.encoder_q.body.layer3[0].conv2.weight.grad, rtol=1e-4, atol=1e-6)
     for lvl in ("res2", "res5"):
         torch.testing.assert_close(model.queues_local[lvl].queue, ref.queues_local[lvl].queue)
-        assert int(model.queues_global[lvl].ptr) == int(ref.queues_global[lvl].ptr) == 2
+        assert int(model.queues_global[lvl].ptr) == int(ref.queues_global[lvl].ptr) == n
     model.momentum_update(0.5)
     ref.momentum_update(0.5)
     torch.testing.assert_close(model.encoder_k.body.stem.conv1.weight, ref.encoder_k.body.conv1.weight)
