@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -365,3 +367,219 @@ def test_color_settings_follow_the_view_index():
 def test_bad_config_is_named(key, value, match):
     with pytest.raises(ValueError, match=match):
         SoCoViewMapper(_cfg(**{key: value}))
+
+
+@pytest.mark.parametrize("image", [np.zeros((20, 30, 3), np.float32), np.zeros((20, 30, 4), np.uint8)])
+def test_bad_image_is_named(image):
+    message = f"SoCoViewMapper expects a uint8 HxWx3 RGB image, got {image.dtype} {image.shape}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        SoCoViewMapper(_cfg())(image, None, np.random.default_rng(0))
+
+
+def test_no_proposals_given_falls_back_to_id_zero():
+    img, _, _ = _painted()
+    out = SoCoViewMapper(_cfg())(img, None, np.random.default_rng(0))
+    for pair in out["pairs"]:
+        assert pair["ids_a"].tolist() == [0] * 4 and pair["ids_b"].tolist() == [0] * 4
+
+
+def test_v1_boxes_are_the_proposals_scaled_exactly():
+    img, props, _ = _painted()
+    out = SoCoViewMapper(_cfg(FLIP_PROB=0.0, CROP_SCALE=(0.3, 1.0)))(img, props, np.random.default_rng(2))
+    scale = np.array([224 / 300, 224 / 200] * 2, np.float32)
+    for pair in out["pairs"]:
+        expected = props[pair["ids_a"].numpy()] * scale
+        np.testing.assert_allclose(pair["boxes_a"].numpy(), expected, rtol=1e-6)
+
+
+def test_min_box_size_applies_to_v1_and_to_each_crop():
+    img = np.zeros((100, 100, 3), np.uint8)
+    whole_crop = dict(CROP_SCALE=(1.0, 1.0), CROP_RATIO=(1.0, 1.0), FLIP_PROB=0.0)
+    # A 0.5 px wide proposal is a candidate with MIN_BOX_SIZE = 0 (the official rule)...
+    sliver = np.array([[10, 10, 10.5, 60]], np.float32)
+    out = SoCoViewMapper(_cfg(MIN_BOX_SIZE=0.0, **whole_crop))(img, sliver, np.random.default_rng(0))
+    assert all((p["ids_a"] == 0).all() for p in out["pairs"])
+    # ... and a whole-image proposal is never one in crops narrower than MIN_BOX_SIZE = 50.
+    whole = np.array([[0, 0, 100, 100]], np.float32)
+    cfg = _cfg(MIN_BOX_SIZE=50.0, CROP_SCALE=(0.01, 0.01), CROP_RATIO=(1.0, 1.0), MAX_TRIES=2)
+    for seed in range(3):
+        out = SoCoViewMapper(cfg)(img, whole, np.random.default_rng(seed))
+        assert all((p["ids_a"] == 1).all() and (p["ids_b"] == 1).all() for p in out["pairs"])
+
+
+def test_v3_flips_on_its_own_coin_in_independent_mode():
+    # Left half black, right half white; crops of the whole image: a view is flipped iff its
+    # first column is white.
+    img = np.zeros((60, 60, 3), np.uint8)
+    img[:, 30:] = 255
+    cfg = _cfg(FLIP_PROB=0.5, CROP_SCALE=(1.0, 1.0), CROP_RATIO=(1.0, 1.0), VIEW1_SIZE=16, VIEW2_SIZE=16,
+               VIEW3_SIZE=16)
+    mapper = SoCoViewMapper(cfg)
+    flips = []
+    for seed in range(12):
+        out = mapper(img, None, np.random.default_rng(seed))
+        flips.append(tuple(int(out["images"][v][0, 8, 0]) > 128 for v in ("v2", "v3")))
+    assert any(f2 != f3 for f2, f3 in flips) and any(f2 == f3 for f2, f3 in flips)
+
+
+def test_soco_star_v4_of_one_pixel_and_its_colour():
+    img = np.full((50, 60, 3), 128, np.uint8)
+    out = SoCoViewMapper(_cfg(VIEW4_SIZE=1, SOLARIZE_PROB=(0.0, 1.0)))(img, None, np.random.default_rng(0))
+    assert tuple(out["images"]["v4"].shape) == (3, 1, 1)
+    assert (out["images"]["v4"] == 127).all()  # V4 gets the V2/V3 colour settings (solarized)
+
+
+def test_color_jitter_strengths_come_from_the_config():
+    img, props, _ = _painted()
+    cfg = _cfg(COLOR_JITTER=(0.0, 0.0, 0.0, 0.0), COLOR_JITTER_PROB=1.0, FLIP_PROB=0.0)
+    out = SoCoViewMapper(cfg)(img, props, np.random.default_rng(0))
+    plain = SoCoViewMapper(_cfg(FLIP_PROB=0.0))(img, props, np.random.default_rng(0))
+    # No strength: the jitter is the identity (and draws no factor), so the views are unchanged.
+    assert torch.equal(out["images"]["v1"], plain["images"]["v1"])
+
+
+_MIN_MAX = "INPUT.SOCO.CROP_{} must be (min, max) with 0 < min <= max, got"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"VIEW1_SIZE": 0}, "INPUT.SOCO.VIEW1_SIZE must be a positive size in pixels, got 0"),
+        ({"VIEW2_SIZE": 0}, "INPUT.SOCO.VIEW2_SIZE must be a positive size in pixels, got 0"),
+        ({"VIEW3_SIZE": 0}, "INPUT.SOCO.VIEW3_SIZE must be a positive size in pixels, got 0"),
+        ({"VIEW4_SIZE": -1}, "INPUT.SOCO.VIEW4_SIZE must be >= 0 (0 disables V4), got -1"),
+        ({"CROP_SCALE": (0.0, 0.5)}, f"{_MIN_MAX.format('SCALE')} (0.0, 0.5)"),
+        ({"CROP_RATIO": (0.5, 1.0, 2.0)}, f"{_MIN_MAX.format('RATIO')} (0.5, 1.0, 2.0)"),
+        ({"CROP_RATIO": (0.0, 1.0)}, f"{_MIN_MAX.format('RATIO')} (0.0, 1.0)"),
+        ({"CROP_RATIO": (2.0, 1.0)}, f"{_MIN_MAX.format('RATIO')} (2.0, 1.0)"),
+        ({"MAX_TRIES": 0}, "INPUT.SOCO.MAX_TRIES must be >= 1, got 0"),
+        ({"COLOR_JITTER": (0.4, 0.4, 0.2)},
+         "INPUT.SOCO.COLOR_JITTER must be (brightness, contrast, saturation, hue), got (0.4, 0.4, 0.2)"),
+    ],
+)
+def test_bad_config_messages(overrides, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        SoCoViewMapper(_cfg(**overrides))
+
+
+def test_smallest_valid_config():
+    img, props, _ = _painted()
+    out = SoCoViewMapper(_cfg(VIEW1_SIZE=1, VIEW2_SIZE=1, VIEW3_SIZE=1, NUM_PROPOSALS=1))(
+        img, props, np.random.default_rng(0)
+    )
+    assert all(tuple(v.shape) == (3, 1, 1) for v in out["images"].values())
+    assert all(p["boxes_a"].shape == (1, 4) for p in out["pairs"])
+
+
+def _filled_rect(view, fill):
+    filled = (view == fill[:, None, None]).all(dim=0)
+    ys, xs = torch.nonzero(filled, as_tuple=True)
+    if len(ys) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def test_cutout_squares_every_distinct_box_at_a_uniform_point():
+    # Two boxes far apart, whole-image crops: each box gets its own square, centred at a point
+    # drawn uniformly in the box (x and y independently), of its own random area.
+    img = np.full((200, 300, 3), 255, np.uint8)
+    props = np.array([[20, 100, 140, 180], [180, 10, 280, 60]], np.float32)
+    cfg = _cfg(CUTOUT=True, CUTOUT_PROB=1.0, CUTOUT_RATIO=(0.02, 0.2), FLIP_PROB=0.0, CROP_SCALE=(1.0, 1.0),
+               CROP_RATIO=(1.5, 1.5))
+    fill = torch.tensor(np.rint(cfg.MODEL.PIXEL_MEAN), dtype=torch.uint8)
+    mapper = SoCoViewMapper(cfg)
+    rel_x, rel_y, area_ratio = [], [], []
+    for seed in range(16):
+        out = mapper(img, props, np.random.default_rng(seed))
+        pair = out["pairs"][0]
+        view = out["images"]["v2"]
+        areas = []
+        for i in range(2):
+            box = pair["boxes_b"][pair["ids_b"].tolist().index(i)].numpy()
+            (x1, y1), (x2, y2) = np.floor(box[:2]).astype(int), np.ceil(box[2:]).astype(int)
+            rect = _filled_rect(view[:, y1:y2, x1:x2], fill)  # the square, clipped to the box
+            assert rect is not None, (seed, i)
+            cx, cy = x1 + (rect[0] + rect[2]) / 2, y1 + (rect[1] + rect[3]) / 2
+            if rect[0] > 0 and rect[2] < x2 - x1 and rect[1] > 0 and rect[3] < y2 - y1:  # not clipped
+                rel_x.append((cx - box[0]) / (box[2] - box[0]))
+                rel_y.append((cy - box[1]) / (box[3] - box[1]))
+                square = (rect[2] - rect[0]) * (rect[3] - rect[1])
+                areas.append(square / ((box[2] - box[0]) * (box[3] - box[1])))
+        if len(areas) == 2:
+            area_ratio.append(areas[0] / areas[1])
+        pair3 = out["pairs"][1]  # V3 (its own crop of the whole image) gets a square per box too
+        for i in range(2):
+            box = pair3["boxes_b"][pair3["ids_b"].tolist().index(i)].numpy()
+            (x1, y1), (x2, y2) = np.floor(box[:2]).astype(int), np.ceil(box[2:]).astype(int)
+            assert _filled_rect(out["images"]["v3"][:, y1:y2, x1:x2], fill) is not None, (seed, i)
+    rel_x, rel_y = np.array(rel_x), np.array(rel_y)
+    assert len(rel_x) >= 8
+    assert ((rel_x > -0.05) & (rel_x < 1.05) & (rel_y > -0.05) & (rel_y < 1.05)).all()
+    assert rel_x.max() - rel_x.min() > 0.4 and rel_y.max() - rel_y.min() > 0.4  # spread over the box
+    assert np.abs(rel_x - rel_y).max() > 0.2  # x and y drawn independently
+    assert area_ratio and max(abs(np.log(r)) for r in area_ratio) > 0.5  # areas drawn per box
+
+
+def test_cutout_square_clipped_at_the_top_of_the_view_starts_at_row_zero():
+    img = np.full((200, 300, 3), 255, np.uint8)
+    props = np.array([[100, 0, 200, 60]], np.float32)  # touches the top of the image
+    cfg = _cfg(CUTOUT=True, CUTOUT_PROB=1.0, CUTOUT_RATIO=(0.5, 0.5), FLIP_PROB=0.0, CROP_SCALE=(1.0, 1.0),
+               CROP_RATIO=(1.5, 1.5))
+    fill = torch.tensor(np.rint(cfg.MODEL.PIXEL_MEAN), dtype=torch.uint8)
+    tops = []
+    for seed in range(12):
+        rect = _filled_rect(SoCoViewMapper(cfg)(img, props, np.random.default_rng(seed))["images"]["v2"], fill)
+        assert rect is not None  # never lost, even when the square sticks out of the view
+        tops.append(rect[1])
+    assert min(tops) == 0
+
+
+def test_cutout_fill_is_the_pixel_mean_clamped_to_bytes():
+    img = np.full((100, 100, 3), 200, np.uint8)
+    props = np.array([[20, 20, 80, 80]], np.float32)
+    cfg = _cfg(CUTOUT=True, CUTOUT_PROB=1.0, FLIP_PROB=0.0, CROP_SCALE=(1.0, 1.0), CROP_RATIO=(1.0, 1.0))
+    cfg.MODEL.PIXEL_MEAN = [-5.0, 0.2, 300.0]
+    view = SoCoViewMapper(cfg)(img, props, np.random.default_rng(0))["images"]["v2"]
+    assert _filled_rect(view, torch.tensor([0, 0, 255], dtype=torch.uint8)) is not None
+
+
+@pytest.mark.parametrize("k, props", [
+    (1, [[0, 0, 40, 100]]),
+    (5, [[0, 0, 40, 100], [0, 0, 41, 100]]),
+    (6, [[0, 0, 40, 100]]),
+    (8, [[0, 0, 40, 100]]),
+])
+def test_retry_rule_halves_the_requirement_by_integer_division(k, props):
+    # As test_retry_loop_follows_the_official_rule, for other K: need = max(K // 2, 1), then
+    # need = max(need // 2, 1) after each rejected draw (K = 5: 2; K = 6: 3, 1; K = 8: 4, 2, 1).
+    rng_img = np.random.default_rng(123)
+    img = rng_img.integers(0, 256, size=(100, 100, 3)).astype(np.uint8)
+    props = np.array(props, np.float32)
+    cfg = _cfg(NUM_PROPOSALS=k, CROP_SCALE=(0.1, 0.2), VIEW1_SIZE=16, VIEW2_SIZE=16, VIEW3_SIZE=8,
+               FLIP_PROB=0.0)
+    c = cfg.INPUT.SOCO
+    mapper = SoCoViewMapper(cfg)
+    keep1 = crop_boxes(props, (0, 0, 100, 100), c.MIN_BOX_SIZE)[1]
+    for seed in range(30):
+        replay = np.random.default_rng(seed)
+        crops, draws = [], []
+        for _ in range(c.MAX_TRIES):
+            pair = [random_resized_crop_params(100, 100, c.CROP_SCALE, c.CROP_RATIO, replay) for _ in "23"]
+            crops.append(pair)
+            draws.append(tuple(int((keep1 & crop_boxes(props, cr, c.MIN_BOX_SIZE)[1]).sum()) for cr in pair))
+        t = _accepted_draw(draws, k, c.MAX_TRIES, floor=1)
+        y0, x0, h, w = crops[t][0]
+        expected = resize(img[y0 : y0 + h, x0 : x0 + w], (16, 16)).transpose(2, 0, 1)
+        assert torch.equal(mapper(img, props, np.random.default_rng(seed))["images"]["v2"],
+                           torch.from_numpy(expected)), (seed, t, draws)
+
+
+def test_downsample_mode_accepts_the_first_draw_with_candidates():
+    img = np.random.default_rng(1).integers(0, 256, size=(100, 100, 3)).astype(np.uint8)
+    whole = np.array([[0, 0, 100, 100]] * 2, np.float32)  # two candidates (K // 2) in every crop
+    cfg = _cfg(V3_MODE="downsample", CROP_SCALE=(0.3, 0.6), VIEW2_SIZE=16, FLIP_PROB=0.0)
+    c = cfg.INPUT.SOCO
+    y0, x0, h, w = random_resized_crop_params(100, 100, c.CROP_SCALE, c.CROP_RATIO, np.random.default_rng(4))
+    out = SoCoViewMapper(cfg)(img, whole, np.random.default_rng(4))
+    expected = resize(img[y0 : y0 + h, x0 : x0 + w], (16, 16)).transpose(2, 0, 1)
+    assert torch.equal(out["images"]["v2"], torch.from_numpy(expected))
