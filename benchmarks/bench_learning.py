@@ -175,11 +175,12 @@ def main(argv=None) -> int:
     proposals = _proposals(image_list, args.output_dir) if "soco" in args.methods else ""
 
     runs, curves = {}, {}
-    for method in args.methods:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: an interrupted run still has every method
+        for method in args.methods:
             t0 = time.perf_counter()
             runs[(method, seed)] = _pretrain(args, method, seed, image_list, proposals)
             print(f"{method} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+    for method in args.methods:
         keys = ["knn_res5_top1"] + (["knn_box_top1"] if method == "soco" else [])
         curves[method] = {k: {s: _knn_curve(runs[(method, s)], k) for s in args.seeds} for k in keys}
 
