@@ -1,7 +1,7 @@
 """Mutation testing of the core modules with mutmut: one module at a time, against its own tests.
 
-For each module, a scratch copy of the project is made (the ``soco_d2`` package, the module's test
-files and the conftests above them, and a ``pyproject.toml`` holding the project's pytest options
+For each module, a scratch copy of the project is made (the ``soco_d2`` package, ``configs/``, the
+module's test files and the conftests above them, and a ``pyproject.toml`` holding the project's pytest options
 plus a ``[tool.mutmut]`` section that mutates only that module and selects only those tests). mutmut
 runs there, so the repository never gets a ``mutants/`` directory or mutmut state. The score is
 
@@ -87,6 +87,7 @@ def _pyproject_text(module_path: str, tests: list[str], timeout_multiplier: floa
         "pytest_add_cli_args": ["-p", "no:cacheprovider"],
         "timeout_multiplier": timeout_multiplier,
         "use_git_change_detection": False,
+        "also_copy": ["configs"],  # tests that read the shipped configs
     }
     lines += ["", "[tool.mutmut]"] + [f"{k} = {_toml_value(v)}" for k, v in mutmut.items()]
     return "\n".join(lines) + "\n"
@@ -95,6 +96,7 @@ def _pyproject_text(module_path: str, tests: list[str], timeout_multiplier: floa
 def _make_scratch(root: Path, module_path: str, tests: list[str], timeout_multiplier: float) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "soco_d2", root / "soco_d2", ignore=ignore)
+    shutil.copytree(REPO / "configs", root / "configs", ignore=ignore)
     for test in tests:
         src = REPO / test
         if not src.is_file():

@@ -1,4 +1,5 @@
 import os
+import re
 
 import numpy as np
 import pytest
@@ -248,3 +249,63 @@ def test_blur_of_the_patch_sets_is_drawn_per_set():
         sigmas.append(max(per_patch))
     blurred = [s for s in sigmas if s > 0]
     assert 6 <= len(blurred) <= 24 and max(blurred) > 1.5, sigmas
+
+
+@pytest.mark.parametrize("image", [np.zeros((20, 30, 3), np.float32), np.zeros((20, 30, 4), np.uint8)])
+def test_bad_image_and_missing_rng_are_named(image):
+    message = f"DetCoViewMapper expects a uint8 HxWx3 RGB image, got {image.dtype} {image.shape}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        DetCoViewMapper(_cfg())(image, None, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"^DetCoViewMapper needs the sample's numpy Generator \(rng\)$"):
+        DetCoViewMapper(_cfg())(_image(), None, None)
+
+
+@pytest.mark.parametrize("grid, patch, local_size", [(1, 200, 255), (3, 1, 255), (3, 85, 255)])
+def test_grid_and_patch_limits_that_are_valid(grid, patch, local_size):
+    mapper = DetCoViewMapper(_no_color(GRID=grid, PATCH_SIZE=patch, LOCAL_CROP_SIZE=local_size))
+    ps = mapper.patch_set(_image(), np.random.default_rng(0))
+    assert ps.patches.shape == (grid * grid, patch, patch, 3)
+
+
+@pytest.mark.parametrize("grid, patch, cell", [(0, 64, 255), (3, 0, 85), (3, 86, 85)])
+def test_grid_and_patch_limits_that_are_not(grid, patch, cell):
+    message = (f"INPUT.DETCO: PATCH_SIZE ({patch}) must be in [1, LOCAL_CROP_SIZE // GRID]"
+               f" = [1, 255 // {grid} = {cell}]; lower PATCH_SIZE or GRID, or raise LOCAL_CROP_SIZE.")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        DetCoViewMapper(_cfg(GRID=grid, PATCH_SIZE=patch))
+
+
+def test_patch_offsets_cover_the_whole_cell():
+    mapper = DetCoViewMapper(_no_color())
+    sets = [mapper.patch_set(_image(), np.random.default_rng(s)) for s in range(20)]
+    offsets = np.concatenate([ps.offsets for ps in sets])
+    assert offsets.min() == 0 and offsets.max() == 85 - 64
+
+
+def test_colour_settings_reach_both_colour_augmentations():
+    cfg = _cfg(COLOR_JITTER=(0.1, 0.2, 0.3, 0.05), COLOR_JITTER_PROB=0.7, GRAYSCALE_PROB=0.3,
+               BLUR_PROB=0.4, BLUR_SIGMA=(0.5, 1.5))
+    mapper = DetCoViewMapper(cfg)
+    for aug, blur_prob in ((mapper.color, 0.4), (mapper.set_color, 0.0)):
+        assert (aug.brightness, aug.contrast, aug.saturation, aug.hue) == (
+            (0.9, 1.1), (0.8, 1.2), (0.7, 1.3), (-0.05, 0.05))
+        probs = (aug.jitter_prob, aug.grayscale_prob, aug.blur_prob, aug.solarize_prob)
+        assert probs == (0.7, 0.3, blur_prob, 0.0)
+        assert aug.blur_sigma == (0.5, 1.5)
+
+
+def test_randaugment_settings_and_seeding_replayed():
+    cfg = _no_color(AUGMENT="randaugment", RANDAUGMENT_NUM_OPS=3, RANDAUGMENT_MAGNITUDE=7, FLIP_PROB=0.0)
+    mapper = DetCoViewMapper(cfg)
+    assert (mapper.policy.num_ops, mapper.policy.magnitude) == (3, 7)
+    img = _image(seed=5)
+    for s in range(3):
+        view = mapper.global_view(img, np.random.default_rng(s))
+        replay = np.random.default_rng(s)
+        y0, x0, h, w = augment.random_resized_crop_params(180, 240, (0.2, 1.0), (3 / 4, 4 / 3), replay)
+        plain = augment.resize(img[y0 : y0 + h, x0 : x0 + w], (224, 224))
+        replay.random()  # the flip coin
+        torch.manual_seed(int(replay.integers(0, 2**63 - 1)))
+        expected = mapper.policy(torch.from_numpy(plain).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+        assert view.dtype == np.uint8 and view.shape == (224, 224, 3)
+        np.testing.assert_array_equal(view, expected)
