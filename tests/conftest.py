@@ -32,3 +32,21 @@ def soco_log():
     yield records
     log.removeHandler(handler)
     log.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_soco_logging():
+    """Undo the training engine's ``setup_logging`` after each test: its handlers write to that
+    test's OUTPUT_DIR and it stops the ``soco_d2`` loggers from propagating to ``caplog``, which
+    would make later tests depend on the order they run in."""
+    yield
+    import logging
+
+    log = logging.getLogger("soco_d2")
+    if getattr(log, "_soco_configured", False):
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
+            handler.close()
+        log.propagate = True
+        log.setLevel(logging.NOTSET)
+        log._soco_configured = False

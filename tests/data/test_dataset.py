@@ -236,10 +236,11 @@ def test_unreadable_image_is_remembered_logged_once_and_never_reread(folder, soc
     # The replacement (and the sample) is the same as when the file was read and failed.
     assert first["num_skipped"] == 1 and all(s["num_skipped"] == 1 for s in again)
     assert first["draw"] == np.random.default_rng([7, 1]).random()
-    # Loader workers share the flags: a worker's discovery is seen by the main process.
+    # Loader workers share the flags: a worker's discovery is seen by the main process. (A
+    # spawned worker: a forked one can deadlock in OpenCV after the parent used its threads.)
     loader = torch.utils.data.DataLoader(
         PretrainDataset(list_images(str(root)), None, RecordingMapper()), batch_size=None,
-        sampler=[(1, 0)], num_workers=1)
+        sampler=[(1, 0)], num_workers=1, multiprocessing_context="spawn")
     for _ in loader:
         pass
     assert loader.dataset.unreadable_indices() == [1]
