@@ -64,12 +64,17 @@ def _proposals(image_list: str, out: str) -> str:
     return path
 
 
-def _pretrain(args, method: str, seed: int, image_list: str, proposals: str) -> str:
-    import soco_d2.data  # noqa: F401  (registers the view mappers)
-    import soco_d2.modeling  # noqa: F401  (registers the meta-architectures)
-    from soco_d2.config import load_config
-    from soco_d2.engine.trainer import PretrainTrainer
+def _run_tool(tool: str, config: str, opts) -> None:
+    """One training in its own process (tools/pretrain_net.py or tools/train_net.py): runs do not
+    share OpenCV / OpenMP thread pools or loader workers forked from a process that used them."""
+    import subprocess
 
+    cmd = [sys.executable, os.path.join(REPO, "tools", tool), "--config-file", config,
+           "--num-gpus", "1"] + [str(o) for o in opts]
+    subprocess.run(cmd, check=True)
+
+
+def _pretrain(args, method: str, seed: int, image_list: str, proposals: str) -> str:
     out = os.path.join(args.output_dir, f"{method}_seed{seed}")
     opts = [
         "MODEL.DEVICE", args.device, "MODEL.RESNETS.DEPTH", args.depth, "SEED", seed,
@@ -83,13 +88,12 @@ def _pretrain(args, method: str, seed: int, image_list: str, proposals: str) -> 
         opts += ["DATASETS.PRETRAIN.PROPOSALS", proposals] + args.soco_opts
     else:
         opts += args.detco_opts
-    cfg = load_config(CONFIGS[method], [str(o) for o in opts])
     if os.path.exists(os.path.join(out, "model_final.pth")) and not args.overwrite:
         print(f"{out}: done before, reusing (--overwrite to rerun)", flush=True)
         return out
-    trainer = PretrainTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
+    if os.path.exists(os.path.join(out, "metrics.json")):
+        os.remove(os.path.join(out, "metrics.json"))  # a rerun starts its curve afresh
+    _run_tool("pretrain_net.py", CONFIGS[method], opts)
     return out
 
 
@@ -105,19 +109,16 @@ def _mean_std(values):
 
 
 def _finetune(args, name: str, weights: str, seed: int) -> dict:
-    from soco_d2.config import load_config
-    from soco_d2.evaluation.coco_evaluation import flatten_results
-    from soco_d2.finetune.trainer import FinetuneTrainer
+    from soco_d2.engine.writers import read_metrics
 
     out = os.path.join(args.output_dir, f"finetune_{name}_seed{seed}")
-    cfg = load_config(FINETUNE_CONFIG, [str(o) for o in [
+    _run_tool("train_net.py", FINETUNE_CONFIG, [
         "MODEL.DEVICE", args.device, "MODEL.RESNETS.DEPTH", args.depth, "MODEL.WEIGHTS", weights,
         "SEED", seed, "SOLVER.MAX_ITER", args.finetune_iters, "SOLVER.CHECKPOINT_PERIOD", 0,
         "SOLVER.WARMUP_ITERS", min(30, max(1, args.finetune_iters // 4)),
-        "OUTPUT_DIR", out] + args.finetune_opts])
-    trainer = FinetuneTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    return flatten_results(trainer.train())
+        "OUTPUT_DIR", out] + args.finetune_opts)
+    evals = [r for r in read_metrics(os.path.join(out, "metrics.json")) if "bbox/AP" in r]
+    return evals[-1]
 
 
 def _plot(curves, path: str) -> None:
