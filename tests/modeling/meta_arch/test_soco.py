@@ -339,3 +339,43 @@ def test_bad_input_and_config_raise():
     with pytest.raises(ValueError, match="HEAD_MODE"):
         _model(**{"MODEL.SOCO.HEAD_MODE": "per_level"})
     assert isinstance(model.box_head, nn.Module)
+
+
+def test_normalize_subtracts_the_pixel_mean_and_divides_by_the_std():
+    model = _model()
+    images = torch.randint(0, 256, (2, 3, 5, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cfg = _cfg()
+    mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.normalize(images), (images.float() - mean) / std)
+
+
+@pytest.mark.parametrize("views", [["v2"], ["v2", "v3"]])
+def test_train_mode_all_views_norm_differs_from_per_view(views):
+    """Train mode: "all" normalises the heads over the boxes of every view at once, "per_view"
+    per view (two or three views), so their losses differ."""
+    batch = _batch()
+    batch["pairs"] = [p for p in batch["pairs"] if p["b"][0] in views]
+    per_view = _model(**{"MODEL.SOCO.HEAD_MODE": "per_view"})
+    joint = _model(**{"MODEL.SOCO.HEAD_MODE": "all"})
+    joint.load_state_dict(per_view.state_dict())
+    a, b = per_view(batch), joint(batch)
+    assert sorted(a) == sorted(b) == [f"loss_v1_{v}" for v in views]
+    assert all(not torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_more_boxes_per_image_than_images():
+    # K = 3 boxes per set, N = 2 images: eval-mode losses agree between the head modes.
+    batch = _batch()
+    for p in batch["pairs"]:
+        for side in "ab":
+            p[f"boxes_{side}"] = torch.cat([p[f"boxes_{side}"], p[f"boxes_{side}"][:, :1]], dim=1)
+            p[f"ids_{side}"] = torch.cat([p[f"ids_{side}"], p[f"ids_{side}"][:, :1]], dim=1)
+    faithful = _model()
+    per_view = _model(**{"MODEL.SOCO.HEAD_MODE": "per_view"})
+    per_view.load_state_dict(faithful.state_dict())
+    faithful.eval()
+    per_view.eval()
+    a, b = faithful(batch), per_view(batch)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
