@@ -1,4 +1,3 @@
-import logging
 import math
 import os
 import sys
@@ -113,7 +112,7 @@ def test_probe_leaves_train_and_eval_flags_as_they_were(tmp_path):
     assert torch.equal(model.online[1].running_mean, mean)  # BN ran with running statistics
 
 
-def test_slow_probe_warns_with_measured_times(tmp_path, caplog, monkeypatch):
+def test_slow_probe_warns_with_measured_times(tmp_path, soco_log, monkeypatch):
     """The monitor's clock advances 10 s per feature extraction and not at all in training: the
     probe (20 s) is slower than the training since the previous probe (0 s)."""
     import types
@@ -130,14 +129,8 @@ def test_slow_probe_warns_with_measured_times(tmp_path, caplog, monkeypatch):
 
     monkeypatch.setattr(monitors, "extract_features", slow)
     monkeypatch.setattr(monitors, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    caplog.set_level(logging.WARNING, logger="soco_d2")
-    logging.getLogger("soco_d2").propagate = True
-    try:
-        _run(tmp_path, "run", mtoy.monitor_overrides(probe, **{"MONITOR.KNN.PERIOD": 1,
-                                                                 "SOLVER.MAX_ITER": 2}))
-    finally:
-        logging.getLogger("soco_d2").propagate = False
-    msgs = [r.getMessage() for r in caplog.records if "kNN probe at iteration" in r.getMessage()]
+    _run(tmp_path, "run", mtoy.monitor_overrides(probe, **{"MONITOR.KNN.PERIOD": 1, "SOLVER.MAX_ITER": 2}))
+    msgs = [m for m in soco_log if "kNN probe at iteration" in m]
     assert len(msgs) == 2  # iterations 1 and 2; none at 0 (no training interval yet)
     assert "took 20.0 s, longer than the 0.0 s of training" in msgs[0]
     assert "MONITOR.KNN.PERIOD = 1" in msgs[0]
@@ -145,7 +138,7 @@ def test_slow_probe_warns_with_measured_times(tmp_path, caplog, monkeypatch):
     assert [r["knn_time"] for r in rows] == [20.0, 20.0, 20.0]
 
 
-def test_collapse_is_reported(tmp_path, caplog):
+def test_collapse_is_reported(tmp_path, soco_log):
     class Collapsed(mtoy.MonitorToyNet):
         def __init__(self, cfg, **kw):
             super().__init__(cfg, **kw)
@@ -153,14 +146,9 @@ def test_collapse_is_reported(tmp_path, caplog):
                 self.online[5].weight.zero_()
                 self.online[5].bias = torch.nn.Parameter(torch.ones(4))
 
-    caplog.set_level(logging.WARNING, logger="soco_d2")
-    logging.getLogger("soco_d2").propagate = True
-    try:
-        _run(tmp_path, "run", {"MONITOR.HEALTH.ENABLED": True, "SOLVER.MAX_ITER": 2,
-                               "SOLVER.BASE_LR": 0.0}, model_cls=Collapsed)
-    finally:
-        logging.getLogger("soco_d2").propagate = False
-    assert any("Embedding collapse at iteration 2" in r.getMessage() for r in caplog.records)
+    _run(tmp_path, "run", {"MONITOR.HEALTH.ENABLED": True, "SOLVER.MAX_ITER": 2,
+                           "SOLVER.BASE_LR": 0.0}, model_cls=Collapsed)
+    assert any("Embedding collapse at iteration 2" in m for m in soco_log)
     rows = [r for r in _rows(tmp_path / "run") if "rankme" in r]
     assert rows[-1]["emb_std"] < 1e-6
 
