@@ -263,10 +263,12 @@ class PretrainTrainer:
                 ):
                     self._save("model_final.pth", self.max_iter, final=True)
         finally:
-            for w in self.writers:
-                w.close()
-            self.monitors.close()
-            self._data = None  # stops the loader's worker processes
+            self._data = None  # stops the loader's worker processes (first: see below)
+            # A loader worker that died can still be reported (SIGCHLD) while closing up.
+            with explain_worker_death(self.checkpointer.last_checkpoint):
+                for w in self.writers:
+                    w.close()
+                self.monitors.close()
 
     def run_step(self, it: int) -> None:
         cfg, s = self.cfg, self.cfg.SOLVER

@@ -444,9 +444,11 @@ class FinetuneTrainer:
             if cfg.DATASETS.TEST:  # the final model is saved first: a failed evaluation loses nothing
                 results = self.test(self.max_iter)
         finally:
-            for w in self.writers:
-                w.close()
-            self._data = None  # stops the loader's worker processes
+            self._data = None  # stops the loader's worker processes (first: see below)
+            # A loader worker that died can still be reported (SIGCHLD) while closing up.
+            with explain_worker_death(self.checkpointer.last_checkpoint):
+                for w in self.writers:
+                    w.close()
         return results
 
     def run_step(self, it: int) -> None:
