@@ -5,8 +5,7 @@ soco_d2 configs (configs/soco, configs/detco, configs/finetune, configs/demo) ar
 :func:`soco_d2.config.load_config` (``_BASE_`` chain, defaults, validation); the detectron2-format
 files (configs/detectron2, for detectron2's own tools) through fvcore's ``_BASE_`` merge, with
 tuple strings decoded as detectron2 does. A row lists the files it applies to; a deliberate
-deviation from a source is not a row (it is documented where the key is defined). Keys that are
-being redesigned (the SoCo level assignment and head batching) are not pinned here.
+deviation from a source is not a row (it is documented where the key is defined).
 
 Sources:
   official X   hologerry/SoCo @2be1229 file X (the tools/*.sh flags override contrast/option.py)
@@ -93,6 +92,10 @@ ROWS = [
     (SOCO, "MODEL.RESNETS.ZERO_INIT_RESIDUAL", True, "official contrast/resnet.py: zero gamma of bn3"),
     (SOCO, "MODEL.FPN.OUT_CHANNELS", 256, OPTION + " --out_channels 256"),
     (SOCO, "MODEL.FPN.NORM", "BN", "official contrast/models/fpn.py norm_cfg BN (SyncBN)"),
+    (SOCO + (D2_ARCH,), "MODEL.SOCO.HEAD_MODE", "faithful",
+     "official contrast/models/SoCo_FPN.py forward: head / projector / predictor called per view, box set and level"),
+    (SOCO + (D2_ARCH,), "MODEL.SOCO.LEVEL_ASSIGNMENT", "official",
+     "official contrast/data/bboxs_utils.py assign_bboxs_to_feature_map, option.py --aware_range 48 96 192 224"),
     (SOCO, "MODEL.ROI_BOX_HEAD.NUM_CONV", 4, "official fast_rcnn_conv_fc_head.py: 4 convs"),
     (SOCO, "MODEL.ROI_BOX_HEAD.CONV_DIM", 256, "official fast_rcnn_conv_fc_head.py: 256 channels"),
     (SOCO, "MODEL.ROI_BOX_HEAD.NUM_FC", 1, "official fast_rcnn_conv_fc_head.py: 1 fc"),
