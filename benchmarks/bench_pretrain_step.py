@@ -1,10 +1,12 @@
 """Time one SoCo pretraining step on CPU: soco_d2's model vs. its floor (vs. the official model).
 
 Step = forward + backward (+ EMA update) of a batch of N images with views 224/224/112 and K
-boxes per view pair. Three contestants, timed round-robin in one process so machine noise hits
+boxes per view pair. The contestants are timed round-robin in one process so machine noise hits
 all of them alike:
 
-* ``soco_d2``  — this project's SoCo meta-architecture.
+* ``faithful`` — this project's SoCo meta-architecture, ``MODEL.SOCO.HEAD_MODE "faithful"``
+  (the official objective; the default).
+* ``per_view`` — the same with ``HEAD_MODE "per_view"`` (each box pooled on its level only).
 * ``floor``    — the same ResNet-FPN: online forward + backward on the three views plus target
   forward on them, no RoI heads, no loss. No SoCo implementation can be faster than this.
 * ``official`` — ``contrast/models/SoCo_FPN.py`` of the official code (pass its checkout with
@@ -59,10 +61,12 @@ class Floor(nn.Module):
         for p in self.target.parameters():
             p.requires_grad_(False)
 
-    def step(self, batch):
+    def step(self, batch, channels_last=False):
         loss = 0.0
         for x in batch["images"].values():
             x = x.float()
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             loss = loss + sum(f.float().mean() for f in self.online(x).values())
             with torch.no_grad():
                 self.target(x)
@@ -114,6 +118,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--official-repo", default="", help="checkout of the official SoCo code")
+    ap.add_argument("--contiguous", action="store_true",
+                    help="NCHW tensors for soco_d2 and the floor (default: channels_last, as the shipped "
+                         "SoCo configs' CHANNELS_LAST True; the official model is NCHW either way)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with this process's CPU time (with --threads 1: robust to other load)")
     args = ap.parse_args()
@@ -122,20 +129,29 @@ def main():
     torch.manual_seed(0)
     cfg = load_config("configs/soco/soco_fpn_r50_100ep.yaml",
                       ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", str(args.depth),
-                       "CHANNELS_LAST", "False"])
+                       "CHANNELS_LAST", str(not args.contiguous)])
+    memory_format = torch.contiguous_format if args.contiguous else torch.channels_last
     batch = make_batch(args.batch, args.k)
     mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
 
-    ours = build_model(cfg).train()
+    def soco_step(mode):
+        mode_cfg = cfg.clone()
+        mode_cfg.defrost()
+        mode_cfg.MODEL.SOCO.HEAD_MODE = mode
+        model = build_model(mode_cfg).train().to(memory_format=memory_format)  # as the trainer
 
-    def ours_step():
-        losses = ours(batch)
-        sum(losses.values()).backward()
-        ours.momentum_update(0.99)
+        def step():
+            losses = model(batch)
+            sum(losses.values()).backward()
+            model.momentum_update(0.99)
+            model.zero_grad(set_to_none=True)
 
-    floor = Floor(cfg).train()
-    steps = {"soco_d2": ours_step, "floor": lambda: floor.step(batch)}
+        return step
+
+    floor = Floor(cfg).train().to(memory_format=memory_format)
+    steps = {"faithful": soco_step("faithful"), "per_view": soco_step("per_view"),
+             "floor": lambda: floor.step(batch, not args.contiguous)}
     if args.official_repo:
         official = Official(args.official_repo, args.depth).train()
         steps["official"] = lambda: official.step(batch, mean, std)
@@ -146,20 +162,22 @@ def main():
         for name, step in steps.items():
             t = clock()
             step()
-            for m in (ours, floor):
-                m.zero_grad(set_to_none=True)
+            floor.zero_grad(set_to_none=True)
             if r >= args.warmup:
                 times[name].append(clock() - t)
 
     print(f"CPU step, R{args.depth}-FPN, batch {args.batch}, views 224/224/112, K {args.k}, "
+          f"{'NCHW' if args.contiguous else 'channels_last'}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds, "
           f"median {'CPU' if args.cpu_time else 'wall'} s)")
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in med.items():
         print(f"  {name:9s} {t:7.3f} s   (min {min(times[name]):.3f}, max {max(times[name]):.3f})")
-    print(f"  soco_d2 / floor    = {med['soco_d2'] / med['floor']:.3f}")
-    if "official" in med:
-        print(f"  soco_d2 / official = {med['soco_d2'] / med['official']:.3f}")
+    for mode in ("faithful", "per_view"):
+        print(f"  {mode} / floor    = {med[mode] / med['floor']:.3f}")
+        if "official" in med:
+            print(f"  {mode} / official = {med[mode] / med['official']:.3f}")
+    print(f"  faithful / per_view = {med['faithful'] / med['per_view']:.3f}")
     assert all(math.isfinite(v) for v in med.values())
 
 
