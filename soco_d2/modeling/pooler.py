@@ -12,8 +12,9 @@ SoCo's 96 at level 4):
 * ``"torchvision"`` (torchvision's ``LevelMapper``, the FPN paper's eq. 1, which the torchvision
   and detectron2 FPN poolers of fine-tuned detectors use): ``s = sqrt(w h)`` on the float box,
   ``level = clamp(floor(4 + log2(s / 96) + 1e-6), 2, 5)``: ``s < 48 -> P2``, ``< 96 -> P3``,
-  ``< 192 -> P4``, else P5. On boxes from SoCo's view mapper (R18, 7,200 boxes) 1.35% land on
-  another level than with ``"official"``.
+  ``< 192 -> P4``, else P5. Of the boxes that SoCo's view mapper draws on COCO images (32,000
+  boxes: coco_mini train2017, 80 images x 25 draws, recipe of configs/soco), 1.56% land on
+  another level than with ``"official"`` (BENCHMARKS.md).
 
 Two ways of pooling:
 
