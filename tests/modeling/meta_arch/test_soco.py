@@ -1,5 +1,7 @@
 import copy
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -7,26 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from soco_d2.config import get_cfg
 from soco_d2.modeling import build_model
 from soco_d2.modeling.losses import soco_pair_loss
 
+sys.path.insert(0, os.path.dirname(__file__))
+import soco_tiny  # noqa: E402
+from soco_tiny import tiny_soco_cfg  # noqa: E402
 
-def _cfg(**overrides):
-    cfg = get_cfg()
-    cfg.merge_from_list([
-        "MODEL.META_ARCHITECTURE", "SoCo",
-        "MODEL.DEVICE", "cpu",
-        "MODEL.RESNETS.DEPTH", 18,
-        "MODEL.FPN.OUT_CHANNELS", 16,
-        "MODEL.ROI_BOX_HEAD.NUM_CONV", 2,
-        "MODEL.ROI_BOX_HEAD.CONV_DIM", 16,
-        "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
-        "MODEL.SOCO.PROJECTOR_HIDDEN_DIM", 32,
-        "MODEL.SOCO.PROJECTOR_OUT_DIM", 16,
-        "MODEL.SOCO.PREDICTOR_HIDDEN_DIM", 32,
-    ] + [x for kv in overrides.items() for x in kv])
-    return cfg
+
+_cfg = tiny_soco_cfg
 
 
 def _model(**overrides):
@@ -236,6 +227,27 @@ def test_faithful_train_mode_equals_the_official_objective():
     per_view = _model(**{"MODEL.SOCO.HEAD_MODE": "per_view"})
     other = per_view(batch)
     assert not torch.allclose(other["loss_v1_v2"], losses["loss_v1_v2"].detach(), rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_faithful_mode_on_two_gloo_processes_matches_one_process(tmp_path):
+    """Half the batch on each of two processes with the engine's synchronised BN: the same loss,
+    gradients (averaged as DDP does) and head BN buffers as the whole batch in one process."""
+    from soco_d2.engine.launch import launch
+
+    launch(soco_tiny.dump_gradients, num_gpus_per_machine=2, backend="gloo", args=(str(tmp_path / "two"), {}))
+    soco_tiny.dump_gradients(str(tmp_path / "one"), {})
+    one = torch.load(tmp_path / "one.0", weights_only=True)
+    ranks = [torch.load(tmp_path / f"two.{r}", weights_only=True) for r in (0, 1)]
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, one["loss"])
+    assert ranks[0]["grads"].keys() == one["grads"].keys()
+    largest = max(g.abs().max().item() for g in one["grads"].values())
+    for name, g in one["grads"].items():
+        mean = (ranks[0]["grads"][name] + ranks[1]["grads"][name]) / 2
+        atol = 1e-5 * g.abs().max().item() + 1e-6 * largest  # see the test above
+        torch.testing.assert_close(mean, g, rtol=1e-4, atol=atol, msg=name)
+    for name, buf in one["buffers"].items():
+        torch.testing.assert_close(ranks[0]["buffers"][name], buf, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_eval_mode_matches_per_pair_reference_and_all_view_batching():
