@@ -282,8 +282,10 @@ class SoCoViewMapper:
             views["v2"] = self._cutout(views["v2"], self._unique_boxes(box2_view, ids2), rng)
             views["v3"] = self._cutout(views["v3"], self._unique_boxes(box3, ids3), rng)
 
+        flips = {"v1": flip1, "v2": flip2, "v3": flip3, "v4": flip4}
         return {
             "images": {name: _to_chw_tensor(img) for name, img in views.items()},
+            "flips": {name: torch.tensor(bool(flips[name])) for name in views},
             "pairs": [
                 {
                     "a": "v1",

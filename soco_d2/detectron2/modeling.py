@@ -110,19 +110,19 @@ class SoCoROIPooler(nn.Module):
             for level in range(p.min_level, p.max_level)
         ]
 
-    def assign_levels(self, boxes: Tensor) -> Tensor:
+    def assign_levels(self, boxes: Tensor, flipped: Optional[Tensor] = None) -> Tensor:
         """Index (0 = the first feature map) of the level each box of ``boxes`` (..., 4) is pooled on."""
         if self.level_assignment == "official":
-            return official_box_levels(boxes, self.boundaries)
+            return official_box_levels(boxes, self.boundaries, flipped)
         p = self.pooler
         return assign_boxes_to_levels(
             [Boxes(boxes.reshape(-1, 4).float())], p.min_level, p.max_level,
             p.canonical_box_size, p.canonical_level,
         )
 
-    def level_plan(self, boxes: Tensor) -> Tuple[Tensor, Tensor]:
+    def level_plan(self, boxes: Tensor, flipped: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(order, counts)``: the flattened boxes sorted by level and the boxes per level."""
-        levels = self.assign_levels(boxes)
+        levels = self.assign_levels(boxes, flipped)
         return torch.argsort(levels, stable=True), torch.bincount(levels, minlength=self.num_levels)
 
     def forward(

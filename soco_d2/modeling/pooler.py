@@ -45,12 +45,24 @@ from torchvision.ops.poolers import LevelMapper
 LEVEL_ASSIGNMENTS = ("official", "torchvision")
 
 
-def official_box_levels(boxes: Tensor, boundaries: Sequence[float]) -> Tensor:
-    """Level index (0 = the first map) of each ``(R, 4)`` box by the official SoCo rule: corners
-    truncated to integers, ``s = sqrt((x2 - x1 + 1) (y2 - y1 + 1))``, level = the first ``l``
-    with ``s <= boundaries[l]``, else the last level (``len(boundaries)``)."""
-    b = boxes.reshape(-1, 4).float().trunc()
-    side = ((b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)).sqrt()
+def official_box_levels(boxes: Tensor, boundaries: Sequence[float], flipped: Optional[Tensor] = None) -> Tensor:
+    """Level index (0 = the first map) of each box of ``boxes`` (..., 4), flattened, by the
+    official SoCo rule: corners truncated to integers, ``s = sqrt((x2 - x1 + 1) (y2 - y1 + 1))``,
+    level = the first ``l`` with ``s <= boundaries[l]``, else the last level (``len(boundaries)``).
+
+    The official code truncates the corners before the horizontal flip; ``flipped`` (a bool per
+    leading index of ``boxes``, e.g. ``(N,)`` for ``(N, K, 4)``) marks boxes given after a flip,
+    whose x corners are then rounded up: ``trunc(S - x) = S - ceil(x)`` for a view of width S.
+    """
+    b = boxes.float()
+    x, y = b[..., 0::2], b[..., 1::2]
+    if flipped is not None:
+        flip = flipped.to(b.device, torch.bool).reshape(flipped.shape + (1,) * (b.dim() - flipped.dim()))
+        x = torch.where(flip, x.ceil(), x.trunc())
+    else:
+        x = x.trunc()
+    y = y.trunc()
+    side = ((x[..., 1] - x[..., 0] + 1) * (y[..., 1] - y[..., 0] + 1)).sqrt().reshape(-1)
     bounds = torch.tensor(boundaries, dtype=side.dtype, device=side.device)
     # searchsorted(right=False) = number of boundaries strictly below s = first l with s <= b_l.
     return torch.searchsorted(bounds, side.contiguous(), right=False)
@@ -96,11 +108,11 @@ class ScaleAwareRoIPooler(nn.Module):
             canonical_box_size * 2.0 ** (level + 1 - canonical_level) for level in range(min_level, max_level)
         ]
 
-    def assign_levels(self, boxes: Tensor) -> Tensor:
+    def assign_levels(self, boxes: Tensor, flipped: Optional[Tensor] = None) -> Tensor:
         """Index (0 = ``min_level``) of the level each of the ``(..., 4)`` boxes is pooled on,
-        flattened, by ``level_assignment``."""
+        flattened, by ``level_assignment`` (``flipped``: see :func:`official_box_levels`)."""
         if self.level_assignment == "official":
-            return official_box_levels(boxes, self.boundaries)
+            return official_box_levels(boxes, self.boundaries, flipped)
         return self.level_mapper([boxes.reshape(-1, 4).float()])
 
     def feature_scales(self, features: Sequence[Tensor], image_size: Tuple[int, int]) -> List[float]:
@@ -122,11 +134,11 @@ class ScaleAwareRoIPooler(nn.Module):
             scales.append(scale)
         return scales
 
-    def level_plan(self, boxes: Tensor) -> Tuple[Tensor, Tensor]:
+    def level_plan(self, boxes: Tensor, flipped: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(order, counts)`` for ``boxes`` (N, K, 4): the flattened boxes sorted by level and the
         number of boxes per level. Pass it to :meth:`forward` (with ``counts`` as a list) to share
         one plan between networks and read all counts of a step with a single host sync."""
-        levels = self.assign_levels(boxes)
+        levels = self.assign_levels(boxes, flipped)
         order = torch.argsort(levels, stable=True)
         return order, torch.bincount(levels, minlength=self.num_levels)
 

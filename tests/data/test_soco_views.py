@@ -70,6 +70,29 @@ def test_boxes_stay_aligned_with_pixels_in_every_view(mode, flip_prob):
     assert checked > 200
 
 
+@pytest.mark.parametrize("mode", ["independent", "downsample"])
+def test_flip_flags_name_the_views_that_were_flipped(mode):
+    """``flips[v]`` is True iff view v is mirrored: a view whose flag is set shows the red
+    rectangle (left in the image) on its right half, with its box there too."""
+    img, props, colours = _painted()
+    mapper = SoCoViewMapper(_cfg(V3_MODE=mode, VIEW4_SIZE=64, FLIP_PROB=0.5))
+    seen = set()
+    for seed in range(16):
+        out = mapper(img, props[:1], np.random.default_rng(seed))
+        assert sorted(out["flips"]) == sorted(out["images"])
+        for pair in out["pairs"]:
+            for side in ("a", "b"):
+                view = pair[side]
+                flag = bool(out["flips"][view])
+                box = pair["boxes_" + side][0]
+                width = out["images"][view].shape[-1]
+                assert ((box[0] + box[2]) / 2 > width / 2) == flag
+                seen.add((view, flag))
+        if mode == "downsample":
+            assert out["flips"]["v3"] == out["flips"]["v2"]
+    assert {flag for _, flag in seen} == {True, False}
+
+
 def test_flip_moves_pixels_and_boxes_together():
     img, props, colours = _painted()
     red = props[:1]

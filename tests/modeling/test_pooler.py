@@ -50,6 +50,20 @@ def test_official_level_assignment_hand_computed():
     assert (torchvision.assign_levels(boxes) + 2).tolist() == [2, 2, 3, 2, 3, 4, 4, 5, 5, 2, 2]
 
 
+def test_official_level_of_a_flipped_box_reads_its_corners_before_the_flip():
+    """(10, 0, 58.5, 46) in a 64 px view, flipped: (5.5, 0, 54, 46). Before the flip its integer
+    corners give sqrt(49 * 47) = 47.99 -> P2; the flipped corners truncated would give
+    sqrt(50 * 47) -> P3. Flagged as flipped, its x corners are rounded up: P2."""
+    pooler = ScaleAwareRoIPooler()
+    unflipped = torch.tensor([[[10.0, 0.0, 58.5, 46.0]], [[10.0, 0.0, 58.5, 46.0]]])
+    flipped = torch.tensor([[[5.5, 0.0, 54.0, 46.0]], [[5.5, 0.0, 54.0, 46.0]]])
+    assert pooler.assign_levels(unflipped).tolist() == [0, 0]
+    assert pooler.assign_levels(flipped).tolist() == [1, 1]
+    assert pooler.assign_levels(flipped, torch.tensor([True, False])).tolist() == [0, 1]
+    order, counts = pooler.level_plan(flipped, torch.tensor([True, True]))
+    assert counts.tolist() == [2, 0, 0, 0]
+
+
 def test_unknown_level_assignment_lists_the_valid_ones():
     cfg = get_cfg()
     cfg.MODEL.SOCO.LEVEL_ASSIGNMENT = "detectron2"

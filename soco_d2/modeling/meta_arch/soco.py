@@ -146,11 +146,12 @@ class SoCo(nn.Module):
             raise KeyError(
                 f"Pairs name views {sorted(sets_of_view)}; batch['images'] has {sorted(batch['images'])}."
             )
+        flips = self._flips(batch, sets_of_view)
         if self.head_mode == "faithful":
-            q, k = self._faithful_outputs(batch, sets_of_view)
+            q, k = self._faithful_outputs(batch, sets_of_view, flips)
             losses = self._pair_losses(pairs, q, k)
         else:
-            q, k, unused_levels = self._assigned_level_outputs(batch, sets_of_view)
+            q, k, unused_levels = self._assigned_level_outputs(batch, sets_of_view, flips)
             losses = self._pair_losses(pairs, q, k)
             if unused_levels:
                 # A level without boxes in a view still gets a (zero) gradient: otherwise that
@@ -169,7 +170,21 @@ class SoCo(nn.Module):
             for a, b in pairs
         }
 
-    def _faithful_outputs(self, batch: Dict, sets_of_view: Dict[str, List[BoxSet]]):
+    def _flips(self, batch: Dict, sets_of_view: Dict[str, List[BoxSet]]) -> Dict[str, Tensor]:
+        """``batch["flips"]`` (optional): per view, whether each image was flipped horizontally,
+        for the official level rule, which reads the box before the flip."""
+        flips = {}
+        for v, f in batch.get("flips", {}).items():
+            if v not in sets_of_view:
+                continue
+            n = sets_of_view[v][0].boxes.shape[0]
+            f = torch.as_tensor(f).to(self.pixel_mean.device, non_blocking=True)
+            if f.shape != (n,):
+                raise ValueError(f"batch['flips'][{v!r}] must hold one flag per image, ({n},); got {tuple(f.shape)}.")
+            flips[v] = f
+        return flips
+
+    def _faithful_outputs(self, batch: Dict, sets_of_view: Dict[str, List[BoxSet]], flips: Dict[str, Tensor]):
         """q and k ``(N, K, C)`` per box set: every box pooled on all levels, the heads' norms per
         (view, box set, level) group, then each box's row of its assigned level."""
         online, target, levels = {}, {}, {}
@@ -184,7 +199,7 @@ class SoCo(nn.Module):
                 online[s.key] = self.pooler.pool_all_levels(features, s.boxes, size).flatten(0, 1)
                 with torch.no_grad():
                     target[s.key] = self.pooler.pool_all_levels(target_features, s.boxes, size).flatten(0, 1)
-                levels[s.key] = self.pooler.assign_levels(s.boxes)
+                levels[s.key] = self.pooler.assign_levels(s.boxes, flips.get(v))
         num_levels = len(features)
         q = self._heads(online, [self.box_head, self.projector, self.predictor], num_levels)
         with torch.no_grad():
@@ -201,12 +216,14 @@ class SoCo(nn.Module):
 
         return assigned(q), assigned(k)
 
-    def _assigned_level_outputs(self, batch: Dict, sets_of_view: Dict[str, List[BoxSet]]):
+    def _assigned_level_outputs(
+        self, batch: Dict, sets_of_view: Dict[str, List[BoxSet]], flips: Dict[str, Tensor]
+    ):
         """q and k ``(N, K, C)`` per box set, each box pooled on its assigned level only; the
         heads' norms per view (``"per_view"``) or over all views (``"all"``)."""
         # One RoIAlign call per view and network; level plans for all views read in one sync.
         boxes = {v: torch.cat([s.boxes for s in sets], dim=1) for v, sets in sets_of_view.items()}
-        plans = {v: self.pooler.level_plan(b) for v, b in boxes.items()}
+        plans = {v: self.pooler.level_plan(b, flips.get(v)) for v, b in boxes.items()}
         all_counts = torch.stack([counts for _, counts in plans.values()]).tolist()
         plans = {v: (order, counts) for (v, (order, _)), counts in zip(plans.items(), all_counts)}
 

@@ -135,9 +135,13 @@ def test_faithful_mode_norms_once_per_view_box_set_and_level(star, box_sets):
     assert len(head_norm) == len(predictor_norm) == 4 * box_sets
 
 
-def _official_level(boxes):
-    """The official rule, written out: integer corners, sqrt((w + 1)(h + 1)), <= 48 / 96 / 192."""
-    x1, y1, x2, y2 = (int(v) for v in boxes.tolist())
+def _official_level(box, flipped=False, width=0):
+    """The official rule, written out: integer corners of the box before the flip,
+    sqrt((w + 1)(h + 1)), <= 48 / 96 / 192."""
+    x1, y1, x2, y2 = box.tolist()
+    if flipped:
+        x1, x2 = width - x2, width - x1
+    x1, y1, x2, y2 = (int(v) for v in (x1, y1, x2, y2))
     s = math.sqrt((x2 - x1 + 1) * (y2 - y1 + 1))
     return 0 if s <= 48 else 1 if s <= 96 else 2 if s <= 192 else 3
 
@@ -164,12 +168,16 @@ def _official_objective(model, batch):
             outs.append(F.normalize(y, dim=1).reshape(n, k, -1))
         return torch.cat(outs, dim=1)  # (N, 4K, C), level-major
 
-    def assigned_ids(boxes, ids, unused):
+    flips = batch.get("flips", {})
+
+    def assigned_ids(view, boxes, ids, unused):
         n, k = ids.shape
+        width = batch["images"][view].shape[-1]
+        flipped = flips.get(view, torch.zeros(n, dtype=torch.bool))
         out = torch.full((n, levels * k), float(unused))
         for i in range(n):
             for j in range(k):
-                out[i, _official_level(boxes[i, j]) * k + j] = float(ids[i, j])
+                out[i, _official_level(boxes[i, j], bool(flipped[i]), width) * k + j] = float(ids[i, j])
         return out
 
     def loss(q, kk, corr):
@@ -191,8 +199,8 @@ def _official_objective(model, batch):
         k = {s: encode(target, model.target_backbone, *inputs(*s)) for s in sides}
     losses = {}
     for i, p in enumerate(pairs):
-        ida = assigned_ids(p["boxes_a"], p["ids_a"], -1)
-        idb = assigned_ids(p["boxes_b"], p["ids_b"], -2)
+        ida = assigned_ids(p["a"][0], p["boxes_a"], p["ids_a"], -1)
+        idb = assigned_ids(p["b"][0], p["boxes_b"], p["ids_b"], -2)
         corr = (ida[:, :, None] == idb[:, None, :]).float()
         losses[f"loss_{p['a'][0]}_{p['b'][0]}"] = (
             loss(q[i, "a"], k[i, "b"], corr) + loss(q[i, "b"], k[i, "a"], corr.transpose(1, 2))
@@ -200,12 +208,25 @@ def _official_objective(model, batch):
     return losses
 
 
-def test_faithful_train_mode_equals_the_official_objective():
+def _flipped_batch():
+    """A batch whose flags mark flipped views and whose V2 box 0 of image 1 is a box whose level
+    depends on the flag: (5.5, 0, 54, 46) flipped in a 64 px view is (10, 0, 58.5, 46) before the
+    flip, s = sqrt(49 * 47) = 47.99 -> P2, while its own corners give sqrt(50 * 47) -> P3."""
+    batch = _batch()
+    batch["flips"] = {"v1": torch.tensor([True, False]), "v2": torch.tensor([False, True]),
+                      "v3": torch.tensor([True, True])}
+    batch["pairs"][0]["boxes_b"][1, 0] = torch.tensor([5.5, 0.0, 54.0, 46.0])
+    return batch
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_faithful_train_mode_equals_the_official_objective(flipped):
     """Train mode (batch statistics): loss, every online gradient and the heads' running
-    statistics equal the official computation (one call per view, box set and level)."""
+    statistics equal the official computation (one call per view, box set and level), with the
+    official level of every box (read before the flip)."""
     model = _model()
     reference = copy.deepcopy(model)
-    batch = _batch()
+    batch = _flipped_batch() if flipped else _batch()
     losses = model(batch)
     expected = _official_objective(reference, batch)
     assert sorted(losses) == sorted(expected)
@@ -227,6 +248,9 @@ def test_faithful_train_mode_equals_the_official_objective():
     per_view = _model(**{"MODEL.SOCO.HEAD_MODE": "per_view"})
     other = per_view(batch)
     assert not torch.allclose(other["loss_v1_v2"], losses["loss_v1_v2"].detach(), rtol=1e-3)
+    if flipped:  # without the flags, the box above goes to P3 and the loss changes
+        del batch["flips"]
+        assert not torch.allclose(_model()(batch)["loss_v1_v2"], losses["loss_v1_v2"].detach(), rtol=1e-4)
 
 
 @pytest.mark.slow
