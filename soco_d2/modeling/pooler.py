@@ -6,9 +6,11 @@ SoCo's 96 at level 4):
 
 * ``"official"`` (the official SoCo code, ``assign_bboxs_to_feature_map``): the box corners
   truncated to integers, ``s = sqrt((x2 - x1 + 1) * (y2 - y1 + 1))``, and ``<=`` thresholds:
-  ``s <= 48 -> P2``, ``<= 96 -> P3``, ``<= 192 -> P4``, else P5. (The official code leaves a box
-  with ``s > 224`` on no level; its inclusive integer boxes in a 224 px view never get there.
-  Here such a box goes to P5.)
+  ``s <= 48 -> P2``, ``<= 96 -> P3``, ``<= 192 -> P4``, else P5. The official code truncates
+  the corners before the horizontal flip, so a box given after a flip (the sample's ``flips``
+  flags) has its x corners rounded up instead. (The official code leaves a box with ``s > 224``
+  on no level; its inclusive integer boxes in a 224 px view never get there. Here such a box
+  goes to P5.)
 * ``"torchvision"`` (torchvision's ``LevelMapper``, the FPN paper's eq. 1, which the torchvision
   and detectron2 FPN poolers of fine-tuned detectors use): ``s = sqrt(w h)`` on the float box,
   ``level = clamp(floor(4 + log2(s / 96) + 1e-6), 2, 5)``: ``s < 48 -> P2``, ``< 96 -> P3``,
