@@ -307,15 +307,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class FlipRecorder:
+    """Wraps one of the official dataset's flip transforms and records, per call, whether it
+    mirrored the image (its output pixels differ from its input's); the random draw is the
+    transform's own, so the sample is unchanged."""
+
+    def __init__(self, transform, flags: List[bool]):
+        self.transform, self.flags = transform, flags
+
+    def __call__(self, img, *args):
+        out = self.transform(img, *args)
+        self.flags.append(not np.array_equal(np.asarray(out[0]), np.asarray(img)))
+        return out
+
+
+def record_flips(dataset) -> List[bool]:
+    """The (emptied) list that receives the flags of the V1 flip (``transform[3]``) then V2's and
+    V3's (``transform[4]``), in call order; the recorders are installed once."""
+    t = list(dataset.transform)
+    if not isinstance(t[3], FlipRecorder):
+        flags: List[bool] = []
+        t[3], t[4] = FlipRecorder(t[3], flags), FlipRecorder(t[4], flags)
+        dataset.transform = tuple(t)
+    flags = dataset.transform[3].flags
+    flags.clear()
+    return flags
+
+
 def official_batch(dataset, n: int, seed: int):
+    """``n`` samples of the official dataset, collated, and whether each view of each was flipped:
+    ``(tensors, {"v1": (n,), "v2": (n,), "v3": (n,)})``."""
     seed_everything(seed)
+    flags = record_flips(dataset)
     samples = [dataset[i % len(dataset)] for i in range(n)]
-    return [torch.stack([torch.as_tensor(s[j]) for s in samples]) for j in range(9)]
+    flips = torch.tensor(flags).view(n, 3)
+    tensors = [torch.stack([torch.as_tensor(s[j]) for s in samples]) for j in range(9)]
+    return tensors, {v: flips[:, i] for i, v in enumerate(("v1", "v2", "v3"))}
 
 
-def to_model_batch(sample, mean: torch.Tensor, std: torch.Tensor) -> Dict:
+def to_model_batch(sample, flips, mean: torch.Tensor, std: torch.Tensor) -> Dict:
     """The official sample in this project's batch format (the SoCo sample of
-    docs/ARCHITECTURE.md, collated): 0-255 float images, view-pixel boxes, ids."""
+    docs/ARCHITECTURE.md, collated): 0-255 float images, view-pixel boxes, ids, flip flags."""
     im1, im2, im3, b1_12, b1_13, b2, b3, _, _ = sample
     images = {v: x * std + mean for v, x in (("v1", im1), ("v2", im2), ("v3", im3))}
 
@@ -327,6 +359,7 @@ def to_model_batch(sample, mean: torch.Tensor, std: torch.Tensor) -> Dict:
 
     return {
         "images": images,
+        "flips": flips,
         "pairs": [
             {"a": "v1", "b": "v2", "boxes_a": px(b1_12, "v1"), "boxes_b": px(b2, "v2"),
              "ids_a": ids(b1_12), "ids_b": ids(b2)},
@@ -560,8 +593,8 @@ def use_official_levels(pooler, batch, official_levels) -> None:
                     table[tuple(box)] = level
     own = pooler.assign_levels
 
-    def assign_levels(boxes):
-        levels = own(boxes).clone()
+    def assign_levels(boxes, flipped=None):
+        levels = own(boxes, flipped).clone()
         for i, box in enumerate(boxes.reshape(-1, 4).tolist()):
             levels[i] = table.get(tuple(box), levels[i])
         return levels
@@ -577,7 +610,7 @@ def level_disagreements(ours, batch, official_levels) -> Dict:
         return out
     for p, key in zip(batch["pairs"], ("v1_v2", "v1_v3")):
         for side, levels in zip(("a", "b"), official_levels[key]):
-            mine = ours.pooler.assign_levels(p[f"boxes_{side}"]).view(levels.shape)
+            mine = ours.pooler.assign_levels(p[f"boxes_{side}"], batch["flips"][p[side]]).view(levels.shape)
             used = levels >= 0
             out["boxes_in_loss"] += int(used.sum())
             out["different"] += int((mine[used] != levels[used]).sum())
@@ -876,8 +909,8 @@ def main(argv=None):
         oa = official_args(args.official_repo, depth)
         off_model = build_official(oa, args.seed)
         ckpt = official_checkpoint(off_model)
-        sample = official_batch(dataset, n, args.seed)
-        batch = to_model_batch(sample, mean, std)
+        sample, flips = official_batch(dataset, n, args.seed)
+        batch = to_model_batch(sample, flips, mean, std)
         case = {"name": name, "depth": depth, "images": n, "input_round_trip_max_abs_diff": max(
             max_abs((batch["images"][v] - mean) / std, x) for v, x in zip(("v1", "v2", "v3"), sample[:3]))}
         for bn_mode in args.bn_modes.split(","):
