@@ -258,3 +258,14 @@ def test_bad_input_messages():
         pooler([feats[0], feats[0], feats[2], feats[3]], torch.zeros(1, 1, 4), (64, 64))
     with pytest.raises(ValueError, match=r"^sampling_ratio must be >= 0 \(0 = adaptive\), got -1\.$"):
         ScaleAwareRoIPooler(sampling_ratio=-1)
+
+
+def test_pool_all_levels_rejects_boxes_of_another_batch():
+    pooler = ScaleAwareRoIPooler()
+    feats = _ramp_features(2, 64)
+    with pytest.raises(ValueError, match=r"N = 2 images; got \(3, 1, 4\)"):
+        pooler.pool_all_levels(feats, torch.zeros(3, 1, 4), (64, 64))
+    with pytest.raises(ValueError, match=r"got \(2, 4\)"):
+        pooler.pool_all_levels(feats, torch.zeros(2, 4), (64, 64))
+    with pytest.raises(ValueError, match="feature maps"):
+        pooler.pool_all_levels(feats[:3], torch.zeros(2, 1, 4), (64, 64))

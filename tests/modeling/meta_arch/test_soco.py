@@ -224,7 +224,9 @@ def test_faithful_train_mode_equals_the_official_objective(flipped):
     """Train mode (batch statistics): loss, every online gradient and the heads' running
     statistics equal the official computation (one call per view, box set and level), with the
     official level of every box (read before the flip)."""
-    model = _model()
+    # Embedding width 12, unlike any row count of the batch (a per-level view built with the
+    # wrong dimension would not fail by coincidence).
+    model = _model(**{"MODEL.SOCO.PROJECTOR_OUT_DIM": 12})
     reference = copy.deepcopy(model)
     batch = _flipped_batch() if flipped else _batch()
     losses = model(batch)
