@@ -11,8 +11,7 @@ statistics, ``train``: batch statistics, as in pretraining):
 * **Models**: the official ``SoCo_FPN`` built from ``contrast/option.py``'s defaults plus the
   arguments of the FPN recipe ``tools/SoCo_FPN_100ep.sh`` (read from the checkout), and this
   project's ``SoCo`` meta-architecture from ``--config`` with ``MODEL.RESNETS.DEPTH`` overridden,
-  once per head mode the config offers (``MODEL.SOCO.HEAD_MODE``, or the older
-  ``HEAD_BATCHING``). The official model converts its BNs to ``SyncBatchNorm``; in this single
+  once per head mode (``MODEL.SOCO.HEAD_MODE``, the config's default first). The official model converts its BNs to ``SyncBatchNorm``; in this single
   CPU process the conversion is skipped while it is built, so its BNs stay the plain
   ``BatchNorm`` layers it created (at world size 1 SyncBatchNorm computes the same thing). Its BN
   affine parameters and running statistics are randomised (fresh ones make eval mode trivial) and
@@ -81,6 +80,7 @@ from soco_d2.data.soco_views import SoCoViewMapper
 from soco_d2.engine.optimizer import build_optimizer
 from soco_d2.engine.schedules import build_lr_schedule, build_momentum_schedule, max_iter_from_cfg
 from soco_d2.modeling import build_model
+from soco_d2.modeling.meta_arch.soco import HEAD_MODES
 from soco_d2.modeling.pooler import official_box_levels
 
 PARTS = ("backbone", "fpn", "head", "projector", "predictor")
@@ -481,14 +481,8 @@ def our_pooled(model, feats, batch, view_of_set):
 
 def head_modes(cfg) -> Tuple[Optional[str], List[str]]:
     """The config key that selects the head computation and its values, default first."""
-    soco = cfg.MODEL.SOCO
-    if "HEAD_MODE" in soco:
-        modes = ["faithful", "per_view", "all"]
-        default = soco.HEAD_MODE
-        return "MODEL.SOCO.HEAD_MODE", [default] + [m for m in modes if m != default]
-    if "HEAD_BATCHING" in soco:
-        return "MODEL.SOCO.HEAD_BATCHING", ["per_view", "all"]
-    return None, ["default"]
+    default = cfg.MODEL.SOCO.HEAD_MODE
+    return "MODEL.SOCO.HEAD_MODE", [default] + [m for m in HEAD_MODES if m != default]
 
 
 def build_ours(config: str, depth: int, mode_key: Optional[str], mode: str):
