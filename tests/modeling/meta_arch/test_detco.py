@@ -317,6 +317,26 @@ def test_key_bn_decides_whether_the_engine_synchronises_batchnorm():
     assert DetCo(_cfg(KEY_BN="sync")).sync_batchnorm is True
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_split_batchnorm_keeps_channels_last_and_honours_affine(affine):
+    """A channels_last input gives a channels_last output with the same values as NCHW; without
+    affine parameters the output is the plain per-sub-batch normalisation."""
+    torch.manual_seed(1)
+    split = SplitBatchNorm2d(3, num_splits=2, affine=affine)
+    if affine:
+        with torch.no_grad():
+            split.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(4, 3, 5, 4) * 2.0 + 1.0
+    out = split(x)
+    out_cl = split(x.contiguous(memory_format=torch.channels_last))
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, out)
+    plain = torch.nn.BatchNorm2d(3, affine=affine)
+    if affine:
+        plain.load_state_dict({k: v for k, v in split.state_dict().items()})
+    torch.testing.assert_close(out[0::2], plain(x[0::2]), rtol=1e-5, atol=1e-5)
+
+
 def test_split_batchnorm_normalises_each_sub_batch_separately():
     torch.manual_seed(0)
     split = SplitBatchNorm2d(3, num_splits=2)
