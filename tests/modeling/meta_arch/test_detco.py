@@ -432,6 +432,53 @@ def test_one_process_shuffle_bn_warns_where_it_cannot_apply(soco_log):
     assert DetCo(cfg).bn_splits == 2
 
 
+CONSEQUENCE = (
+    "query and key encoders normalise with the statistics of the same samples, the shortcut "
+    "MoCo's shuffle-BN prevents (a positive pair can be told by its shared batch statistics)"
+)
+
+
+@pytest.mark.parametrize("key_bn,world,per_process,splits,expected,fix", [
+    ("shuffle", 1, 8, 2, 2, None),
+    ("shuffle", 1, 6, 3, 3, None),          # 2 per sub-batch is enough
+    ("shuffle", 2, 8, 2, 1, None),          # several processes: MoCo's cross-process shuffle
+    ("sync", 1, 8, 2, 1, None),
+    ("shuffle", 1, 4, 4, 1, "set MODEL.DETCO.SHUFFLE_BN_SPLITS to one of [2]"),   # 1 per sub-batch
+    ("shuffle", 1, 6, 4, 1, "set MODEL.DETCO.SHUFFLE_BN_SPLITS to one of [2, 3]"),
+    ("shuffle", 1, 2, 2, 1, "use at least 4 images per step"),
+    ("shuffle", 1, 3, 2, 1, "use at least 4 images per step"),
+])
+def test_one_process_bn_splits_rule_and_exact_warning(soco_log, key_bn, world, per_process, splits, expected, fix):
+    from soco_d2.modeling.meta_arch.detco import _one_process_bn_splits
+
+    d = get_cfg().MODEL.DETCO.clone()
+    d.KEY_BN, d.SHUFFLE_BN_SPLITS = key_bn, splits
+    assert _one_process_bn_splits(d, world, per_process) == expected
+    warnings = [m for m in soco_log if "shuffle-BN" in m]
+    if fix is None:
+        assert not warnings
+    else:
+        assert warnings == [
+            f"One process: MODEL.DETCO.SHUFFLE_BN_SPLITS = {splits} needs a multiple of {splits} images per "
+            f"step (at least 2 per sub-batch), got {per_process}: no shuffle-BN; {CONSEQUENCE}. To fix it, {fix}."
+        ]
+
+
+def test_one_process_bn_splits_of_one_and_below(soco_log):
+    from soco_d2.modeling.meta_arch.detco import _one_process_bn_splits
+
+    d = get_cfg().MODEL.DETCO.clone()
+    d.KEY_BN, d.SHUFFLE_BN_SPLITS = "shuffle", 1
+    assert _one_process_bn_splits(d, 1, 8) == 1
+    assert soco_log == [f"One process and MODEL.DETCO.SHUFFLE_BN_SPLITS = 1: no shuffle-BN; {CONSEQUENCE}."]
+    d.SHUFFLE_BN_SPLITS = 0
+    with pytest.raises(ValueError) as err:
+        _one_process_bn_splits(d, 1, 8)
+    assert str(err.value) == (
+        "MODEL.DETCO.SHUFFLE_BN_SPLITS must be >= 1, got 0 (1 turns one-process shuffle-BN off)."
+    )
+
+
 def test_default_and_shipped_queue_size_is_moco_v2s_65536():
     from soco_d2.config import load_config
 
