@@ -189,6 +189,18 @@ def test_retry_loop_resamples_crops_until_proposals_are_shared():
     assert eight > three + 0.05
 
 
+def _replay_crop_draws(props, keep1, c, seed):
+    """The mapper's crop draws of a 100 x 100 image replayed from ``seed``: per try the (V2, V3)
+    crops and the number of candidate proposals each shares with V1."""
+    replay = np.random.default_rng(seed)
+    crops, draws = [], []
+    for _ in range(c.MAX_TRIES):
+        pair = [random_resized_crop_params(100, 100, c.CROP_SCALE, c.CROP_RATIO, replay) for _ in "23"]
+        crops.append(pair)
+        draws.append(tuple(int((keep1 & crop_boxes(props, cr, c.MIN_BOX_SIZE)[1]).sum()) for cr in pair))
+    return crops, draws
+
+
 def _accepted_draw(draws, k, max_tries, floor):
     """Index of the accepted crop draw for per-draw candidate counts ``draws`` [(n12, n13)]:
     the requirement starts at max(K // 2, 1) and is halved after each rejected draw, not below
@@ -217,12 +229,7 @@ def test_retry_loop_follows_the_official_rule():
     keep1 = crop_boxes(props, (0, 0, 100, 100), c.MIN_BOX_SIZE)[1]
     differs = with_candidate = 0
     for seed in range(40):
-        replay = np.random.default_rng(seed)
-        crops, draws = [], []
-        for _ in range(c.MAX_TRIES):
-            pair = [random_resized_crop_params(100, 100, c.CROP_SCALE, c.CROP_RATIO, replay) for _ in "23"]
-            crops.append(pair)
-            draws.append(tuple(int((keep1 & crop_boxes(props, cr, c.MIN_BOX_SIZE)[1]).sum()) for cr in pair))
+        crops, draws = _replay_crop_draws(props, keep1, c, seed)
         t = _accepted_draw(draws, 4, c.MAX_TRIES, floor=1)
         differs += t != _accepted_draw(draws, 4, c.MAX_TRIES, floor=0)
         out = mapper(img, props, np.random.default_rng(seed))
@@ -584,12 +591,7 @@ def test_retry_rule_halves_the_requirement_by_integer_division(k, props):
     mapper = SoCoViewMapper(cfg)
     keep1 = crop_boxes(props, (0, 0, 100, 100), c.MIN_BOX_SIZE)[1]
     for seed in range(30):
-        replay = np.random.default_rng(seed)
-        crops, draws = [], []
-        for _ in range(c.MAX_TRIES):
-            pair = [random_resized_crop_params(100, 100, c.CROP_SCALE, c.CROP_RATIO, replay) for _ in "23"]
-            crops.append(pair)
-            draws.append(tuple(int((keep1 & crop_boxes(props, cr, c.MIN_BOX_SIZE)[1]).sum()) for cr in pair))
+        crops, draws = _replay_crop_draws(props, keep1, c, seed)
         t = _accepted_draw(draws, k, c.MAX_TRIES, floor=1)
         y0, x0, h, w = crops[t][0]
         expected = resize(img[y0 : y0 + h, x0 : x0 + w], (16, 16)).transpose(2, 0, 1)
