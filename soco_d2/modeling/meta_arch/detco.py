@@ -27,15 +27,17 @@ torchvision ResNet names (``conv1.weight``, ``layer1.0.conv1.weight``); the spli
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models._utils import IntermediateLayerGetter
 
 from ...utils import comm
@@ -43,7 +45,7 @@ from ..contrastive import FeatureQueue, check_queue_size, info_nce
 from ..ema import momentum_update
 from .build import META_ARCH_REGISTRY
 
-__all__ = ["DetCo", "DetCoEncoder", "SplitBatchNorm2d", "batch_shuffle"]
+__all__ = ["DetCo", "DetCoEncoder", "SplitBatchNorm2d", "batch_shuffle", "frozen_running_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +120,20 @@ def _split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     return module
 
 
+@contextlib.contextmanager
+def frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """Inside the block, the BN layers of ``module`` still normalise with their batch statistics
+    in training but do not update their running statistics (``track_running_stats`` off)."""
+    bns = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """MoCo v2 projection head: fc -> ReLU -> fc (no BN)."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
@@ -181,7 +197,11 @@ class DetCoEncoder(nn.Module):
         glob = self.pooled(images)
         # Patch-major (patch j of every image, then patch j + 1): with N a multiple of the BN
         # splits, a patch lands in the same BN sub-batch as its image (entry j * N + i -> i % s).
-        loc = self.pooled(patches.transpose(0, 1).flatten(0, 1))
+        # The patches are normalised with their own batch statistics but leave the running ones
+        # alone: those are for whole images (the probe, the checkpoint's BN for fine-tuning),
+        # and a small patch's are far from them.
+        with frozen_running_stats(self.body):
+            loc = self.pooled(patches.transpose(0, 1).flatten(0, 1))
         if self.combine == "concat_grid":
             # Un-shuffle: position c of the concatenation holds the patch cut from cell c.
             inv = torch.argsort(perm, dim=1)

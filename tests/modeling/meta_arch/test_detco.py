@@ -10,7 +10,7 @@ import torchvision
 from soco_d2.config import get_cfg
 from soco_d2.modeling import META_ARCH_REGISTRY
 from soco_d2.modeling.contrastive import info_nce
-from soco_d2.modeling.meta_arch.detco import DetCo, SplitBatchNorm2d, batch_shuffle
+from soco_d2.modeling.meta_arch.detco import DetCo, SplitBatchNorm2d, batch_shuffle, frozen_running_stats
 
 LEVELS = ("res2", "res3", "res4", "res5")
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "..")
@@ -362,6 +362,49 @@ def test_split_batchnorm_normalises_each_sub_batch_separately():
     torch.testing.assert_close(split(x), plain[0](x))
     with pytest.raises(ValueError, match="5 samples cannot be split into 2.*SHUFFLE_BN_SPLITS"):
         split.train()(torch.randn(5, 3, 2, 2))
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_running_statistics_come_from_the_global_views_only(splits):
+    """A training step leaves the query encoder's BN running statistics as a pass over the
+    query's global views alone would: the 9 small patches per image do not enter them."""
+    torch.manual_seed(0)
+    m = DetCo(_cfg(SHUFFLE_BN_SPLITS=splits)).train()
+    batch = _batch(n=4, seed=5)
+    ref = copy.deepcopy(m.encoder_q.body).train()
+    with torch.no_grad():
+        ref(m.normalize(batch["global"])[:, 0])
+        m(batch)
+    bns = [(n, mod) for n, mod in m.encoder_q.body.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    ref_bns = dict(ref.named_modules())
+    assert len(bns) == 20  # ResNet-18: stem + 16 in the blocks + 3 downsample
+    for name, bn in bns:
+        assert bn.track_running_stats
+        for buf in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(bn, buf), getattr(ref_bns[name], buf), msg=f"{name}.{buf}")
+    assert any(not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean)) for _, bn in bns)
+
+
+@pytest.mark.parametrize("bn", [torch.nn.BatchNorm2d(3), SplitBatchNorm2d(3, num_splits=2)])
+def test_frozen_running_stats_normalises_with_the_batch_and_restores_tracking(bn):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5) * 3.0 + 1.0
+    tracked = copy.deepcopy(bn).train()
+    expected = tracked(x)
+    before = copy.deepcopy(bn.state_dict())
+    with frozen_running_stats(torch.nn.Sequential(bn.train())):
+        assert not bn.track_running_stats
+        out = bn(x)
+    torch.testing.assert_close(out, expected)  # the batch's statistics, as with tracking
+    assert bn.track_running_stats
+    for k, v in bn.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    bn(x)  # tracking is back on
+    assert int(bn.num_batches_tracked) == 1
+    with pytest.raises(RuntimeError, match="boom"):  # restored on an error too
+        with frozen_running_stats(bn):
+            raise RuntimeError("boom")
+    assert bn.track_running_stats
 
 
 def test_one_process_shuffle_bn_normalises_keys_with_shuffled_sub_batches():
