@@ -42,11 +42,18 @@ def add_finetune_config(cfg: CN) -> None:
     # k freezes the stem and res2..res(k). Frozen layers get requires_grad=False.
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
 
-    # Anchors: SIZES / ASPECT_RATIOS as detectron2's Base-RCNN-FPN. torchvision rounds the cell
-    # anchors to whole pixels (a 32 px, ratio 0.5 anchor is 46 x 22), detectron2 does not
-    # (45.25 x 22.63): ROUND_CELL_ANCHORS False gives detectron2's anchors.
+    # Anchors: sizes and aspect ratios as detectron2's Base-RCNN-FPN / Base-RetinaNet. Two
+    # choices, True is torchvision's, False detectron2's (the reproduction configs select both):
+    # ROUND_CELL_ANCHORS: torchvision rounds the cell anchors to whole pixels (a 32 px, ratio 0.5
+    #   anchor is 46 x 22; detectron2: 45.25 x 22.63), truncates RetinaNet's octave sizes
+    #   (40, 50, 80, 101, ...; detectron2: 40.32, 50.80, ...) and lists a level's anchors
+    #   ratio-major (detectron2: size-major, which fixes the meaning of RetinaNet's head outputs).
+    # STRIDE_FROM_IMAGE_SIZE: torchvision spaces a level's anchors by padded image size // feature
+    #   size, which is not the level's stride where the padded image is no multiple of it (P6 of
+    #   an 800 x 1344 input: 61 px apart instead of 64); detectron2 uses the stride.
     cfg.MODEL.ANCHOR_GENERATOR = CN()
     cfg.MODEL.ANCHOR_GENERATOR.ROUND_CELL_ANCHORS = True
+    cfg.MODEL.ANCHOR_GENERATOR.STRIDE_FROM_IMAGE_SIZE = True
 
     cfg.MODEL.RPN = CN()
     cfg.MODEL.RPN.NUM_CONV = 2  # torchvision's v2 RPN head (detectron2's has 1)
@@ -54,6 +61,9 @@ def add_finetune_config(cfg: CN) -> None:
     cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1000  # per image
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
+    # Box losses: smooth L1 with this beta, 0 an L1 loss (detectron2's defaults are 0;
+    # torchvision fixes 1/9 for the RPN and the RoI box head).
+    cfg.MODEL.RPN.SMOOTH_L1_BETA = 1.0 / 9
 
     cfg.MODEL.ROI_HEADS = CN()
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 512
@@ -65,6 +75,7 @@ def add_finetune_config(cfg: CN) -> None:
     # RoIAlign of the box and mask heads: "ROIAlign" (torchvision's MultiScaleRoIAlign,
     # aligned=False) or "ROIAlignV2" (aligned=True: the half-pixel shift, detectron2's default).
     cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlign"
+    cfg.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA = 1.0 / 9  # see MODEL.RPN.SMOOTH_L1_BETA
     cfg.MODEL.ROI_MASK_HEAD = CN()
     cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE = "ROIAlign"
     cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 4
@@ -76,6 +87,17 @@ def add_finetune_config(cfg: CN) -> None:
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.05
     cfg.MODEL.RETINANET.NMS_THRESH_TEST = 0.5
     cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 1000
+    # Box loss: smooth L1 with this beta, 0 an L1 loss (torchvision's; detectron2's
+    # Base-RetinaNet sets 0 too, its default is 0.1).
+    cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA = 0.0
+    # "per_image" (torchvision): each image's focal and box losses are divided by its own number
+    # of foreground anchors, then averaged over the images. "ema" (detectron2): the batch's
+    # losses are divided by an EMA (momentum 0.9, starting at 100) of the batch's number of
+    # foreground anchors, kept per process and not saved in checkpoints.
+    cfg.MODEL.RETINANET.LOSS_NORMALIZER = "per_image"
+    # True (torchvision): decoded boxes are clipped to the image, then NMS runs. False
+    # (detectron2): NMS on the decoded boxes, then the kept boxes are clipped and empty ones dropped.
+    cfg.MODEL.RETINANET.NMS_ON_CLIPPED_BOXES = True
 
     # ------------------------------------------------------------------------------------------
     # Solver (fine-tuning). Shared keys reused: OPTIMIZER ("SGD"), BASE_LR, BASE_LR_BATCH_SIZE

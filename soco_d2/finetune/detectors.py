@@ -8,9 +8,14 @@ the config; the module names, hence the state-dict keys, are those of the constr
 
 RetinaNet follows detectron2's RetinaNet R50-FPN recipe, which sits between torchvision's two
 constructors: P6/P7 are computed from C5 (as detectron2 and torchvision's v2; v1 uses P5), the
-heads have no norm and the box loss is L1 (as detectron2, whose SMOOTH_L1_BETA 0 is L1, and
+heads have no norm and the box loss is L1 (as detectron2, whose SMOOTH_L1_LOSS_BETA 0 is L1, and
 torchvision's v1; v2 uses GroupNorm heads and a GIoU loss). The FPN norm is MODEL.FPN.NORM (the
 SoCo / MoCo RetinaNet recipes use SyncBN in the FPN).
+
+Where torchvision's detectors differ from detectron2's, config choices give detectron2's
+behaviour (anchors, RoIAlign, RPN head, box-loss betas, RetinaNet's loss normaliser and NMS
+order; :mod:`soco_d2.config.finetune`); the COCO reproduction configs select them, and
+``tests/detectron2/test_detector_parity.py`` checks outputs and losses against detectron2.
 
 Images enter as float tensors on the 0-255 scale; the model normalises them with
 MODEL.PIXEL_MEAN / PIXEL_STD (RGB, 0-255) and resizes them (:class:`TrainTestResize`).
@@ -18,12 +23,13 @@ MODEL.PIXEL_MEAN / PIXEL_STD (RGB, 0-255) and resizes them (:class:`TrainTestRes
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.models import resnet
-from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import (
@@ -33,7 +39,8 @@ from torchvision.models.detection.faster_rcnn import (
 )
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -41,13 +48,16 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from soco_d2.engine.sync_bn import convert_sync_batchnorm
+from soco_d2.finetune.retinanet import ConfigurableRetinaNet, box_regression_loss
 from soco_d2.utils import comm
 
 __all__ = [
     "DETECTORS",
     "AlignedMultiScaleRoIAlign",
     "TrainTestResize",
-    "UnroundedAnchorGenerator",
+    "ConfigurableAnchorGenerator",
+    "SmoothL1RPN",
+    "SmoothL1RoIHeads",
     "build_detector",
     "first_label",
     "backbone_prefix",
@@ -146,6 +156,7 @@ def _resnet_fpn(body, trainable_layers, returned_layers, extra_blocks, out_chann
 
 
 _POOLER_TYPES = ("ROIAlign", "ROIAlignV2")
+_TORCHVISION_BETA = 1.0 / 9  # smooth-L1 beta of torchvision's RPN and RoI box losses
 
 
 class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
@@ -177,24 +188,54 @@ def _roi_pool(pooler_type: str, key: str, levels, resolution: int, sampling_rati
     return cls(levels, resolution, sampling_ratio)
 
 
-class UnroundedAnchorGenerator(AnchorGenerator):
-    """torchvision's ``AnchorGenerator`` with detectron2's cell anchors: ``(-w/2, -h/2, w/2,
-    h/2)`` with ``w = size / sqrt(ratio)``, ``h = size * sqrt(ratio)``, not rounded to pixels
-    (torchvision rounds them). Grid offset 0 and anchor order are the same in both libraries."""
+class ConfigurableAnchorGenerator(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` with detectron2's anchors as options.
+
+    ``round_cell_anchors=False``: detectron2's cell anchors, ``(-w/2, -h/2, w/2, h/2)`` with
+    ``w = size / sqrt(ratio)``, ``h = size * sqrt(ratio)``, not rounded to pixels, listed
+    size-major (torchvision rounds them and lists them ratio-major; the order decides which
+    output channels of a head predict which anchor when a level has several sizes, as
+    RetinaNet's). ``strides``: each level's stride, as detectron2 (4..64 for Mask R-CNN, 8..128
+    for RetinaNet); None is torchvision's ``padded image size // feature size``, which is not the
+    stride where the padded image is no multiple of it (P6 / P7 of an 800 x 1344 input: 61 / 114
+    px instead of 64 / 128). Anchor centres start at 0 (offset 0) in both libraries.
+    """
+
+    def __init__(self, sizes, aspect_ratios, round_cell_anchors: bool = True,
+                 strides: Optional[Sequence[int]] = None):
+        self.round_cell_anchors = bool(round_cell_anchors)  # read by generate_anchors
+        super().__init__(sizes, aspect_ratios)
+        if strides is not None and len(strides) != len(self.sizes):
+            raise ValueError(f"{len(self.sizes)} anchor levels need as many strides, got {list(strides)}.")
+        self.strides = None if strides is None else [int(s) for s in strides]
 
     def generate_anchors(self, scales, aspect_ratios, dtype: torch.dtype = torch.float32,
                          device: torch.device = torch.device("cpu")) -> Tensor:
+        if self.round_cell_anchors:
+            return super().generate_anchors(scales, aspect_ratios, dtype, device)
         scales = torch.as_tensor(scales, dtype=dtype, device=device)
-        ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
-        h_ratios = torch.sqrt(ratios)
-        ws = (scales[None, :] / h_ratios[:, None]).reshape(-1)
-        hs = (scales[None, :] * h_ratios[:, None]).reshape(-1)
+        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
+        ws = (scales[:, None] / h_ratios[None, :]).reshape(-1)
+        hs = (scales[:, None] * h_ratios[None, :]).reshape(-1)
         return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
 
+    def forward(self, image_list, feature_maps: List[Tensor]) -> List[Tensor]:
+        if self.strides is None:
+            return super().forward(image_list, feature_maps)
+        if len(feature_maps) != len(self.strides):
+            raise ValueError(f"anchor strides {self.strides} for {len(feature_maps)} feature maps")
+        device = feature_maps[0].device
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        self.set_cell_anchors(feature_maps[0].dtype, device)
+        per_level = self.grid_anchors([list(f.shape[-2:]) for f in feature_maps], strides)
+        anchors = torch.cat(per_level)
+        return [anchors for _ in image_list.image_sizes]
 
-def _anchor_generator(cfg, sizes, ratios) -> AnchorGenerator:
-    cls = AnchorGenerator if cfg.MODEL.ANCHOR_GENERATOR.ROUND_CELL_ANCHORS else UnroundedAnchorGenerator
-    return cls(sizes, ratios)
+
+def _anchor_generator(cfg, sizes, first_level: int) -> ConfigurableAnchorGenerator:
+    a = cfg.MODEL.ANCHOR_GENERATOR
+    strides = None if a.STRIDE_FROM_IMAGE_SIZE else [2 ** (first_level + i) for i in range(len(sizes))]
+    return ConfigurableAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes), a.ROUND_CELL_ANCHORS, strides)
 
 
 def _box_head(box, in_channels: int) -> nn.Module:
@@ -209,15 +250,78 @@ def _box_head(box, in_channels: int) -> nn.Module:
     )
 
 
+class SmoothL1RPN(RegionProposalNetwork):
+    """torchvision's RPN whose box loss takes its smooth-L1 beta from ``smooth_l1_beta``
+    (torchvision: 1/9; detectron2: ``MODEL.RPN.SMOOTH_L1_BETA`` 0, an L1 loss). Sampling and
+    normalisation are torchvision's (over the sampled anchors: 256 per image, as detectron2's
+    ``BATCH_SIZE_PER_IMAGE * images`` whenever an image has enough negatives)."""
+
+    smooth_l1_beta: float = _TORCHVISION_BETA
+
+    def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: List[Tensor],
+                     regression_targets: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        sampled_pos, sampled_neg = self.fg_bg_sampler(labels)
+        sampled_pos = torch.where(torch.cat(sampled_pos))[0]
+        sampled_neg = torch.where(torch.cat(sampled_neg))[0]
+        sampled = torch.cat([sampled_pos, sampled_neg])
+        labels = torch.cat(labels)
+        regression_targets = torch.cat(regression_targets)
+        box_loss = box_regression_loss(pred_bbox_deltas[sampled_pos], regression_targets[sampled_pos],
+                                       self.smooth_l1_beta) / sampled.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
+        return objectness_loss, box_loss
+
+
+class SmoothL1RoIHeads(RoIHeads):
+    """torchvision's RoI heads whose box loss takes its smooth-L1 beta from ``smooth_l1_beta``
+    (torchvision: 1/9; detectron2: ``MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA`` 0, an L1 loss). With
+    another beta, ``loss_box_reg`` is recomputed from the sampled RoIs' targets and the box
+    predictor's output of the same forward (torchvision's ``fastrcnn_loss`` fixes 1/9)."""
+
+    smooth_l1_beta: float = _TORCHVISION_BETA
+
+    def select_training_samples(self, proposals, targets):
+        out = super().select_training_samples(proposals, targets)
+        self._box_loss_inputs = {"labels": out[2], "targets": out[3]}
+        return out
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training or self.smooth_l1_beta == _TORCHVISION_BETA:
+            return super().forward(features, proposals, image_shapes, targets)
+        outputs = []
+        handle = self.box_predictor.register_forward_hook(lambda _m, _args, out: outputs.append(out[1]))
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+        finally:
+            handle.remove()
+        inputs = self._box_loss_inputs
+        del self._box_loss_inputs
+        inputs["deltas"] = outputs[0]
+        labels, regression_targets = torch.cat(inputs["labels"]), torch.cat(inputs["targets"])
+        deltas = inputs["deltas"].reshape(labels.numel(), -1, 4)
+        pos = torch.where(labels > 0)[0]
+        losses["loss_box_reg"] = box_regression_loss(
+            deltas[pos, labels[pos]], regression_targets[pos], self.smooth_l1_beta) / labels.numel()
+        return result, losses
+
+
+def _smooth_l1_beta(value: float, key: str) -> float:
+    if value < 0:
+        raise ValueError(f"{key} must be >= 0, got {value}.")
+    return float(value)
+
+
 def _mask_rcnn(cfg, num_classes: int) -> nn.Module:
     backbone = _backbone(cfg)
     out = backbone.out_channels
     levels = ["0", "1", "2", "3"]
-    anchors = _anchor_generator(cfg, ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    anchors = _anchor_generator(cfg, ((32,), (64,), (128,), (256,), (512,)), first_level=2)
     rpn = cfg.MODEL.RPN
     box = cfg.MODEL.ROI_BOX_HEAD
     if box.NUM_FC < 1:
         raise ValueError(f"MODEL.ROI_BOX_HEAD.NUM_FC must be >= 1, got {box.NUM_FC}.")
+    rpn_beta = _smooth_l1_beta(rpn.SMOOTH_L1_BETA, "MODEL.RPN.SMOOTH_L1_BETA")
+    box_beta = _smooth_l1_beta(box.SMOOTH_L1_BETA, "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA")
     res = box.POOLER_RESOLUTION
     kwargs = dict(
         rpn_anchor_generator=anchors,
@@ -237,28 +341,47 @@ def _mask_rcnn(cfg, num_classes: int) -> nn.Module:
         box_detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
     )
     if not cfg.MODEL.MASK_ON:
-        return FasterRCNN(backbone, None, **kwargs)  # classes set by box_predictor
-    m = cfg.MODEL.ROI_MASK_HEAD
-    return MaskRCNN(
-        backbone,
-        None,  # classes set by the predictors
-        mask_roi_pool=_roi_pool(m.POOLER_TYPE, "MODEL.ROI_MASK_HEAD.POOLER_TYPE", levels,
-                                m.POOLER_RESOLUTION, box.POOLER_SAMPLING_RATIO),
-        mask_head=MaskRCNNHeads(out, [m.CONV_DIM] * m.NUM_CONV, 1,
-                                norm_layer=_norm(m.NORM, "MODEL.ROI_MASK_HEAD.NORM")),
-        mask_predictor=MaskRCNNPredictor(m.CONV_DIM, 256, num_classes),
-        **kwargs,
-    )
+        model = FasterRCNN(backbone, None, **kwargs)  # classes set by box_predictor
+    else:
+        m = cfg.MODEL.ROI_MASK_HEAD
+        model = MaskRCNN(
+            backbone,
+            None,  # classes set by the predictors
+            mask_roi_pool=_roi_pool(m.POOLER_TYPE, "MODEL.ROI_MASK_HEAD.POOLER_TYPE", levels,
+                                    m.POOLER_RESOLUTION, box.POOLER_SAMPLING_RATIO),
+            mask_head=MaskRCNNHeads(out, [m.CONV_DIM] * m.NUM_CONV, 1,
+                                    norm_layer=_norm(m.NORM, "MODEL.ROI_MASK_HEAD.NORM")),
+            mask_predictor=MaskRCNNPredictor(m.CONV_DIM, 256, num_classes),
+            **kwargs,
+        )
+    # The same modules with the box-loss beta as an attribute (torchvision's constructors take
+    # no beta). Reassigning the class of a built module is what torch.nn.utils.parametrize does;
+    # the subclasses add methods only, so the modules and their state-dict names are unchanged.
+    model.rpn.__class__ = SmoothL1RPN
+    model.rpn.smooth_l1_beta = rpn_beta
+    model.roi_heads.__class__ = SmoothL1RoIHeads
+    model.roi_heads.smooth_l1_beta = box_beta
+    return model
 
 
 def _retinanet(cfg, num_classes: int) -> nn.Module:
-    backbone = _backbone(cfg, returned_layers=[2, 3, 4],
-                         extra_blocks=lambda c5: LastLevelP6P7(c5, cfg.MODEL.FPN.OUT_CHANNELS))
-    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512))
-    anchors = _anchor_generator(cfg, sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    c = cfg.MODEL.FPN.OUT_CHANNELS
+
+    def p6p7(c5_channels):
+        extra = LastLevelP6P7(c5_channels, c)
+        extra.use_P5 = False  # from C5 also when C5 has the FPN's width (torchvision then uses P5)
+        return extra
+
+    backbone = _backbone(cfg, returned_layers=[2, 3, 4], extra_blocks=p6p7)
+    octaves = (0.0, 1.0 / 3, 2.0 / 3)
+    if cfg.MODEL.ANCHOR_GENERATOR.ROUND_CELL_ANCHORS:  # torchvision's sizes: 32, 40, 50, ...
+        sizes = tuple(tuple(int(x * 2 ** o) for o in octaves) for x in (32, 64, 128, 256, 512))
+    else:  # detectron2's Base-RetinaNet: 32, 40.32, 50.80, ...
+        sizes = tuple(tuple(x * 2 ** o for o in octaves) for x in (32, 64, 128, 256, 512))
+    anchors = _anchor_generator(cfg, sizes, first_level=3)
     head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes)
     r = cfg.MODEL.RETINANET
-    return RetinaNet(
+    return ConfigurableRetinaNet(
         backbone,
         num_classes,
         anchor_generator=anchors,
@@ -267,6 +390,9 @@ def _retinanet(cfg, num_classes: int) -> nn.Module:
         nms_thresh=r.NMS_THRESH_TEST,
         topk_candidates=r.TOPK_CANDIDATES_TEST,
         detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
+        loss_normalizer=r.LOSS_NORMALIZER,
+        smooth_l1_beta=r.SMOOTH_L1_LOSS_BETA,
+        nms_on_clipped_boxes=r.NMS_ON_CLIPPED_BOXES,
     )
 
 

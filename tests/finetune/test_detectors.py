@@ -30,8 +30,16 @@ def test_retinanet_follows_detectron2():
     assert model.backbone.fpn.extra_blocks.p6.in_channels == 512  # P6 from C5 (R-18: 512)
     assert not model.backbone.fpn.extra_blocks.use_P5
     assert not any(isinstance(m, nn.GroupNorm) for m in model.head.modules())
-    assert model.head.regression_head._loss_type == "l1"
     assert model.head.classification_head.num_classes == 5
+    # torchvision's losses and postprocessing unless the config selects detectron2's
+    assert (model.loss_normalizer, model.smooth_l1_beta, model.nms_on_clipped_boxes) == ("per_image", 0.0, True)
+    # torchvision's anchor sizes (truncated octaves) unless ROUND_CELL_ANCHORS is False
+    assert model.anchor_generator.sizes[0] == (32, 40, 50)
+    exact = build_detector(_cfg("MODEL.DETECTOR", "retinanet", "MODEL.ANCHOR_GENERATOR.ROUND_CELL_ANCHORS", False))
+    assert exact.anchor_generator.sizes[1] == pytest.approx((64, 64 * 2 ** (1 / 3), 64 * 2 ** (2 / 3)))
+    # P6 from C5 also when C5 has the FPN's width (torchvision's class would take P5 then)
+    same_width = build_detector(_cfg("MODEL.DETECTOR", "retinanet", "MODEL.FPN.OUT_CHANNELS", 512))
+    assert not same_width.backbone.fpn.extra_blocks.use_P5
     assert first_label(_cfg("MODEL.DETECTOR", "retinanet")) == 0
     assert first_label(_cfg()) == 1
 
@@ -112,7 +120,7 @@ def test_fpn_width_follows_the_config(detector):
 def test_detectron2_choices_aligned_roi_align_and_unrounded_anchors():
     from torchvision.ops import roi_align
 
-    from soco_d2.finetune.detectors import AlignedMultiScaleRoIAlign, UnroundedAnchorGenerator
+    from soco_d2.finetune.detectors import AlignedMultiScaleRoIAlign, ConfigurableAnchorGenerator
 
     model = build_detector(_cfg("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlignV2", "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
                                 "ROIAlignV2", "MODEL.ANCHOR_GENERATOR.ROUND_CELL_ANCHORS", False,
@@ -125,7 +133,7 @@ def test_detectron2_choices_aligned_roi_align_and_unrounded_anchors():
     s = 2 ** 0.5
     torch.testing.assert_close(cell, torch.tensor([[-16 * s, -8 * s, 16 * s, 8 * s], [-16.0, -16.0, 16.0, 16.0],
                                                    [-8 * s, -16 * s, 8 * s, 16 * s]]))
-    assert isinstance(model.rpn.anchor_generator, UnroundedAnchorGenerator)
+    assert isinstance(model.rpn.anchor_generator, ConfigurableAnchorGenerator)
     rounded = build_detector(_cfg()).rpn.anchor_generator.cell_anchors[0]
     assert torch.equal(rounded, rounded.round()) and not torch.equal(rounded, cell)
 
@@ -145,3 +153,62 @@ def test_detectron2_choices_aligned_roi_align_and_unrounded_anchors():
     assert not torch.allclose(out, unaligned)
     with pytest.raises(ValueError, match="MODEL.ROI_MASK_HEAD.POOLER_TYPE"):
         build_detector(_cfg("MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIPool"))
+
+
+def test_anchor_order_and_strides_of_detectron2():
+    """detectron2's cell anchors are listed size-major, torchvision's ratio-major; detectron2
+    spaces a level's anchors by its stride, torchvision by padded image size // feature size."""
+    from torchvision.models.detection.image_list import ImageList
+
+    from soco_d2.finetune.detectors import ConfigurableAnchorGenerator
+
+    sizes, ratios = ((32, 64),), ((0.5, 2.0),)
+    d2 = ConfigurableAnchorGenerator(sizes, ratios, round_cell_anchors=False, strides=[64])
+    tv = ConfigurableAnchorGenerator(sizes, ratios)
+    wh = lambda a: (a[:, 2:] - a[:, :2]).round().tolist()  # noqa: E731
+    assert wh(d2.cell_anchors[0]) == [[45, 23], [23, 45], [91, 45], [45, 91]]  # size-major
+    assert wh(tv.cell_anchors[0]) == [[46, 22], [90, 46], [22, 46], [46, 90]]  # ratio-major, rounded
+    # a 128 x 224 batch: a P6 map is 2 x 4 (224 / 64 = 3.5 rounded up)
+    images = ImageList(torch.zeros(1, 3, 128, 224), [(128, 224)])
+    feature = [torch.zeros(1, 1, 2, 4)]
+    centres = lambda a: ((a[::4, :2] + a[::4, 2:]) / 2).tolist()  # noqa: E731
+    assert centres(d2(images, feature)[0]) == [[x, y] for y in (0, 64) for x in (0, 64, 128, 192)]
+    assert centres(tv(images, feature)[0]) == [[x, y] for y in (0, 64) for x in (0, 56, 112, 168)]
+    with pytest.raises(ValueError, match="strides"):
+        ConfigurableAnchorGenerator(sizes * 2, ratios * 2, strides=[64])
+
+
+def test_box_loss_betas_of_the_rpn_and_the_roi_heads(tiny_overrides):
+    """torchvision's beta 1/9 keeps torchvision's losses; another beta changes the RPN and RoI
+    box losses only, and beta 0 is an L1 loss."""
+    from soco_d2.config import load_config as lc
+    from soco_d2.finetune.retinanet import box_regression_loss
+
+    images = [torch.rand(3, 64, 80) * 255, torch.rand(3, 72, 64) * 255]
+    targets = [{"boxes": torch.tensor([[5.0, 5, 40, 30], [30, 20, 70, 60]]), "labels": torch.tensor([1, 2]),
+                "masks": torch.zeros(2, 64, 80, dtype=torch.uint8)},
+               {"boxes": torch.tensor([[10.0, 12, 50, 60]]), "labels": torch.tensor([1]),
+                "masks": torch.ones(1, 72, 64, dtype=torch.uint8)}]
+
+    def losses(*betas):
+        torch.manual_seed(0)
+        model = build_detector(lc("", tiny_overrides + ["MODEL.RPN.SMOOTH_L1_BETA", betas[0],
+                                                        "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA", betas[1]]))
+        torch.manual_seed(1)  # same train size and samples
+        return model(images, targets)
+
+    tv = losses(1 / 9, 1 / 9)
+    # the recomputed losses with a beta next to 1/9 (torchvision's own loss code is used at 1/9)
+    near = losses(1 / 9 + 1e-9, 1 / 9 + 1e-9)
+    for k in tv:
+        torch.testing.assert_close(near[k], tv[k])
+    l1 = losses(0.0, 0.0)
+    for k in ("loss_objectness", "loss_classifier", "loss_mask"):
+        torch.testing.assert_close(l1[k], tv[k])
+    for k in ("loss_rpn_box_reg", "loss_box_reg"):
+        assert l1[k] > tv[k] > 0  # |x| exceeds smooth L1 everywhere but at 0
+    x, y = torch.tensor([0.0, 0.05, 2.0]), torch.zeros(3)
+    assert box_regression_loss(x, y, 0.0) == pytest.approx(2.05)
+    assert box_regression_loss(x, y, 0.5) == pytest.approx(0.5 * 0.05 ** 2 / 0.5 + 2.0 - 0.25)
+    with pytest.raises(ValueError, match="MODEL.RPN.SMOOTH_L1_BETA"):
+        losses(-1.0, 0.0)
