@@ -533,3 +533,187 @@ def test_default_and_shipped_queue_size_is_moco_v2s_65536():
         assert shipped.MODEL.DETCO.QUEUE_SIZE == 65536, name
         assert shipped.MODEL.DETCO.SHUFFLE_BN_SPLITS == 8, name  # 256 / 8 = MoCo's 32 per GPU
         assert shipped.SOLVER.IMS_PER_BATCH == 256, name
+
+
+# --------------------------------------------------------------------------------------------
+# Construction details: exact messages, widths, buffers, and the split BN's settings.
+
+def _message(cfg):
+    with pytest.raises(ValueError) as err:
+        DetCo(cfg)
+    return str(err.value)
+
+
+def test_config_errors_exact_messages():
+    assert _message(_cfg(LEVELS=())) == (
+        "MODEL.DETCO.LEVELS must be a subset of ('res2', 'res3', 'res4', 'res5'), got ().")
+    assert _message(_cfg(LEVELS=("res5", "res6"), LEVEL_WEIGHTS=(1.0, 1.0))) == (
+        "MODEL.DETCO.LEVELS must be a subset of ('res2', 'res3', 'res4', 'res5'), got ('res5', 'res6').")
+    assert _message(_cfg(LOSS_WEIGHTS=(1.0, 1.0))) == (
+        "MODEL.DETCO.LOSS_WEIGHTS needs 3 weights (global-global, local-local, local-global), "
+        "got (1.0, 1.0).")
+    valid = "('concat_shuffled', 'concat_grid', 'mean')"
+    assert _message(_cfg(LOCAL_COMBINE="concat")) == (
+        f"MODEL.DETCO.LOCAL_COMBINE must be one of {valid}, got 'concat' ('concat' is now 'concat_grid').")
+    assert _message(_cfg(LOCAL_COMBINE="max")) == (
+        f"MODEL.DETCO.LOCAL_COMBINE must be one of {valid}, got 'max'.")
+    for t in (0.0, -0.2):
+        assert _message(_cfg(TEMPERATURE=t)) == f"MODEL.DETCO.TEMPERATURE must be positive, got {t}."
+    cfg = _cfg()
+    cfg.MODEL.RESNETS.NORM = "GN"
+    assert _message(cfg) == (
+        "MODEL.RESNETS.NORM = 'GN' is not supported by DetCo; use 'BN' (cross-process BN of the "
+        "key encoder is MODEL.DETCO.KEY_BN).")
+
+
+def test_batch_division_over_processes_and_accumulation(monkeypatch):
+    # Two processes: 8 images are 4 per process; 6 images do not divide into 2 x 2 steps.
+    monkeypatch.setattr("soco_d2.utils.comm.get_world_size", lambda: 2)
+    cfg = _cfg()
+    cfg.SOLVER.IMS_PER_BATCH = 8
+    assert DetCo(cfg).bn_splits == 1  # several processes: MoCo's cross-process shuffle
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.GRAD_ACCUM_STEPS = 6, 2
+    assert _message(cfg) == (
+        "SOLVER.IMS_PER_BATCH (6) must be divisible by the world size (2) times "
+        "SOLVER.GRAD_ACCUM_STEPS (2).")
+    monkeypatch.setattr("soco_d2.utils.comm.get_world_size", lambda: 1)
+    # Accumulation: 8 images in 2 forwards enqueue 4 keys each, so a queue of 4 is whole.
+    cfg = _cfg(QUEUE_SIZE=4)
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.GRAD_ACCUM_STEPS = 8, 2
+    assert DetCo(cfg).queues_global["res5"].queue.shape[0] == 4
+
+
+def test_pixel_statistics_standardise_and_stay_out_of_checkpoints():
+    cfg = _cfg()
+    cfg.MODEL.PIXEL_MEAN = [100.0, 120.0, 140.0]
+    cfg.MODEL.PIXEL_STD = [50.0, 60.0, 70.0]
+    m = DetCo(cfg)
+    x = torch.randint(0, 256, (2, 2, 3, 4, 5), dtype=torch.uint8)
+    mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(cfg.MODEL.PIXEL_STD).view(3, 1, 1)
+    out = m.normalize(x)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out, (x.float() - mean) / std)
+    assert not any(k.startswith("pixel_") for k in m.state_dict())  # config values, not weights
+
+
+def test_encoder_widths_follow_depth_and_hidden_dim():
+    from soco_d2.modeling.meta_arch.detco import DetCoEncoder
+
+    cfg = _cfg(HEAD_HIDDEN_DIM=0)  # 0: hidden width = the level's channels C
+    enc = DetCoEncoder(cfg)
+    for lvl, c in zip(LEVELS, (64, 128, 256, 512)):
+        assert (enc.global_heads[lvl][0].in_features, enc.global_heads[lvl][0].out_features) == (c, c)
+        assert (enc.local_heads[lvl][0].in_features, enc.local_heads[lvl][0].out_features) == (9 * c, c)
+        assert enc.global_heads[lvl][2].out_features == 16
+    cfg.MODEL.RESNETS.DEPTH = 50  # bottleneck blocks: 4 x the channels
+    enc = DetCoEncoder(cfg)
+    assert [enc.global_heads[lvl][0].in_features for lvl in LEVELS] == [256, 512, 1024, 2048]
+    assert enc.local_heads["res5"][0].out_features == 2048
+
+
+def test_heads_are_nonlinear_mlps():
+    # fc -> ReLU -> fc: a linear map would satisfy h(x) + h(-x) = 2 h(0).
+    torch.manual_seed(0)
+    head = DetCo(_cfg()).encoder_q.global_heads["res5"]
+    x = torch.randn(8, 512)
+    with torch.no_grad():
+        gap = head(x) + head(-x) - 2 * head(torch.zeros_like(x))
+    assert gap.abs().max() > 1e-2
+    assert [type(layer) for layer in head] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+
+
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_zero_init_residual_follows_the_config(zero_init):
+    cfg = _cfg()
+    cfg.MODEL.RESNETS.ZERO_INIT_RESIDUAL = zero_init
+    body = DetCo(cfg).encoder_q.body
+    last_bns = [body.layer1[0].bn2.weight, body.layer4[1].bn2.weight]
+    assert all(bool((w == 0).all()) == zero_init for w in last_bns)
+
+
+def test_query_patch_order_is_undone_with_the_querys_own_cells():
+    # concat_grid: the query's patches and their cells permuted together leave every loss as it
+    # was (the query un-shuffles with its own cell indices, not the key's).
+    torch.manual_seed(0)
+    m = DetCo(_cfg(LOCAL_COMBINE="concat_grid")).train()
+    for q in list(m.queues_global.values()) + list(m.queues_local.values()):
+        q.queue.copy_(torch.nn.functional.normalize(torch.randn_like(q.queue), dim=1))
+    b = _batch(seed=6)
+    shuffled = {k: v.clone() for k, v in b.items()}
+    order = torch.tensor([3, 7, 0, 8, 1, 5, 2, 6, 4])
+    shuffled["local"][:, 0] = b["local"][:, 0][:, order]
+    shuffled["local_perm"][:, 0] = b["local_perm"][:, 0][:, order]
+    outs = []
+    for batch in (b, shuffled):
+        torch.manual_seed(1)  # the same key shuffle
+        outs.append(copy.deepcopy(m)(batch))
+    for k in ("loss_local_local", "loss_local_global", "loss_global_global"):
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_split_batchnorm_construction():
+    assert SplitBatchNorm2d(3).num_splits == 1
+    assert SplitBatchNorm2d(3, num_splits=1).num_splits == 1
+    with pytest.raises(ValueError) as err:
+        SplitBatchNorm2d(3, num_splits=0)
+    assert str(err.value) == "SplitBatchNorm2d: num_splits must be >= 1, got 0"
+    with pytest.raises(ValueError) as err:
+        SplitBatchNorm2d(3, num_splits=2).train()(torch.randn(5, 3, 2, 2))
+    assert str(err.value) == (
+        "SplitBatchNorm2d: a batch of 5 samples cannot be split into 2 sub-batches "
+        "(MODEL.DETCO.SHUFFLE_BN_SPLITS): feed a multiple of it.")
+
+
+def test_split_batchnorm_replaces_each_bn_with_its_settings_and_state():
+    from soco_d2.modeling.meta_arch.detco import _split_batchnorm
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1),
+        torch.nn.BatchNorm2d(4, eps=1e-3, momentum=0.3),
+        torch.nn.Sequential(torch.nn.BatchNorm2d(4, momentum=None, affine=False,
+                                                 track_running_stats=False)),
+    )
+    with torch.no_grad():
+        module[1].weight.uniform_(0.5, 2.0)
+        module[1].running_mean.uniform_(-1.0, 1.0)
+    module[1].num_batches_tracked.fill_(7)
+    module.eval()
+    before = copy.deepcopy(module[1].state_dict())
+    _split_batchnorm(module, 4)
+    a, b = module[1], module[2][0]
+    assert type(a) is SplitBatchNorm2d and type(b) is SplitBatchNorm2d
+    assert (a.num_splits, a.eps, a.momentum, a.affine, a.track_running_stats) == (4, 1e-3, 0.3, True, True)
+    assert (b.num_splits, b.eps, b.momentum, b.affine, b.track_running_stats) == (4, 1e-5, None, False, False)
+    assert not a.training and not b.training
+    for k, v in before.items():
+        assert torch.equal(a.state_dict()[k], v), k
+
+
+def test_split_batchnorm_eps_cumulative_average_and_untracked():
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(4, 3, 2, 2) * 0.3, torch.randn(4, 3, 2, 2) * 0.3 + 1.0
+    # eps and momentum None (cumulative average): as plain BN per sub-batch, statistics averaged
+    split = SplitBatchNorm2d(3, num_splits=2, eps=0.5, momentum=None)
+    plain = [torch.nn.BatchNorm2d(3, eps=0.5, momentum=None) for _ in range(2)]
+    for x in (x1, x2):
+        out = split(x)
+        for g in range(2):
+            torch.testing.assert_close(out[g::2], plain[g](x[g::2]))
+    for name in ("running_mean", "running_var"):
+        expected = (getattr(plain[0], name) + getattr(plain[1], name)) / 2
+        torch.testing.assert_close(getattr(split, name), expected)
+    assert int(split.num_batches_tracked) == 2
+    # without running statistics: batch statistics only
+    free = SplitBatchNorm2d(3, num_splits=2, momentum=None, track_running_stats=False)
+    ref = torch.nn.BatchNorm2d(3, track_running_stats=False)
+    torch.testing.assert_close(free(x1)[1::2], ref(x1[1::2]))
+
+
+def test_split_batchnorm_output_is_contiguous_for_a_strided_input():
+    x = torch.randn(4, 3, 5, 8)[..., ::2]
+    assert not x.is_contiguous()
+    out = SplitBatchNorm2d(3, num_splits=2)(x)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, SplitBatchNorm2d(3, num_splits=2)(x.contiguous()))
