@@ -109,15 +109,30 @@ def _mean_std(values):
 
 
 def _finetune(args, name: str, weights: str, seed: int) -> dict:
+    """One Penn-Fudan fine-tuning; its final evaluation. A finished run with the same command is
+    reused (``result.json`` in its folder) unless ``--overwrite``: an interrupted benchmark
+    resumes where it stopped."""
     from soco_d2.engine.writers import read_metrics
 
     out = os.path.join(args.output_dir, f"finetune_{name}_seed{seed}")
-    _run_tool("train_net.py", FINETUNE_CONFIG, [
+    opts = [str(o) for o in [
         "MODEL.DEVICE", args.device, "MODEL.RESNETS.DEPTH", args.depth, "MODEL.WEIGHTS", weights,
         "SEED", seed, "SOLVER.MAX_ITER", args.finetune_iters, "SOLVER.CHECKPOINT_PERIOD", 0,
         "SOLVER.WARMUP_ITERS", min(30, max(1, args.finetune_iters // 4)),
-        "OUTPUT_DIR", out] + args.finetune_opts)
+        "OUTPUT_DIR", out] + args.finetune_opts]
+    done = os.path.join(out, "result.json")
+    if os.path.exists(done) and not args.overwrite:
+        with open(done) as f:
+            previous = json.load(f)
+        if previous["opts"] == opts:
+            print(f"{out}: done before, reusing (--overwrite to rerun)", flush=True)
+            return previous["result"]
+    if os.path.exists(os.path.join(out, "metrics.json")):
+        os.remove(os.path.join(out, "metrics.json"))  # a rerun starts its record afresh
+    _run_tool("train_net.py", FINETUNE_CONFIG, opts)
     evals = [r for r in read_metrics(os.path.join(out, "metrics.json")) if "bbox/AP" in r]
+    with open(done, "w") as f:
+        json.dump({"opts": opts, "result": evals[-1]}, f, indent=1)
     return evals[-1]
 
 
@@ -165,7 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-seeds", nargs="+", type=int, default=None,
                    help="default: --seeds (the pretraining run of the same seed is used)")
     p.add_argument("--finetune-opts", nargs="*", default=[], metavar="KEY VALUE")
-    p.add_argument("--overwrite", action="store_true", help="rerun finished pretraining runs")
+    p.add_argument("--overwrite", action="store_true", help="rerun finished pretraining and fine-tuning runs")
     args = p.parse_args(argv)
     if not args.data_root or not os.path.isdir(os.path.join(args.data_root, PROBE_FOLDER)):
         p.error(f"--data-root {args.data_root!r} must hold {PROBE_FOLDER}/ (set SOCO_DATA_ROOT)")

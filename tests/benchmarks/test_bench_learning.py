@@ -56,3 +56,32 @@ def test_toy_run_writes_curves_table_and_png(tmp_path, capsys):
     assert any("rankme" in r for r in detco)
     printed = capsys.readouterr().out
     assert "| detco | res5 | 2 |" in printed and "target (> 3 std)" in printed
+
+
+def test_finished_finetuning_is_reused_unless_its_command_changes(tmp_path, monkeypatch):
+    bench = _bench()
+    calls = []
+
+    def fake_tool(tool, config, opts):
+        calls.append(opts)
+        out = opts[opts.index("OUTPUT_DIR") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            f.write(json.dumps({"iteration": 3, "bbox/AP": 10.0 + len(calls), "segm/AP": 5.0}) + "\n")
+
+    monkeypatch.setattr(bench, "_run_tool", fake_tool)
+
+    def args(**kw):
+        base = dict(output_dir=str(tmp_path), device="cpu", depth=18, finetune_iters=4,
+                    finetune_opts=[], overwrite=False)
+        base.update(kw)
+        return type("Args", (), base)
+
+    first = bench._finetune(args(), "soco", "w.pkl", 0)
+    assert first["bbox/AP"] == 11.0 and len(calls) == 1
+    assert "SOLVER.WARMUP_ITERS" in calls[0] and calls[0][calls[0].index("SOLVER.WARMUP_ITERS") + 1] == "1"
+    assert bench._finetune(args(), "soco", "w.pkl", 0) == first and len(calls) == 1  # reused
+    assert bench._finetune(args(finetune_iters=8), "soco", "w.pkl", 0)["bbox/AP"] == 12.0  # new command
+    assert bench._finetune(args(finetune_iters=8, overwrite=True), "soco", "w.pkl", 0)["bbox/AP"] == 13.0
+    assert bench._finetune(args(), "scratch", "", 0)["bbox/AP"] == 14.0  # another init, another folder
+    assert len(calls) == 4
