@@ -385,8 +385,10 @@ def test_running_statistics_come_from_the_global_views_only(splits):
     assert any(not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean)) for _, bn in bns)
 
 
-@pytest.mark.parametrize("bn", [torch.nn.BatchNorm2d(3), SplitBatchNorm2d(3, num_splits=2)])
-def test_frozen_running_stats_normalises_with_the_batch_and_restores_tracking(bn):
+@pytest.mark.parametrize("make", [lambda: torch.nn.BatchNorm2d(3), lambda: SplitBatchNorm2d(3, num_splits=2)],
+                         ids=["BatchNorm2d", "SplitBatchNorm2d"])
+def test_frozen_running_stats_normalises_with_the_batch_and_restores_tracking(make):
+    bn = make()  # a fresh module per run (a parametrized instance would carry state between runs)
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5) * 3.0 + 1.0
     tracked = copy.deepcopy(bn).train()
