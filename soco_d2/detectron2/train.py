@@ -10,19 +10,25 @@ schedule, hooks, precise BN, checkpoints, ``metrics.json``) this adds:
   ``$SOCO_DATASETS``) and any COCO ``.json`` path in ``DATASETS.TRAIN`` / ``TEST`` are
   registered in detectron2's ``DatasetCatalog``; detectron2's own names (``coco_2017_*``) stay
   detectron2's, under ``$DETECTRON2_DATASETS``, which defaults to ``$SOCO_DATASETS``;
-* ``SyncBN`` becomes ``BN`` (one log line) when the run has a single process;
+* ``SyncBN`` becomes ``BN`` (one log line) when the run has a single process; on several CPU
+  processes (gloo) torch's SyncBatchNorm, which needs CUDA, becomes soco_d2's
+  ``GlooSyncBatchNorm`` and the model is wrapped in DistributedDataParallel without
+  ``device_ids`` (detectron2 passes the local rank, which torch refuses for a CPU model);
 * COCO evaluation (``COCOEvaluator``) of every ``DATASETS.TEST`` entry, written to
   ``OUTPUT_DIR/metrics.json`` (``bbox/AP``, ``segm/AP``...) that ``tools/check_ap.py`` reads, also
   with ``--eval-only``;
 * ``MODEL.WEIGHTS`` must cover the model's ResNet: a file whose tensors miss any of it is an
   error naming the keys (detectron2 alone would leave them randomly initialised with a warning).
 """
+import functools
 import json
 import logging
 import os
 import re
 from typing import Dict, List, Sequence
 
+import detectron2.engine.defaults as d2_defaults
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.config import get_cfg as get_d2_cfg
@@ -37,6 +43,7 @@ from detectron2.modeling.roi_heads import Res5ROIHeads
 from detectron2.utils import comm as d2_comm
 from detectron2.utils.logger import setup_logger
 
+from soco_d2.engine.sync_bn import sync_batchnorm_to_gloo
 from soco_d2.finetune.coco_data import get_dataset_paths
 from soco_d2.utils import comm
 
@@ -167,8 +174,38 @@ class _CheckedCheckpointer(DetectionCheckpointer):
             self.check_backbone = False
 
 
+def _multi_process_cpu(cfg) -> bool:
+    return comm.get_world_size() > 1 and torch.device(cfg.MODEL.DEVICE).type == "cpu"
+
+
 class D2Trainer(DefaultTrainer):
-    """detectron2's ``DefaultTrainer`` with COCO evaluation and the checked weight loading."""
+    """detectron2's ``DefaultTrainer`` with COCO evaluation, the checked weight loading and
+    multi-process CPU (gloo) runs."""
+
+    def __init__(self, cfg):
+        if not _multi_process_cpu(cfg):
+            super().__init__(cfg)
+            return
+        # DefaultTrainer.__init__ wraps the model with create_ddp_model(model, ...), which adds
+        # device_ids=[local rank]: torch refuses device_ids for a CPU model. For the duration of
+        # the constructor, the module's function gets device_ids=None.
+        create_ddp_model = d2_defaults.create_ddp_model
+        d2_defaults.create_ddp_model = functools.partial(create_ddp_model, device_ids=None)
+        try:
+            super().__init__(cfg)
+        finally:
+            d2_defaults.create_ddp_model = create_ddp_model
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        if _multi_process_cpu(cfg):
+            n = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+            if n:
+                model = sync_batchnorm_to_gloo(model)
+                logger.info("%d CPU processes: %d SyncBatchNorm layers -> GlooSyncBatchNorm.",
+                            comm.get_world_size(), n)
+        return model
 
     def resume_or_load(self, resume: bool = True):
         """Resume from ``OUTPUT_DIR/last_checkpoint`` (detectron2's behaviour), else load

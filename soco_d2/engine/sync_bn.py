@@ -4,13 +4,15 @@
 check multi-process training on two CPU processes) use :class:`GlooSyncBatchNorm`, which
 all-reduces the per-channel sums with a differentiable ``all_reduce``. Both keep the
 state-dict keys of ``BatchNorm``, so checkpoints move freely between world sizes.
+:func:`sync_batchnorm_to_gloo` does the same for a model built with torch's SyncBatchNorm
+(detectron2's ``SyncBN``) that is to train on CPU processes.
 """
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["GlooSyncBatchNorm", "convert_sync_batchnorm"]
+__all__ = ["GlooSyncBatchNorm", "convert_sync_batchnorm", "sync_batchnorm_to_gloo"]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -31,12 +33,14 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-class GlooSyncBatchNorm(_BatchNorm):
+class GlooSyncBatchNorm(nn.BatchNorm2d):
     """Batch norm whose training statistics are computed over all processes (any backend).
 
     Statistics are weighted by each process's element count, so processes may hold different
     batch sizes. Running statistics follow ``BatchNorm``: biased variance for normalisation,
-    unbiased for ``running_var``.
+    unbiased for ``running_var``. Inputs of any dimension >= 2 are accepted; the class derives
+    from ``BatchNorm2d`` so that code looking for BN layers by type (fvcore's precise BN, which
+    both fine-tuning trainers use) finds it.
     """
 
     def _check_input_dim(self, input):
@@ -69,9 +73,9 @@ class GlooSyncBatchNorm(_BatchNorm):
         return (xf * scale.view(shape) + shift.view(shape)).to(x.dtype)
 
 
-def _to_gloo_sync(module: nn.Module) -> nn.Module:
+def _to_gloo_sync(module: nn.Module, convert) -> nn.Module:
     out = module
-    if isinstance(module, _BatchNorm) and not isinstance(module, (nn.SyncBatchNorm, GlooSyncBatchNorm)):
+    if convert(module):
         out = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                 module.track_running_stats)
         if module.affine:
@@ -80,7 +84,7 @@ def _to_gloo_sync(module: nn.Module) -> nn.Module:
         out.num_batches_tracked = module.num_batches_tracked
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, _to_gloo_sync(child))
+        out.add_module(name, _to_gloo_sync(child, convert))
     return out
 
 
@@ -88,4 +92,12 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Replace every BatchNorm of ``model`` by a synchronised one suited to ``device``."""
     if torch.device(device).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return _to_gloo_sync(model)
+    return _to_gloo_sync(model, lambda m: isinstance(m, _BatchNorm)
+                         and not isinstance(m, (nn.SyncBatchNorm, GlooSyncBatchNorm)))
+
+
+def sync_batchnorm_to_gloo(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.SyncBatchNorm`` of ``model`` (which refuses CPU tensors, and which
+    DistributedDataParallel refuses in a CPU model) by :class:`GlooSyncBatchNorm`; other norms
+    stay. Parameters and buffers are shared, not copied."""
+    return _to_gloo_sync(model, lambda m: isinstance(m, nn.SyncBatchNorm))
