@@ -225,7 +225,8 @@ class ConfigurableAnchorGenerator(AnchorGenerator):
         if len(feature_maps) != len(self.strides):
             raise ValueError(f"anchor strides {self.strides} for {len(feature_maps)} feature maps")
         device = feature_maps[0].device
-        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        # as torchvision builds its strides: a fill on the device, no host-to-device copy
+        strides = [[torch.empty((), dtype=torch.int64, device=device).fill_(s)] * 2 for s in self.strides]
         self.set_cell_anchors(feature_maps[0].dtype, device)
         per_level = self.grid_anchors([list(f.shape[-2:]) for f in feature_maps], strides)
         anchors = torch.cat(per_level)
