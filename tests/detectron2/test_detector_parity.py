@@ -162,6 +162,19 @@ def _match(boxes, scores, labels, boxes2, scores2, labels2):
     return j
 
 
+def _same_detections(d2_dets, tv_dets):
+    """Whether every image has as many detections in both and each of ours has one of
+    detectron2's within 1e-2 (box corners, score x 1000)."""
+    for dd, td in zip(d2_dets, tv_dets):
+        if len(td["boxes"]) != len(dd):
+            return False
+        a = torch.cat([td["boxes"], td["scores"][:, None] * 1000], 1)
+        b = torch.cat([dd.pred_boxes.tensor, dd.scores[:, None] * 1000], 1)
+        if len(a) and not bool((torch.cdist(a, b, p=float("inf")).min(1).values < 1e-2).all()):
+            return False
+    return True
+
+
 def _run_both(d2, tv, images):
     with torch.no_grad():
         batched = [{"image": im, "height": im.shape[1], "width": im.shape[2]} for im in images]
@@ -219,15 +232,7 @@ def test_torchvision_choices_differ_from_detectron2():
             len(dp) == len(tp) and torch.allclose(tp[_order(tp)], dp.proposal_boxes.tensor[
                 _order(dp.proposal_boxes.tensor)], atol=1e-3)
             for dp, tp in zip(d2_props, tv_props))
-        same_dets = True
-        for dd, td in zip(d2_dets, tv_dets):
-            if len(td["boxes"]) != len(dd):
-                same_dets = False
-                continue
-            a = torch.cat([td["boxes"], td["scores"][:, None] * 1000], 1)
-            b = torch.cat([dd.pred_boxes.tensor, dd.scores[:, None] * 1000], 1)
-            same_dets &= bool((torch.cdist(a, b, p=float("inf")).min(1).values < 1e-2).all())
-        assert not (same_props and same_dets), choice
+        assert not (same_props and _same_detections(d2_dets, tv_dets)), choice
 
 
 # ------------------------------------------------------------------------------------ RetinaNet
@@ -304,15 +309,7 @@ def test_retinanet_torchvision_choices_differ_from_detectron2():
                    ["MODEL.ANCHOR_GENERATOR.STRIDE_FROM_IMAGE_SIZE", "True"],
                    ["MODEL.RETINANET.NMS_ON_CLIPPED_BOXES", "True"]):
         theirs, mine = _retinanet_detections(d2, _our_retinanet(d2, choice), images)
-        same = True
-        for dd, td in zip(theirs, mine):
-            if len(td["boxes"]) != len(dd):
-                same = False
-                continue
-            a = torch.cat([td["boxes"], td["scores"][:, None] * 1000], 1)
-            b = torch.cat([dd.pred_boxes.tensor, dd.scores[:, None] * 1000], 1)
-            same &= bool((torch.cdist(a, b, p=float("inf")).min(1).values < 1e-2).all())
-        assert not same, choice
+        assert not _same_detections(theirs, mine), choice
 
 
 def _d2_losses(d2, images, targets, steps):
