@@ -85,3 +85,12 @@ def test_finished_finetuning_is_reused_unless_its_command_changes(tmp_path, monk
     assert bench._finetune(args(finetune_iters=8, overwrite=True), "soco", "w.pkl", 0)["bbox/AP"] == 13.0
     assert bench._finetune(args(), "scratch", "", 0)["bbox/AP"] == 14.0  # another init, another folder
     assert len(calls) == 4
+
+
+def test_target_needs_a_gain_above_three_std_over_at_least_two_seeds():
+    target = _bench()._target
+    assert target({"mean": 9.0, "std": 0.5}, {"mean": 10.6, "std": 0.3}, 3, 3) == (pytest.approx(1.6), True)
+    assert target({"mean": 9.0, "std": 0.5}, {"mean": 10.4, "std": 0.3}, 3, 3) == (pytest.approx(1.4), False)
+    assert target({"mean": 9.0, "std": 0.1}, {"mean": 10.0, "std": 0.4}, 3, 2)[1] is False  # the larger std
+    assert target({"mean": 9.0, "std": 0.0}, {"mean": 9.0, "std": 0.0}, 1, 3)[1] is False  # one probe point
+    assert target({"mean": 8.6, "std": 0.0}, {"mean": 8.8, "std": 0.0}, 5, 1) == (pytest.approx(0.2), None)
