@@ -15,6 +15,9 @@ Examples:
 Accepted weights: anything tools/convert_to_d2.py reads (this project's checkpoints, detectron2
 .pkl, torchvision / MoCo / DetCo / official SoCo ResNets); the ResNet depth is read from the keys.
 Prints a table (best kNN top-1 first) and, with --output, writes one JSON object per backbone.
+--bn-stats train recomputes every BN layer's running statistics over the training images before
+probing (use it to compare weights whose statistics come from other data, and for a random-init
+baseline: a new network's statistics, mean 0 / variance 1, make each BN an identity).
 Images: shorter side to SIZE / 0.875, centre crop SIZE. One folder is split per class
 (--val-fraction, seeded by --split-seed); empty classes and classes with one image are skipped
 and counted, unreadable images too.
@@ -31,6 +34,7 @@ from soco_d2.checkpoint.convert import ConversionError  # noqa: E402
 from soco_d2.checkpoint.io import CheckpointError  # noqa: E402
 from soco_d2.evaluation.knn import ProbeDataError, build_probe_split  # noqa: E402
 from soco_d2.evaluation.probe import (  # noqa: E402
+    BN_STATS,
     format_probe_table,
     load_probe_backbone,
     probe_backbones,
@@ -62,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--temperature", type=float, default=0.07)
     k.add_argument("--linear", action="store_true", help="also fit a linear probe (L-BFGS)")
     k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--bn-stats", choices=BN_STATS, default="weights",
+                   help="BN running statistics to probe with: those of the weights, or recomputed "
+                   "over the training images ('train'; compares backbones by their weights alone: "
+                   "a random init's own statistics make every BN an identity)")
     k.add_argument("--device", default="cpu")
     p.add_argument("--output", help="write the results here (JSON lines)")
     return p
@@ -86,7 +94,7 @@ def main(argv=None) -> int:
     for b in backbones:
         print(f"{b.name}: ResNet-{b.depth}, {b.description}")
     results = probe_backbones(backbones, split, args.image_size, args.k, args.temperature,
-                              args.linear, args.batch_size, args.device)
+                              args.linear, args.batch_size, args.device, args.bn_stats)
     print(format_probe_table(results))
     if results[0]["unreadable"]:
         print(f"{results[0]['unreadable']} unreadable image(s) skipped")

@@ -6,6 +6,13 @@ this project, a converted detectron2 ``.pkl``, a torchvision ResNet state dict, 
 ResNet whose output is the global-average-pooled res5 feature, or builds a randomly initialised
 one. :func:`probe_backbones` runs the same weighted kNN as the training monitor (and optionally a
 linear probe) for each backbone on one labelled folder. ``tools/probe.py`` is the command line.
+
+BN statistics (``bn_stats``): ``"weights"`` probes with the running statistics the weights carry;
+``"train"`` first recomputes them (:func:`recompute_bn_statistics`) as the plain average over the
+probe's training images, so that backbones are compared by their weights alone. A freshly built
+network's running statistics are mean 0 / variance 1, which makes every BN layer an identity in
+evaluation mode: a random-init baseline probed with them is another function than the same
+weights with the statistics of any data.
 """
 from __future__ import annotations
 
@@ -21,7 +28,10 @@ from soco_d2.checkpoint.convert import SUPPORTED_DEPTHS, ConversionError, conver
 
 from .knn import ProbeImages, ProbeSplit, extract_features, linear_probe, weighted_knn
 
-__all__ = ["ProbeBackbone", "load_probe_backbone", "probe_backbones", "format_probe_table"]
+__all__ = ["ProbeBackbone", "load_probe_backbone", "probe_backbones", "format_probe_table",
+           "recompute_bn_statistics", "BN_STATS"]
+
+BN_STATS = ("weights", "train")
 
 # torchvision's ImageNet statistics on the 0-255 scale (this project's MODEL.PIXEL_MEAN / STD)
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -80,11 +90,46 @@ def _features_fn(net: nn.Module):
     return fn
 
 
+@torch.no_grad()
+def recompute_bn_statistics(net: nn.Module, images: ProbeImages, device: torch.device,
+                            batch_size: int = 64) -> int:
+    """Replace the running mean / variance of every BN layer of ``net`` by the average of their
+    batch statistics over the readable ``images`` (training-mode passes in batches of
+    ``batch_size``, BN momentum None: every batch weighs the same); ``net`` is left in evaluation
+    mode. Returns the number of images used."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    x = images.images[images.valid]
+    if len(x) < 2:
+        raise ValueError("Recomputing BN statistics needs at least 2 readable training images.")
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    fn = _features_fn(net)
+    net.eval()
+    for m in bns:
+        m.train()
+    try:
+        bounds = list(range(0, len(x), batch_size)) + [len(x)]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            del bounds[-2]  # a last batch of one image has no variance: it joins the one before
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            fn(x[start:end].to(device))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        net.eval()
+    return len(x)
+
+
 def probe_backbones(backbones: Sequence[ProbeBackbone], split: ProbeSplit, image_size: int = 224,
                     k: int = 20, temperature: float = 0.07, linear: bool = False,
-                    batch_size: int = 64, device: str = "cpu") -> List[Dict]:
+                    batch_size: int = 64, device: str = "cpu", bn_stats: str = "weights") -> List[Dict]:
     """One result dict per backbone: ``knn_top1``, ``knn_top5`` (and ``linear_top1`` /
-    ``linear_top5``) in percent, the number of images used and the time taken."""
+    ``linear_top5``) in percent, the number of images used and the time taken. ``bn_stats``:
+    see the module docstring."""
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}.")
     dev = torch.device(device)
     train_images = ProbeImages(split.train.paths, image_size)
     val_images = ProbeImages(split.val.paths, image_size)
@@ -92,6 +137,8 @@ def probe_backbones(backbones: Sequence[ProbeBackbone], split: ProbeSplit, image
     for b in backbones:
         t0 = time.perf_counter()
         net = b.model.to(dev).eval()
+        if bn_stats == "train":
+            recompute_bn_statistics(net, train_images, dev, batch_size)
         train, ok_tr = extract_features(_features_fn(net), train_images, dev, batch_size)
         val, ok_va = extract_features(_features_fn(net), val_images, dev, batch_size)
         ytr = torch.as_tensor(split.train.labels)[ok_tr]
@@ -99,7 +146,7 @@ def probe_backbones(backbones: Sequence[ProbeBackbone], split: ProbeSplit, image
         xtr, xva = train["res5"][ok_tr], val["res5"][ok_va]
         r = {"name": b.name, "depth": b.depth, "weights": b.description,
              "train_images": int(ok_tr.sum()), "val_images": int(ok_va.sum()),
-             "classes": len(split.classes),
+             "classes": len(split.classes), "bn_stats": bn_stats,
              "unreadable": len(train_images.unreadable) + len(val_images.unreadable)}
         r["knn_top1"], r["knn_top5"] = weighted_knn(xtr, ytr, xva, yva, len(split.classes), k, temperature)
         if linear:

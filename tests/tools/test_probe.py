@@ -12,7 +12,9 @@ import monitor_toy as mtoy  # noqa: E402
 
 from soco_d2.checkpoint.convert import convert_to_d2, save_d2_pkl  # noqa: E402
 from soco_d2.config import get_cfg  # noqa: E402
-from soco_d2.evaluation.probe import PIXEL_MEAN, PIXEL_STD, load_probe_backbone  # noqa: E402
+from soco_d2.evaluation.knn import ProbeImages  # noqa: E402
+from soco_d2.evaluation.probe import (  # noqa: E402
+    PIXEL_MEAN, PIXEL_STD, load_probe_backbone, recompute_bn_statistics)
 from soco_d2.modeling import build_model  # noqa: E402
 
 TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "probe.py")
@@ -115,6 +117,58 @@ def test_cli_ranks_every_kind_on_a_folder(weights, tmp_path, capsys):
     # the .pkl converted from our checkpoint holds the same backbone: the same accuracy
     assert rows[0]["knn_top1"] == rows[1]["knn_top1"] and rows[2]["knn_top1"] == rows[3]["knn_top1"]
     assert "knn_top1" in text.splitlines()[-7]  # the table header
+
+
+def _probe_images(n, size=16, seed=0):
+    images = ProbeImages([], size)
+    g = torch.Generator().manual_seed(seed)
+    images.images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    images.valid = torch.ones(n, dtype=torch.bool)
+    return images
+
+
+@pytest.mark.parametrize("n,batch,sizes", [(10, 4, [4, 4, 2]), (9, 4, [4, 5]), (4, 4, [4])])
+def test_recompute_bn_statistics_averages_the_batches(n, batch, sizes):
+    """n readable images (and one unreadable, left out) in batches of the given sizes: a last
+    batch of one image joins the one before."""
+    net = load_probe_backbone(random_init=True, depth=18, seed=0).model
+    images = _probe_images(n + 1)
+    images.valid[1] = False
+    x = _normalised(images.images[images.valid].float())
+    # the stem BN sees conv1's output: its batch means, averaged with equal weights
+    with torch.no_grad():
+        out = net.conv1(x)
+    bounds = torch.tensor([0] + sizes).cumsum(0).tolist()
+    expected = torch.stack([out[a:b].mean(dim=(0, 2, 3)) for a, b in zip(bounds[:-1], bounds[1:])]).mean(0)
+    used = recompute_bn_statistics(net, images, torch.device("cpu"), batch)
+    assert used == len(x)
+    torch.testing.assert_close(net.bn1.running_mean, expected, rtol=1e-4, atol=1e-5)
+    assert int(net.bn1.num_batches_tracked) == len(sizes)
+    assert not net.training and not any(m.training for m in net.modules())
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with pytest.raises(ValueError, match="at least 2 readable"):
+        recompute_bn_statistics(net, _probe_images(1), torch.device("cpu"), batch)
+
+
+def test_cli_bn_stats_train_changes_a_random_init_and_says_so(tmp_path):
+    probe = mtoy.make_labeled_folder(tmp_path / "probe", per_class=4, size=24)
+    rows = {}
+    for mode in ("weights", "train"):
+        out = tmp_path / f"{mode}.jsonl"
+        assert _main("--random-init", "--depth", 18, "--train-root", probe, "--image-size", 32,
+                     "--k", 3, "--bn-stats", mode, "--output", out) == 0
+        (rows[mode],) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows["weights"]["bn_stats"] == "weights" and rows["train"]["bn_stats"] == "train"
+    from soco_d2.evaluation.knn import build_probe_split
+    from soco_d2.evaluation.probe import probe_backbones
+
+    split = build_probe_split(str(probe))
+    b = load_probe_backbone(random_init=True, depth=18, seed=0)
+    with pytest.raises(ValueError, match="bn_stats must be one of"):
+        probe_backbones([b], split, 32, bn_stats="running")
+    (r,) = probe_backbones([b], split, 32, k=3, bn_stats="train")
+    assert r["knn_top1"] == rows["train"]["knn_top1"]
+    assert float(b.model.bn1.running_var.sub(1).abs().max()) > 1e-3  # the statistics changed
 
 
 def test_cli_bad_input(tmp_path, capsys):
