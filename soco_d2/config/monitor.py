@@ -23,6 +23,12 @@ def add_monitor_config(cfg: CN) -> None:
     cfg.MONITOR.KNN.K = 20
     cfg.MONITOR.KNN.TEMPERATURE = 0.07
     cfg.MONITOR.KNN.BATCH_SIZE = 64  # images per forward pass of the probe (per process)
+    # BN running statistics the probe uses: "weights" those the model carries; "train" recomputed
+    # over the probe's training images before each probe (the model's own restored after), so that
+    # every point of the curve, iteration 0 included, is probed with statistics of the same data.
+    # A new network's statistics (mean 0, variance 1) make every BN an identity in evaluation:
+    # with "weights" the iteration-0 probe measures another function than the later ones.
+    cfg.MONITOR.KNN.BN_STATS = "weights"
 
     # Label-free health: RankMe (effective rank) and the per-dimension std of the L2-normalised
     # projector outputs over the last WINDOW rows (embeddings of boxes for SoCo, of images for

@@ -7,7 +7,10 @@
   training device; with several processes each extracts its share of the images and the features
   are gathered. The model runs in eval mode (BN with running statistics, which it does not
   update) under a forked RNG, and every module gets its training flag back afterwards, so the
-  training stream is the same with the monitor on or off. The time of each probe is logged, and a
+  training stream is the same with the monitor on or off. ``BN_STATS "train"`` probes with BN
+  statistics recomputed over the probe's training images (the model's own restored afterwards),
+  so that a random initialisation at iteration 0 is probed as the same kind of function as later
+  points. The time of each probe is logged, and a
   probe slower than the training interval it sits in is a warning with both times.
 * **Health** (``MONITOR.HEALTH``), label-free: RankMe (Garrido et al. 2023: the exponential of the
   entropy of the normalised singular values) and the mean per-dimension std of the L2-normalised
@@ -28,6 +31,7 @@ Models: SoCo and DetCo are recognised by their public modules (``backbone.body``
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -47,6 +51,7 @@ from soco_d2.evaluation.knn import (
     extract_features,
     weighted_knn,
 )
+from soco_d2.evaluation.probe import BN_STATS, bn_statistics_of
 from soco_d2.utils import comm
 
 from .writers import read_metrics
@@ -228,6 +233,8 @@ class Monitors:
                 raise ProbeDataError(
                     f"MONITOR.KNN: K ({k.K}) and BATCH_SIZE ({k.BATCH_SIZE}) must be >= 1, TEMPERATURE "
                     f"({k.TEMPERATURE}) > 0, IMAGE_SIZE ({k.IMAGE_SIZE}) >= 16, PERIOD ({k.PERIOD}) >= 0.")
+            if k.BN_STATS not in BN_STATS:
+                raise ProbeDataError(f"MONITOR.KNN.BN_STATS must be one of {BN_STATS}, got {k.BN_STATS!r}.")
             self.split = build_probe_split(k.TRAIN_ROOT, k.VAL_ROOT, k.VAL_FRACTION,
                                            k.MAX_PER_CLASS, k.SPLIT_SEED)
             logger.info("kNN probe: %s (%s).", self.split.describe(), k.TRAIN_ROOT)
@@ -312,7 +319,10 @@ class Monitors:
         device = self.trainer.device
         devices = [device] if device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+                if k.BN_STATS == "train":
+                    stack.enter_context(bn_statistics_of(model, self._images[0], device, k.BATCH_SIZE,
+                                                         self.features))
                 model.eval()
                 train, train_ok = extract_features(self.features, self._images[0], device, k.BATCH_SIZE)
                 val, val_ok = extract_features(self.features, self._images[1], device, k.BATCH_SIZE)

@@ -16,20 +16,23 @@ weights with the statistics of any data.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torchvision
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from soco_d2.checkpoint.convert import SUPPORTED_DEPTHS, ConversionError, convert_to_torchvision
 
+from ..utils import comm
 from .knn import ProbeImages, ProbeSplit, extract_features, linear_probe, weighted_knn
 
 __all__ = ["ProbeBackbone", "load_probe_backbone", "probe_backbones", "format_probe_table",
-           "recompute_bn_statistics", "BN_STATS"]
+           "recompute_bn_statistics", "bn_statistics_of", "BN_STATS"]
 
 BN_STATS = ("weights", "train")
 
@@ -92,20 +95,29 @@ def _features_fn(net: nn.Module):
 
 @torch.no_grad()
 def recompute_bn_statistics(net: nn.Module, images: ProbeImages, device: torch.device,
-                            batch_size: int = 64) -> int:
+                            batch_size: int = 64, fn: Optional[Callable] = None) -> int:
     """Replace the running mean / variance of every BN layer of ``net`` by the average of their
-    batch statistics over the readable ``images`` (training-mode passes in batches of
-    ``batch_size``, BN momentum None: every batch weighs the same); ``net`` is left in evaluation
-    mode. Returns the number of images used."""
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    batch statistics over the readable ``images`` (training-mode passes of ``fn`` (default: the
+    pooled res5 of a torchvision ResNet ``net``) in batches of ``batch_size``, BN momentum None:
+    every batch weighs the same); ``net`` is left in evaluation mode. BN layers that split their
+    batch (``num_splits``, DetCo's one-process shuffle-BN) run unsplit. With several processes each
+    one uses its share of ``images`` (at least 2 each) and the statistics are averaged over the
+    processes, weighted by their image counts (collective). Returns the number of images used."""
+    bns = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     x = images.images[images.valid]
-    if len(x) < 2:
-        raise ValueError("Recomputing BN statistics needs at least 2 readable training images.")
-    momenta = [m.momentum for m in bns]
+    world = comm.get_world_size()
+    # every process runs the same number of passes (a synchronised BN is a collective)
+    short = float(comm.all_reduce_sum(torch.tensor([float(len(x) < 2)])))
+    if short:
+        where = "" if world == 1 else f" on each of the {world} processes ({int(short)} have fewer)"
+        raise ValueError(f"Recomputing BN statistics needs at least 2 readable training images{where}.")
+    settings = [(m.momentum, getattr(m, "num_splits", None)) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    fn = _features_fn(net)
+        if hasattr(m, "num_splits"):
+            m.num_splits = 1
+    fn = fn or _features_fn(net)
     net.eval()
     for m in bns:
         m.train()
@@ -116,10 +128,35 @@ def recompute_bn_statistics(net: nn.Module, images: ProbeImages, device: torch.d
         for start, end in zip(bounds[:-1], bounds[1:]):
             fn(x[start:end].to(device))
     finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
+        for m, (momentum, splits) in zip(bns, settings):
+            m.momentum = momentum
+            if splits is not None:
+                m.num_splits = splits
         net.eval()
-    return len(x)
+    used = len(x)
+    if world > 1:
+        used = int(comm.all_reduce_sum(torch.tensor([float(len(x))])))
+        for m in bns:
+            for buf in (m.running_mean, m.running_var):
+                buf.copy_(comm.all_reduce_sum(buf * (len(x) / used)))
+    return used
+
+
+@contextlib.contextmanager
+def bn_statistics_of(net: nn.Module, images: ProbeImages, device: torch.device, batch_size: int = 64,
+                     fn: Optional[Callable] = None) -> Iterator[int]:
+    """Inside the block, ``net``'s BN running statistics are those recomputed over ``images``
+    (:func:`recompute_bn_statistics`); its own come back afterwards. Yields the images used."""
+    bns = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+    try:
+        yield recompute_bn_statistics(net, images, device, batch_size, fn)
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(bns, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
 
 
 def probe_backbones(backbones: Sequence[ProbeBackbone], split: ProbeSplit, image_size: int = 224,

@@ -20,7 +20,15 @@ class MonitorToyNet(toy.EngineToyNet):
         return self.online[5]
 
     def probe_features(self, x):
+        if not self.online[1].training:  # the statistics the probe normalises with (BN_STATS)
+            self.probe_bn_means.append(self.online[1].running_mean.clone())
         return {"pool": self.online[:5](x)}
+
+    @property
+    def probe_bn_means(self):
+        if "_probe_bn_means" not in self.__dict__:
+            self.__dict__["_probe_bn_means"] = []
+        return self.__dict__["_probe_bn_means"]
 
 
 def make_labeled_folder(root, classes=("red", "green", "blue"), per_class=6, size=20, seed=0):
@@ -46,19 +54,21 @@ def monitor_overrides(probe_root, **extra):
     return out
 
 
-def train_and_dump(output_dir, dump_path, overrides):
+def train_and_dump(output_dir, dump_path, overrides, sync_batchnorm=True):
     """Train the toy (no input noise) with ``overrides``; rank 0 saves the final state dict and
-    the metrics rows."""
+    the metrics rows, every rank the BN means its probes saw (``dump_path.bn<rank>``)."""
     from soco_d2.engine.trainer import PretrainTrainer
     from soco_d2.utils import comm
 
     cfg = toy.toy_cfg(output_dir, **overrides)
     torch.manual_seed(0)
     model = MonitorToyNet(cfg, noise=0.0)
+    model.sync_batchnorm = sync_batchnorm  # False: per-process BN, as DetCo's shuffle-BN
     trainer = PretrainTrainer(cfg, model=model, dataset=toy.ToyDataset())
     trainer.train()
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    torch.save(model.probe_bn_means, f"{dump_path}.bn{comm.get_rank()}")
     if comm.is_main_process():
-        model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
         with open(os.path.join(output_dir, "metrics.json")) as f:
             rows = [json.loads(line) for line in f]
         torch.save({"state": model.state_dict(), "rows": rows}, dump_path)

@@ -112,6 +112,43 @@ def test_probe_leaves_train_and_eval_flags_as_they_were(tmp_path):
     assert torch.equal(model.online[1].running_mean, mean)  # BN ran with running statistics
 
 
+def test_bn_stats_train_probes_with_statistics_of_the_probe_images(tmp_path):
+    """MONITOR.KNN.BN_STATS train: the probe normalises with statistics recomputed over the probe's
+    training images, the model keeps its own, and the training stream is unchanged."""
+    probe = mtoy.make_labeled_folder(tmp_path / "probe")
+    cfg = toy.toy_cfg(tmp_path / "run", **mtoy.monitor_overrides(probe, **{"MONITOR.KNN.BN_STATS": "train"}))
+    model = mtoy.MonitorToyNet(cfg)
+    trainer = PretrainTrainer(cfg, model=model, dataset=toy.ToyDataset())
+    own = model.online[1].running_mean.clone()
+    trainer.writers = []
+    trainer.monitors.before_train()
+    assert torch.equal(model.online[1].running_mean, own)
+    assert int(model.online[1].num_batches_tracked) == 0
+    # expected: the mean over the probe's training batches (BATCH_SIZE 4) of conv1's batch means
+    images = trainer.monitors._images[0].images
+    mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = model.online[0]((images.float() - mean) / std)
+    bounds = list(range(0, len(images), 4)) + [len(images)]
+    if bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    expected = torch.stack([out[a:b].mean(dim=(0, 2, 3)) for a, b in zip(bounds[:-1], bounds[1:])]).mean(0)
+    assert model.probe_bn_means  # the probe ran in eval mode
+    for seen in model.probe_bn_means:
+        torch.testing.assert_close(seen, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected, own)
+
+    # a whole run: the same weights and statistics as the run with the monitors off
+    on = mtoy.monitor_overrides(probe, **{"SOLVER.MAX_ITER": 4, "MONITOR.KNN.BN_STATS": "train"})
+    _run(tmp_path, "on", on)
+    _run(tmp_path, "off", {"SOLVER.MAX_ITER": 4})
+    a = torch.load(tmp_path / "on" / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "off" / "model_final.pth", weights_only=True)["model"]
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_slow_probe_warns_with_measured_times(tmp_path, soco_log, monkeypatch):
     """The monitor's clock advances 10 s per feature extraction and not at all in training: the
     probe (20 s) is slower than the training since the previous probe (0 s)."""
@@ -160,6 +197,10 @@ def test_bad_probe_settings_fail_before_training(tmp_path):
         PretrainTrainer(cfg, model=mtoy.MonitorToyNet(cfg), dataset=toy.ToyDataset())
     cfg = toy.toy_cfg(tmp_path / "run", **mtoy.monitor_overrides(""))
     with pytest.raises(ProbeDataError, match="MONITOR.KNN.TRAIN_ROOT = '' is not a folder"):
+        PretrainTrainer(cfg, model=mtoy.MonitorToyNet(cfg), dataset=toy.ToyDataset())
+    two = mtoy.make_labeled_folder(tmp_path / "two", classes=("red", "blue"))
+    cfg = toy.toy_cfg(tmp_path / "run", **mtoy.monitor_overrides(two, **{"MONITOR.KNN.BN_STATS": "running"}))
+    with pytest.raises(ProbeDataError, match=r"MONITOR.KNN.BN_STATS must be one of \('weights', 'train'\), got 'running'"):
         PretrainTrainer(cfg, model=mtoy.MonitorToyNet(cfg), dataset=toy.ToyDataset())
 
 
@@ -256,3 +297,21 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     h2 = [r for r in two if "rankme" in r][-1]
     assert h2["rankme"] == pytest.approx(h1["rankme"], rel=1e-3)
     assert h2["emb_std"] == pytest.approx(h1["emb_std"], rel=1e-3)
+
+
+def test_two_gloo_processes_share_recomputed_bn_statistics(tmp_path):
+    """BN_STATS train with two processes and per-process BN (DetCo): each recomputes over its share
+    of the probe images and both probe with the image-weighted average of the two."""
+    from soco_d2.engine.launch import launch
+
+    probe = mtoy.make_labeled_folder(tmp_path / "probe", per_class=5)
+    overrides = mtoy.monitor_overrides(probe, **{"SOLVER.MAX_ITER": 1, "SOLVER.CHECKPOINT_PERIOD": 0,
+                                                 "MONITOR.KNN.PERIOD": 0, "MONITOR.KNN.BN_STATS": "train",
+                                                 "MONITOR.HEALTH.ENABLED": False})
+    dump = str(tmp_path / "two.pt")
+    launch(mtoy.train_and_dump, num_gpus_per_machine=2, backend="gloo",
+           args=(str(tmp_path / "two"), dump, overrides, False))
+    seen = [torch.load(f"{dump}.bn{r}", weights_only=False) for r in (0, 1)]
+    for a, b in ((seen[0][0], seen[1][0]), (seen[0][-1], seen[1][-1])):  # at iteration 0 and 1
+        assert torch.equal(a, b)  # the same statistics on both processes
+    assert float(seen[0][0].abs().max()) > 1e-3  # recomputed, not the initial zeros
