@@ -82,7 +82,7 @@ def _pretrain(args, method: str, seed: int, image_list: str, proposals: str) -> 
         "DATASETS.PRETRAIN.IMAGE_ROOT", image_list, "OUTPUT_DIR", out,
         "MONITOR.KNN.ENABLED", True, "MONITOR.KNN.TRAIN_ROOT", os.path.join(args.data_root, PROBE_FOLDER),
         "MONITOR.KNN.PERIOD", args.probe_period, "MONITOR.KNN.IMAGE_SIZE", args.probe_size,
-        "MONITOR.KNN.MAX_PER_CLASS", args.probe_max_per_class,
+        "MONITOR.KNN.MAX_PER_CLASS", args.probe_max_per_class, "MONITOR.KNN.BN_STATS", args.bn_stats,
     ]
     if method == "soco":
         opts += ["DATASETS.PRETRAIN.PROPOSALS", proposals] + args.soco_opts
@@ -183,6 +183,10 @@ def main(argv=None) -> int:
     p.add_argument("--probe-period", type=int, default=50)
     p.add_argument("--probe-size", type=int, default=64)
     p.add_argument("--probe-max-per-class", type=int, default=0)
+    p.add_argument("--bn-stats", choices=("train", "weights"), default="train",
+                   help="BN statistics of every probe (MONITOR.KNN.BN_STATS): recomputed over the probe's "
+                        "training images (default; iteration 0 is then probed as the same kind of function as "
+                        "later points), or the model's running statistics")
     p.add_argument("--soco-opts", nargs="*", default=[], metavar="KEY VALUE")
     p.add_argument("--detco-opts", nargs="*", default=[], metavar="KEY VALUE")
     p.add_argument("--finetune-iters", type=int, default=0, help="0 skips the fine-tuning stage")

@@ -54,6 +54,8 @@ def test_toy_run_writes_curves_table_and_png(tmp_path, capsys):
     detco = [json.loads(x) for x in (out / "detco_seed1" / "metrics.json").read_text().splitlines()]
     assert any(r.get("chance_level") == pytest.approx(math.log(9)) for r in detco)
     assert any("rankme" in r for r in detco)
+    for run in ("soco_seed0", "detco_seed1"):  # probes with recomputed BN statistics by default
+        assert "BN_STATS: train" in (out / run / "config.yaml").read_text()
     printed = capsys.readouterr().out
     assert "| detco | res5 | 2 |" in printed and "target (> 3 std)" in printed
 
