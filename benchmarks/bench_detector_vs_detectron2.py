@@ -39,7 +39,7 @@ from soco_d2.data.synthetic import make_synthetic_coco  # noqa: E402
 from soco_d2.finetune.coco_data import COCODetection  # noqa: E402
 from soco_d2.finetune.detectors import build_detector, first_label  # noqa: E402
 
-from paired_timing import report, run_alternating  # noqa: E402  (benchmarks/)
+from paired_timing import profile_alternating, report, run_alternating  # noqa: E402  (benchmarks/)
 
 CONFIGS = {  # detector -> (soco_d2 config, detectron2 config, title)
     "mask_rcnn": ("configs/finetune/mask_rcnn_R50_FPN_1x.yaml", "configs/detectron2/mask_rcnn_R50_FPN_1x.yaml",
@@ -56,6 +56,9 @@ def main():
     parser.add_argument("--timed", type=int, default=4)
     parser.add_argument("--size", type=int, default=640)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROUNDS",
+                        help="then profile this many more alternating rounds: own CPU time per operator, "
+                             "side by side")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,7 +116,9 @@ def main():
           f"{torch.get_num_threads()} threads; {args.warmup} warmup + {args.timed} timed rounds")
     with EventStorage(0):  # detectron2's training forward logs into one
         times, cpu = run_alternating(contestants, args.warmup, args.timed)
-    report(times, cpu)
+        report(times, cpu)
+        if args.profile:
+            profile_alternating(contestants, args.profile)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 The two contestants run alternately, the order flipping every round, so that the noise of a
 shared machine hits both alike; the report gives medians (wall and CPU time), every timed value
-and the ratio of the first contestant to the second.
+and the ratio of the first contestant to the second. ``profile_alternating`` runs the same rounds
+under torch's profiler and sums each operator's own CPU time per contestant, to find where a
+ratio comes from.
 """
+import collections
 import statistics
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -41,3 +44,29 @@ def report(times: Dict[str, List[float]], cpu: Dict[str, List[float]]) -> Dict[s
     print(f"\nratio {a} / {b}: medians {med[a] / med[b]:.3f} (wall), {med_cpu[a] / med_cpu[b]:.3f} (CPU); "
           f"geometric mean of the per-round wall ratios {statistics.geometric_mean(paired):.3f}")
     return med
+
+
+def profile_alternating(contestants: Sequence[Tuple[str, Callable[[int], None]]], rounds: int,
+                        top: int = 25) -> Dict[str, Dict[str, float]]:
+    """Run ``rounds`` alternating rounds under ``torch.profiler`` (CPU); print the operators whose
+    own CPU time, summed over the rounds, differs most between the first and the second
+    contestant, and the totals. Returns ``{name: {operator: seconds}}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    totals = {name: collections.Counter() for name, _ in contestants}
+    for r in range(rounds):
+        order = contestants if r % 2 == 0 else contestants[::-1]
+        for name, step in order:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(r)
+            for event in prof.key_averages():
+                totals[name][event.key] += event.self_cpu_time_total / 1e6
+    a, b = [name for name, _ in contestants]
+    ops = sorted(set(totals[a]) | set(totals[b]), key=lambda k: -abs(totals[a][k] - totals[b][k]))
+    print(f"\nown CPU time per operator over {rounds} profiled round(s), largest differences first")
+    print(f"| operator | {a} s | {b} s | {a} - {b} s |\n|---|---|---|---|")
+    for k in ops[:top]:
+        print(f"| {k} | {totals[a][k]:.3f} | {totals[b][k]:.3f} | {totals[a][k] - totals[b][k]:+.3f} |")
+    sa, sb = sum(totals[a].values()), sum(totals[b].values())
+    print(f"| all operators | {sa:.3f} | {sb:.3f} | {sa - sb:+.3f} |")
+    return {name: dict(c) for name, c in totals.items()}

@@ -28,3 +28,26 @@ def test_report_gives_medians_and_the_ratio_of_the_first_to_the_second(capsys):
     out = capsys.readouterr().out
     assert "ratio ours / theirs: medians 0.600 (wall), 0.500 (CPU)" in out
     assert "| ours | 3.000 | 1.000 | 2.00, 3.00, 10.00 |" in out
+
+
+def test_profile_sums_each_operator_per_contestant_and_shows_the_difference(capsys):
+    import torch
+
+    x = torch.randn(64, 64)
+    calls = []
+
+    def plain(r):
+        calls.append(("plain", r))
+        torch.mm(x, x)
+
+    def extra(r):
+        calls.append(("extra", r))
+        torch.mm(x, x)
+        torch.sigmoid(x)
+
+    totals = _module().profile_alternating([("extra", extra), ("plain", plain)], rounds=2, top=10)
+    assert calls == [("extra", 0), ("plain", 0), ("plain", 1), ("extra", 1)]
+    assert totals["extra"]["aten::sigmoid"] > 0 and "aten::sigmoid" not in totals["plain"]
+    assert totals["extra"]["aten::mm"] > 0 and totals["plain"]["aten::mm"] > 0
+    out = capsys.readouterr().out
+    assert "| aten::sigmoid |" in out and "| all operators |" in out
