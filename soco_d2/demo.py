@@ -262,6 +262,9 @@ def _pretrain_config(s: DemoSettings, data: DemoData, proposals: str, iters: int
         cfg.MONITOR.KNN.TRAIN_ROOT, cfg.MONITOR.KNN.VAL_ROOT = probe
         cfg.MONITOR.KNN.PERIOD = max(1, iters // KNN_POINTS)
         cfg.MONITOR.KNN.IMAGE_SIZE = max(16, cfg.INPUT.SOCO.VIEW1_SIZE)  # the scale SoCo trains at
+        # BN statistics of the probe images at every point: iteration 0 is the random init as
+        # the same kind of function as the later points (a new network's BN is an identity)
+        cfg.MONITOR.KNN.BN_STATS = "train"
         cfg.merge_from_list(list(s.pretrain_opts))  # the user's overrides win
     cfg.freeze()
     return cfg

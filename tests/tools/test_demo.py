@@ -88,6 +88,7 @@ def test_demo_end_to_end_on_synthetic_data(tmp_path, keep_threads, backbone_at_s
     # the kNN monitor on the object crops: iteration 0 (random init), then every iteration here
     assert [r["iteration"] for r in pre_rows if "knn_res5_top1" in r] == [0, 1, 2]
     assert set(summary["pretrain"]["knn_top1"]) == {"res5", "box"}
+    assert "BN_STATS: train" in (out / "pretrain" / "config.yaml").read_text()
     assert sorted(os.listdir(out / "probe" / "train")) == ["box", "disc", "triangle"]
     sheet = summary["pretrain"]["view_sheet"]
     assert os.path.basename(os.path.dirname(sheet)) == "views" and os.path.getsize(sheet) > 1000
