@@ -50,15 +50,19 @@ def profile_alternating(contestants: Sequence[Tuple[str, Callable[[int], None]]]
                         top: int = 25) -> Dict[str, Dict[str, float]]:
     """Run ``rounds`` alternating rounds under ``torch.profiler`` (CPU); print the operators whose
     own CPU time, summed over the rounds, differs most between the first and the second
-    contestant, and the totals. Returns ``{name: {operator: seconds}}``."""
+    contestant, the totals, and the process CPU time outside the operators. Returns
+    ``{name: {operator: seconds}}``."""
     from torch.profiler import ProfilerActivity, profile
 
     totals = {name: collections.Counter() for name, _ in contestants}
+    process = {name: 0.0 for name, _ in contestants}
     for r in range(rounds):
         order = contestants if r % 2 == 0 else contestants[::-1]
         for name, step in order:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
+                c = time.process_time()
                 step(r)
+                process[name] += time.process_time() - c
             for event in prof.key_averages():
                 totals[name][event.key] += event.self_cpu_time_total / 1e6
     a, b = [name for name, _ in contestants]
@@ -69,4 +73,7 @@ def profile_alternating(contestants: Sequence[Tuple[str, Callable[[int], None]]]
         print(f"| {k} | {totals[a][k]:.3f} | {totals[b][k]:.3f} | {totals[a][k] - totals[b][k]:+.3f} |")
     sa, sb = sum(totals[a].values()), sum(totals[b].values())
     print(f"| all operators | {sa:.3f} | {sb:.3f} | {sa - sb:+.3f} |")
+    # the process's CPU time the operators do not account for: Python, the framework, the profiler
+    oa, ob = process[a] - sa, process[b] - sb
+    print(f"| process CPU time outside operators | {oa:.3f} | {ob:.3f} | {oa - ob:+.3f} |")
     return {name: dict(c) for name, c in totals.items()}

@@ -51,3 +51,4 @@ def test_profile_sums_each_operator_per_contestant_and_shows_the_difference(caps
     assert totals["extra"]["aten::mm"] > 0 and totals["plain"]["aten::mm"] > 0
     out = capsys.readouterr().out
     assert "| aten::sigmoid |" in out and "| all operators |" in out
+    assert "| process CPU time outside operators |" in out
