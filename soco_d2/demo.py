@@ -299,17 +299,29 @@ def format_knn_curve(curve: Dict[str, Dict[int, float]]) -> str:
     return "\n".join(lines)
 
 
-def knn_verdict(curve: Dict[str, Dict[int, float]]) -> str:
-    """One sentence on what the kNN curve shows (res5 features of the backbone)."""
+def knn_verdict(curve: Dict[str, Dict[int, float]], num_val: int) -> str:
+    """One sentence on what the kNN curve shows (res5 features of the backbone), judged against the
+    sampling noise of ``num_val`` validation images: a gain counts as learning only above two
+    binomial standard errors of the iteration-0 accuracy."""
     c = curve.get("res5") or next(iter(curve.values()))
     first, last = c[min(c)], c[max(c)]
-    if last > first:
+    p = min(max(first / 100.0, 0.0), 1.0)
+    noise = 200.0 * math.sqrt(max(p * (1.0 - p), 0.25 / max(num_val, 1)) / max(num_val, 1))
+    seen = (f"kNN top-1 {first:.1f}% at iteration 0 -> {last:.1f}% at iteration {max(c)}, "
+            f"{num_val} validation images")
+    if last - first > noise:
         return (f"the pretrained backbone separates the object classes better than its random "
-                f"initialisation (kNN top-1 {first:.1f}% at iteration 0 -> {last:.1f}% at "
-                f"iteration {max(c)}), so SoCo learned something from these images")
-    return (f"the pretraining did not improve the kNN probe ({first:.1f}% at iteration 0 -> "
-            f"{last:.1f}% at iteration {max(c)}): at this budget nothing measurable was learned; "
-            f"raise --minutes")
+                f"initialisation ({seen}; the gain is above the {noise:.1f}-point sampling noise), "
+                f"so SoCo learned something from these images")
+    if last > first:
+        return (f"the kNN probe rose ({seen}), but by less than its {noise:.1f}-point sampling noise "
+                f"(two standard errors): this run does not show that SoCo learned; raise --minutes")
+    return (f"the pretraining did not improve the kNN probe ({seen}): at this budget nothing "
+            f"measurable was learned; raise --minutes")
+
+
+def _count_files(folder: str) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))
 
 
 def _register_datasets(data: DemoData) -> Tuple[str, str]:
@@ -589,7 +601,7 @@ def run_demo(settings: DemoSettings, stream: TextIO = None) -> Dict:
         say(f"\nkNN top-1 (%) of the pretrained backbone on object crops (weighted kNN, k = 20), "
             f"by pretraining iteration (0 = random initialisation):\n")
         say(format_knn_curve(curve))
-        say(f"\nWhat this run shows: {knn_verdict(curve)}. What it does not show: how SoCo "
+        say(f"\nWhat this run shows: {knn_verdict(curve, _count_files(probe[1]))}. What it does not show: how SoCo "
             f"transfers; that needs far longer pretraining on far more images.")
     else:
         say("\nWhat this run shows: the whole chain runs on your data. What it does not show: "

@@ -197,10 +197,17 @@ def test_knn_curve_and_the_sentence_that_reads_it():
     assert curve == {"res5": {0: 40.0, 10: 55.5}, "box": {0: 50.0, 10: 49.0}}
     lines = format_knn_curve(curve).splitlines()
     assert lines[0].split() == ["iteration", "0", "10"] and lines[1].split() == ["res5", "40.0", "55.5"]
-    assert "40.0% at iteration 0 -> 55.5% at iteration 10" in knn_verdict(curve)
-    assert "separates the object classes better" in knn_verdict(curve)
+    # 100 validation images at 40%: two standard errors are 200 * sqrt(0.4 * 0.6 / 100) = 9.8 points
+    assert "40.0% at iteration 0 -> 55.5% at iteration 10, 100 validation images" in knn_verdict(curve, 100)
+    assert "separates the object classes better" in knn_verdict(curve, 100)
+    assert "9.8-point sampling noise" in knn_verdict(curve, 100)
+    # the same gain on 30 images (17.9 points of noise) is not evidence
+    small = knn_verdict(curve, 30)
+    assert "does not show that SoCo learned" in small and "17.9-point" in small and "--minutes" in small
+    assert "does not show" in knn_verdict({"res5": {0: 40.0, 10: 49.7}}, 100)
+    assert "separates" in knn_verdict({"res5": {0: 40.0, 10: 49.9}}, 100)
     flat = {"res5": {0: 40.0, 10: 39.0}}
-    assert "did not improve the kNN probe" in knn_verdict(flat) and "--minutes" in knn_verdict(flat)
+    assert "did not improve the kNN probe" in knn_verdict(flat, 100) and "--minutes" in knn_verdict(flat, 100)
 
 
 def test_probe_folders_from_the_jsons(tmp_path):
