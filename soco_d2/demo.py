@@ -601,7 +601,8 @@ def run_demo(settings: DemoSettings, stream: TextIO = None) -> Dict:
         say(f"\nkNN top-1 (%) of the pretrained backbone on object crops (weighted kNN, k = 20), "
             f"by pretraining iteration (0 = random initialisation):\n")
         say(format_knn_curve(curve))
-        say(f"\nWhat this run shows: {knn_verdict(curve, _count_files(probe[1]))}. What it does not show: how SoCo "
+        verdict = knn_verdict(curve, _count_files(probe[1]))
+        say(f"\nWhat this run shows: {verdict}. What it does not show: how SoCo "
             f"transfers; that needs far longer pretraining on far more images.")
     else:
         say("\nWhat this run shows: the whole chain runs on your data. What it does not show: "

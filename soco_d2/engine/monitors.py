@@ -10,8 +10,8 @@
   training stream is the same with the monitor on or off. ``BN_STATS "train"`` probes with BN
   statistics recomputed over the probe's training images (the model's own restored afterwards),
   so that a random initialisation at iteration 0 is probed as the same kind of function as later
-  points. The time of each probe is logged, and a
-  probe slower than the training interval it sits in is a warning with both times.
+  points. The time of each probe is logged, and a probe slower than the training interval it
+  sits in is a warning with both times.
 * **Health** (``MONITOR.HEALTH``), label-free: RankMe (Garrido et al. 2023: the exponential of the
   entropy of the normalised singular values) and the mean per-dimension std of the L2-normalised
   projector outputs over the last ``WINDOW`` rows (gathered over processes). Evenly spread
