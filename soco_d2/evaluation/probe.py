@@ -103,11 +103,11 @@ def recompute_bn_statistics(net: nn.Module, images: ProbeImages, device: torch.d
     batch (``num_splits``, DetCo's one-process shuffle-BN) run unsplit. With several processes each
     one uses its share of ``images`` (at least 2 each) and the statistics are averaged over the
     processes, weighted by their image counts (collective). Returns the number of images used."""
-    bns = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    bns = _tracked_bns(net)
     x = images.images[images.valid]
     world = comm.get_world_size()
     # every process runs the same number of passes (a synchronised BN is a collective)
-    short = float(comm.all_reduce_sum(torch.tensor([float(len(x) < 2)])))
+    short, used = comm.all_reduce_sum(torch.tensor([float(len(x) < 2), float(len(x))])).tolist()
     if short:
         where = "" if world == 1 else f" on each of the {world} processes ({int(short)} have fewer)"
         raise ValueError(f"Recomputing BN statistics needs at least 2 readable training images{where}.")
@@ -133,13 +133,16 @@ def recompute_bn_statistics(net: nn.Module, images: ProbeImages, device: torch.d
             if splits is not None:
                 m.num_splits = splits
         net.eval()
-    used = len(x)
-    if world > 1:
-        used = int(comm.all_reduce_sum(torch.tensor([float(len(x))])))
-        for m in bns:
-            for buf in (m.running_mean, m.running_var):
-                buf.copy_(comm.all_reduce_sum(buf * (len(x) / used)))
-    return used
+    if world > 1 and bns:  # one collective for every layer's mean and variance
+        bufs = [b for m in bns for b in (m.running_mean, m.running_var)]
+        merged = comm.all_reduce_sum(torch.cat(bufs) * (len(x) / used))
+        for b, avg in zip(bufs, merged.split([b.numel() for b in bufs])):
+            b.copy_(avg)
+    return int(used)
+
+
+def _tracked_bns(net: nn.Module) -> List[_BatchNorm]:
+    return [m for m in net.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
 @contextlib.contextmanager
@@ -147,7 +150,7 @@ def bn_statistics_of(net: nn.Module, images: ProbeImages, device: torch.device, 
                      fn: Optional[Callable] = None) -> Iterator[int]:
     """Inside the block, ``net``'s BN running statistics are those recomputed over ``images``
     (:func:`recompute_bn_statistics`); its own come back afterwards. Yields the images used."""
-    bns = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    bns = _tracked_bns(net)
     saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
     try:
         yield recompute_bn_statistics(net, images, device, batch_size, fn)
