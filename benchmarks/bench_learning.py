@@ -21,7 +21,8 @@ reproduction recipes, CPU-sized) with the kNN monitor (k = 20, T = 0.07) at iter
 model's own random init), every ``--probe-period`` iterations and at the end. The table gives
 mean and std over seeds at each probe point; the target (per method) is a final kNN top-1 above
 the iteration-0 value by more than 3 x the std over seeds. Writes ``OUTPUT_DIR/summary.json``,
-``OUTPUT_DIR/learning_curves.png`` and prints a Markdown table.
+``OUTPUT_DIR/learning_curves.png`` and prints a Markdown table, with how far each run moved the
+backbone's weights (relative change per stage from its initialisation).
 """
 import argparse
 import json
@@ -38,6 +39,7 @@ CONFIGS = {"soco": os.path.join(REPO, "configs", "benchmark", "soco_r18_learning
 FINETUNE_CONFIG = os.path.join(REPO, "configs", "finetune", "mask_rcnn_R18_FPN_pennfudan_cpu.yaml")
 PRETRAIN_FOLDERS = ("coco_mini/train2017", "coco_mini/val2017", "pennfudan/PNGImages", "caltech101_subset")
 PROBE_FOLDER = "caltech101_subset"
+STAGES = ("stem", "res2", "res3", "res4", "res5")
 
 
 def _pretrain_list(data_root: str, out: str) -> str:
@@ -101,6 +103,34 @@ def _knn_curve(run_dir: str, key: str):
     from soco_d2.engine.writers import read_metrics
 
     return {r["iteration"]: r[key] for r in read_metrics(os.path.join(run_dir, "metrics.json")) if key in r}
+
+
+def _weight_change(run_dir: str) -> dict:
+    """How far pretraining moved the online ResNet: per stage (stem, res2-res5), the relative L2
+    change ||W_final - W_init|| / ||W_init|| over its convolution weights. The initialisation is
+    rebuilt from the run's ``config.yaml`` and ``SEED``, as the trainer built it (one process:
+    the seed of rank 0). A wrong rebuild shows as a change near sqrt(2), two independent inits."""
+    import torch
+
+    import soco_d2.modeling  # noqa: F401  (registers the meta-architectures)
+    from soco_d2.checkpoint import convert_to_d2
+    from soco_d2.config import load_config
+    from soco_d2.engine.trainer import seed_all
+    from soco_d2.modeling import build_model
+
+    cfg = load_config(os.path.join(run_dir, "config.yaml"), [])
+    seed_all(cfg.SEED)
+    init, _ = convert_to_d2(build_model(cfg).state_dict(), parts=("backbone",))
+    final, _ = convert_to_d2(os.path.join(run_dir, "model_final.pth"), parts=("backbone",))
+    sums = {}
+    for name, w0 in init.items():
+        if w0.ndim < 4:  # convolution kernels only; BN parameters have their own (plain SGD) steps
+            continue
+        w0, w1 = torch.as_tensor(w0, dtype=torch.float64), torch.as_tensor(final[name], dtype=torch.float64)
+        acc = sums.setdefault(name.split(".")[0], [0.0, 0.0])
+        acc[0] += float((w1 - w0).square().sum())
+        acc[1] += float(w0.square().sum())
+    return {stage: (d / n) ** 0.5 for stage, (d, n) in sums.items()}
 
 
 def _mean_std(values):
@@ -235,6 +265,17 @@ def main(argv=None) -> int:
     png = os.path.join(args.output_dir, "learning_curves.png")
     _plot(curves, png)
     print("\n".join(lines), flush=True)
+
+    # Whether the optimizer moved the backbone at all: a flat kNN curve with weights that barely
+    # changed is a step-size question (e.g. LARS at a small batch), not a failing objective.
+    summary["weight_change"] = {}
+    moved = ["| method | seed | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
+    for (method, seed), run_dir in runs.items():
+        change = _weight_change(run_dir)
+        summary["weight_change"][f"{method}/seed{seed}"] = change
+        moved.append(f"| {method} | {seed} | " + " | ".join(f"{change[s]:.4f}" for s in STAGES) + " |")
+    print("relative change of the backbone's convolution weights, initialisation -> final:", flush=True)
+    print("\n".join(moved), flush=True)
 
     if args.finetune_iters > 0:
         from soco_d2.checkpoint import convert_to_d2, save_d2_pkl

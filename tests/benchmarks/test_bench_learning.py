@@ -51,6 +51,12 @@ def test_toy_run_writes_curves_table_and_png(tmp_path, capsys):
         assert [k for k in rows if k != "target"] == ["0", "1", "2"], key
         assert len(rows["2"]["per_seed"]) == 2 and "met" in rows["target"]
     assert (out / "learning_curves.png").stat().st_size > 10_000
+    # every run moved every stage, by a small step from its own rebuilt initialisation (a wrong
+    # rebuild, an independent init, would be near sqrt(2))
+    assert set(summary["weight_change"]) == {"soco/seed0", "soco/seed1", "detco/seed0", "detco/seed1"}
+    for run, change in summary["weight_change"].items():
+        assert list(change) == ["stem", "res2", "res3", "res4", "res5"], run
+        assert all(0 < v < 0.2 for v in change.values()), (run, change)
     detco = [json.loads(x) for x in (out / "detco_seed1" / "metrics.json").read_text().splitlines()]
     assert any(r.get("chance_level") == pytest.approx(math.log(9)) for r in detco)
     assert any("rankme" in r for r in detco)
@@ -58,6 +64,7 @@ def test_toy_run_writes_curves_table_and_png(tmp_path, capsys):
         assert "BN_STATS: train" in (out / run / "config.yaml").read_text()
     printed = capsys.readouterr().out
     assert "| detco | res5 | 2 |" in printed and "target (> 3 std)" in printed
+    assert "| soco | 1 | " in printed and "initialisation -> final" in printed
 
 
 def test_finished_finetuning_is_reused_unless_its_command_changes(tmp_path, monkeypatch):
