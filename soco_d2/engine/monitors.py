@@ -16,8 +16,11 @@
   entropy of the normalised singular values) and the mean per-dimension std of the L2-normalised
   projector outputs over the last ``WINDOW`` rows (gathered over processes). Evenly spread
   embeddings have std ``1 / sqrt(dim)``; collapsed ones 0. Below ``COLLAPSE_STD_RATIO`` of that, a
-  warning says what to check. For DetCo the chance level of each InfoNCE term, ``ln(Q + 1)``
-  with ``Q = MODEL.DETCO.QUEUE_SIZE`` negatives, is reported beside the losses.
+  warning says what to check; so does a RankMe below ``RANK_DROP_RATIO`` of its highest value in
+  the run (dimensional collapse: the embeddings keep their spread in few directions, which the
+  std does not see; measured in BENCHMARKS.md, "Learning"). For DetCo the chance level of each
+  InfoNCE term, ``ln(Q + 1)`` with ``Q = MODEL.DETCO.QUEUE_SIZE`` negatives, is reported beside
+  the losses.
 
 Everything goes to ``metrics.json``, TensorBoard and the progress line (keys ``knn_<feature>_top1``,
 ``knn_<feature>_top5``, ``knn_time``, ``rankme``, ``emb_std``, ``chance_level``), and
@@ -63,6 +66,7 @@ __all__ = [
     "rankme",
     "embedding_std",
     "collapse_warning",
+    "rank_drop_warning",
     "plot_monitor_curves",
 ]
 
@@ -168,6 +172,21 @@ def collapse_warning(std: float, dim: int, ratio: float, rank: float, iteration:
         "that the views differ (augmentations, crops, proposals).")
 
 
+def rank_drop_warning(rank: float, peak: float, ratio: float, iteration: int) -> Optional[str]:
+    """The warning text when RankMe ``rank`` is below ``ratio`` x ``peak`` (its highest value so
+    far in the run), else None."""
+    if rank >= ratio * peak:
+        return None
+    return (
+        f"Dimensional collapse at iteration {iteration}: RankMe of the projector outputs is "
+        f"{rank:.2f}, below {ratio:g} x {peak:.2f} (its highest value in this run): the embeddings "
+        "use few directions, and the kNN accuracy of such runs falls (MONITOR.HEALTH.RANK_DROP_RATIO "
+        "sets the threshold, 0 turns it off). Check: the learning rate and its scaling with the "
+        "batch size (SOLVER.BASE_LR, BASE_LR_BATCH_SIZE, LARS_TRUST_COEF), the warmup, the EMA "
+        "momentum (MODEL.EMA.BASE_MOMENTUM), and that the views differ (augmentations, crops, "
+        "proposals).")
+
+
 class _EmbeddingWindow:
     """Keeps the last ``rows`` output rows of a module (forward hook, detached, on CPU)."""
 
@@ -225,6 +244,7 @@ class Monitors:
         self._images = None
         self._last_probe_end: Optional[float] = None
         self._last_warned = -10**9
+        self._peak_rank = 0.0
         self.chance_level = None
         self._dim: Optional[int] = None
         m = _unwrap(trainer.model)
@@ -240,9 +260,10 @@ class Monitors:
             logger.info("kNN probe: %s (%s).", self.split.describe(), k.TRAIN_ROOT)
             self.features = probe_feature_fn(m, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
         if self.health_on:
-            if h.WINDOW < 2 or h.PERIOD < 0 or h.COLLAPSE_STD_RATIO < 0:
+            if h.WINDOW < 2 or h.PERIOD < 0 or h.COLLAPSE_STD_RATIO < 0 or not 0 <= h.RANK_DROP_RATIO < 1:
                 raise ValueError(f"MONITOR.HEALTH: WINDOW ({h.WINDOW}) must be >= 2, PERIOD "
-                                 f"({h.PERIOD}) and COLLAPSE_STD_RATIO >= 0.")
+                                 f"({h.PERIOD}) and COLLAPSE_STD_RATIO ({h.COLLAPSE_STD_RATIO}) >= 0, "
+                                 f"RANK_DROP_RATIO ({h.RANK_DROP_RATIO}) in [0, 1).")
             self._window = _EmbeddingWindow(embedding_module(m), h.WINDOW)
             self.health_period = h.PERIOD or cfg.LOG_PERIOD
             queues = getattr(m, "queues_global", None)
@@ -297,8 +318,10 @@ class Monitors:
         self._dim = z.shape[1]
         out["rankme"] = rankme(z)
         out["emb_std"] = embedding_std(z)
-        text = collapse_warning(out["emb_std"], z.shape[1], self.cfg.MONITOR.HEALTH.COLLAPSE_STD_RATIO,
-                                out["rankme"], done)
+        h = self.cfg.MONITOR.HEALTH
+        self._peak_rank = max(self._peak_rank, out["rankme"])
+        text = (collapse_warning(out["emb_std"], z.shape[1], h.COLLAPSE_STD_RATIO, out["rankme"], done)
+                or rank_drop_warning(out["rankme"], self._peak_rank, h.RANK_DROP_RATIO, done))
         # once per ten checks at most, so a collapsed run does not drown its log
         if text and comm.is_main_process() and done - self._last_warned >= 10 * self.health_period:
             self._last_warned = done

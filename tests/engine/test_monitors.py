@@ -12,6 +12,7 @@ import toy_pretrain as toy  # noqa: E402
 from soco_d2.config import get_cfg  # noqa: E402
 from soco_d2.engine.monitors import (  # noqa: E402
     collapse_warning,
+    rank_drop_warning,
     embedding_module,
     embedding_std,
     probe_feature_fn,
@@ -44,6 +45,14 @@ def test_collapse_warning_text():
     assert collapse_warning(0.1, 64, 0.1, 40.0, 7) is None
     text = collapse_warning(0.001, 64, 0.1, 1.2, 7)
     assert "iteration 7" in text and "0.125" in text and "EMA momentum" in text and "predictor" in text
+
+
+def test_rank_drop_warning_text():
+    assert rank_drop_warning(25.0, 100.0, 0.25, 9) is None  # at the threshold: no warning
+    assert rank_drop_warning(30.0, 100.0, 0.0, 9) is None  # off
+    text = rank_drop_warning(24.9, 100.0, 0.25, 9)
+    assert "iteration 9" in text and "24.90" in text and "0.25 x 100.00" in text
+    assert "LARS_TRUST_COEF" in text and "RANK_DROP_RATIO" in text
 
 
 def _run(tmp_path, name, overrides, resume=False, model_cls=mtoy.MonitorToyNet):
@@ -188,6 +197,38 @@ def test_collapse_is_reported(tmp_path, soco_log):
     assert any("Embedding collapse at iteration 2" in m for m in soco_log)
     rows = [r for r in _rows(tmp_path / "run") if "rankme" in r]
     assert rows[-1]["emb_std"] < 1e-6
+
+
+def test_rank_drop_is_reported_and_a_steady_rank_is_not(tmp_path, soco_log):
+    class Narrowing(mtoy.MonitorToyNet):
+        """Full-rank projector outputs for two steps, then only their first coordinate (``calls``:
+        the toy's count of forward calls, one per step)."""
+
+        def __init__(self, cfg, **kw):
+            super().__init__(cfg, **kw)
+            self.projector.register_forward_hook(self._narrow)
+
+        def _narrow(self, module, inputs, output):
+            return output * torch.tensor([1.0, 0.0, 0.0, 0.0]) if self.calls > 2 else output
+
+    overrides = {"MONITOR.HEALTH.ENABLED": True, "MONITOR.HEALTH.PERIOD": 1, "MONITOR.HEALTH.WINDOW": 4,
+                 "MONITOR.HEALTH.RANK_DROP_RATIO": 0.5, "MONITOR.HEALTH.COLLAPSE_STD_RATIO": 0.0,
+                 "SOLVER.MAX_ITER": 4, "SOLVER.BASE_LR": 0.0}
+    _run(tmp_path, "steady", overrides)
+    assert not any("Dimensional collapse" in m for m in soco_log)
+    _run(tmp_path, "narrowing", overrides, model_cls=Narrowing)
+    warned = [m for m in soco_log if "Dimensional collapse" in m]
+    assert len(warned) == 1 and "at iteration 3" in warned[0]  # once: rate-limited
+    ranks = [r["rankme"] for r in _rows(tmp_path / "narrowing") if "rankme" in r]
+    assert ranks[-1] < 0.5 * max(ranks[:2])
+
+
+@pytest.mark.parametrize("key, value", [("WINDOW", 1), ("PERIOD", -1), ("COLLAPSE_STD_RATIO", -0.1),
+                                        ("RANK_DROP_RATIO", 1.0), ("RANK_DROP_RATIO", -0.5)])
+def test_bad_health_settings_fail_before_training(tmp_path, key, value):
+    cfg = toy.toy_cfg(tmp_path / "run", **{"MONITOR.HEALTH.ENABLED": True, f"MONITOR.HEALTH.{key}": value})
+    with pytest.raises(ValueError, match=rf"MONITOR.HEALTH: .*{key} \({value}\)"):
+        PretrainTrainer(cfg, model=mtoy.MonitorToyNet(cfg), dataset=toy.ToyDataset())
 
 
 def test_bad_probe_settings_fail_before_training(tmp_path):
