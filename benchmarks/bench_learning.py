@@ -266,8 +266,8 @@ def main(argv=None) -> int:
     _plot(curves, png)
     print("\n".join(lines), flush=True)
 
-    # Whether the optimizer moved the backbone at all: a flat kNN curve with weights that barely
-    # changed is a step-size question (e.g. LARS at a small batch), not a failing objective.
+    # Whether the optimizer moved the backbone at all, so that a flat kNN curve can be told apart
+    # from weights that barely changed (e.g. LARS at a small batch).
     summary["weight_change"] = {}
     moved = ["| method | seed | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
     for (method, seed), run_dir in runs.items():

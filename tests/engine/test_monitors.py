@@ -12,10 +12,10 @@ import toy_pretrain as toy  # noqa: E402
 from soco_d2.config import get_cfg  # noqa: E402
 from soco_d2.engine.monitors import (  # noqa: E402
     collapse_warning,
-    rank_drop_warning,
     embedding_module,
     embedding_std,
     probe_feature_fn,
+    rank_drop_warning,
     rankme,
 )
 from soco_d2.engine.trainer import PretrainTrainer  # noqa: E402
