@@ -712,12 +712,12 @@ def compare_schedules(args, cfg_file: str) -> Dict:
         fake.encoder_k.w.data.zero_()
         SoCo_FPN._momentum_update_key_encoder(fake)
         m_off.append(1.0 - float(fake.encoder_k.w))
-    # Official: the target used in iteration t is updated at its start with m_off[t]; ours: at
-    # the end of iteration t - 1 with momentum_at(t - 1). Iteration 0 uses the initial copy in both.
-    m_ours_used = [m_sched.momentum_at(t - 1) for t in range(1, max_iter)]
+    # Both move the target at the start of iteration t (the first included) with m(t): the
+    # official m_off[t], ours momentum_at(t). They differ only by the cosine's length (K / max_iter).
+    m_ours_used = [m_sched.momentum_at(t) for t in range(max_iter)]
     n = min(total, max_iter)
     lr_rel = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(lr_off[:n], lr_ours[:n]))
-    m_diff = max(abs(a - b) for a, b in zip(m_off[1:n], m_ours_used[: n - 1]))
+    m_diff = max(abs(a - b) for a, b in zip(m_off[:n], m_ours_used[:n]))
     return {
         "iterations_official": total, "iterations_ours": max_iter,
         "lr_peak_official": max(lr_off), "lr_peak_ours": max(lr_ours),
@@ -725,7 +725,7 @@ def compare_schedules(args, cfg_file: str) -> Dict:
         "lr_first_last_official": [lr_off[0], lr_off[-1]], "lr_first_last_ours": [lr_ours[0], lr_ours[-1]],
         "ema_K_official": fake.K, "ema_max_iter_ours": max_iter,
         "momentum_max_abs_diff": m_diff,
-        "momentum_last_official": m_off[n - 1], "momentum_last_ours": m_ours_used[n - 2],
+        "momentum_last_official": m_off[n - 1], "momentum_last_ours": m_ours_used[n - 1],
     }
 
 

@@ -1,8 +1,10 @@
 """The pretraining loop shared by SoCo and DetCo.
 
-One iteration: set the scheduled learning rate; ``GRAD_ACCUM_STEPS`` micro-batches (forward under
-autocast when AMP is on, backward of the summed ``loss*`` entries; DDP gradient sync only on the
-last one); optional gradient clipping; optimizer step; ``model.momentum_update(m)`` with the
+One iteration ``it``: ``model.momentum_update(m)`` (the target network's EMA step, before the
+forward, as the official SoCo and MoCo code); set the scheduled learning rate;
+``GRAD_ACCUM_STEPS`` micro-batches (forward under autocast when AMP is on, backward of the summed
+``loss*`` entries; DDP gradient sync only on the last one); optional gradient clipping; optimizer
+step. ``m = momentum_at(it)``, iteration ``it``'s value of the
 scheduled EMA momentum. Losses stay on the device and are checked / averaged over processes once
 per log period and before every checkpoint, so the loop does not wait for the GPU each step.
 
@@ -273,6 +275,12 @@ class PretrainTrainer:
     def run_step(self, it: int) -> None:
         cfg, s = self.cfg, self.cfg.SOLVER
         t0 = time.perf_counter()
+        # The official order (SoCo_FPN.forward, MoCo's builder): the target moves by EMA at the
+        # start of every iteration, the first included, with the momentum of that iteration,
+        # m(it), and the online weights of the previous optimizer step. A checkpoint written
+        # after iteration it - 1 holds the target before this update; a resumed run makes it.
+        momentum = self.momentum_schedule.momentum_at(it)
+        _unwrap(self.model).momentum_update(momentum)
         lr = self.lr_schedule.lr_at(it)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -312,8 +320,6 @@ class PretrainTrainer:
             )
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        momentum = self.momentum_schedule.momentum_at(it)
-        _unwrap(self.model).momentum_update(momentum)
         self._record(it, summed, lr, momentum, data_time, time.perf_counter() - t0, skipped, samples)
 
     # ------------------------------------------------------------------ metrics

@@ -31,11 +31,14 @@ class EngineToyNet(nn.Module):
         self.calls = 0
         self.fail_at_call = None  # raise in this forward call (simulated crash)
         self.nan_at_call = None  # return a NaN loss in this forward call
+        self.seen = None  # a list: every forward appends its batch's images
 
     def forward(self, batch):
         call, self.calls = self.calls, self.calls + 1
         if call == self.fail_at_call:
             raise RuntimeError("simulated crash")
+        if self.seen is not None:
+            self.seen.append(batch["image"].clone())
         x = batch["image"].float() / 255.0
         if self.noise:
             x = x + self.noise * torch.randn_like(x)
