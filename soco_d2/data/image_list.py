@@ -23,9 +23,11 @@ valid when the dataset moves to another machine.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
@@ -118,11 +120,25 @@ def _decode_cv2(data: np.ndarray) -> Optional[np.ndarray]:
     return None
 
 
-def _decode_pil(data: np.ndarray) -> np.ndarray:
+@contextlib.contextmanager
+def _bomb_warning_silenced(max_pixels: Optional[int]):
+    """Pillow's ``DecompressionBombWarning`` (above ``Image.MAX_IMAGE_PIXELS``) ignored when our
+    own ``max_pixels`` limit decides (it is checked from the header first); kept without one."""
+    if not max_pixels:
+        yield
+        return
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def _decode_pil(data: np.ndarray, max_pixels: Optional[int] = None) -> np.ndarray:
     """Pillow decode for what OpenCV cannot read; raises on truncated or corrupt data."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data.tobytes())) as image:
+    with _bomb_warning_silenced(max_pixels), Image.open(io.BytesIO(data.tobytes())) as image:
         image.load()  # Pillow refuses truncated files unless ImageFile.LOAD_TRUNCATED_IMAGES
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             return cv2.cvtColor(_to_uint8(np.asarray(image)), cv2.COLOR_GRAY2RGB)
@@ -139,7 +155,7 @@ def _read_header(path: str, data, max_pixels: Optional[int]) -> Optional[Tuple[i
 
     source = io.BytesIO(data.tobytes()) if isinstance(data, np.ndarray) else path
     try:
-        with Image.open(source) as im:
+        with _bomb_warning_silenced(max_pixels), Image.open(source) as im:
             (w, h), mode = im.size, im.mode
     except Image.DecompressionBombError as e:
         # Pillow refuses above 2 * Image.MAX_IMAGE_PIXELS; below our own limit, OpenCV decides.
@@ -200,7 +216,7 @@ def read_image(path, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np
     if image is not None:
         return image
     try:
-        image = _decode_pil(data)
+        image = _decode_pil(data, max_pixels)
     except MemoryError:
         raise UnreadableImageError(path, "out of memory while decoding") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
