@@ -28,6 +28,7 @@ from soco_d2.data.selective_search import (
     check_selective_search_available,
     run_generation,
 )
+from soco_d2.utils.env import log_environment
 
 logger = logging.getLogger("generate_proposals")
 
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
         check_selective_search_available()  # before listing a million images
     except RuntimeError as e:
         parser.error(str(e))
+    log_environment(argv if argv is not None else sys.argv[1:])
     if args.max_boxes is not None and args.max_boxes < 1:
         parser.error("--max-boxes must be >= 1")
     images = list_images(args.images, image_root=args.image_root)

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from soco_d2.data.loader import build_pretrain_loader, usable_num_workers
 from soco_d2.utils import comm
+from soco_d2.utils.env import write_run_record
 
 from .checkpoint import Checkpointer, CheckpointWriteError, atomic_write_text
 from .monitors import Monitors
@@ -106,7 +107,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def setup_run(cfg) -> torch.device:
     """The start of every run (pretraining or fine-tuning) in each process: logging, seeds,
     device (cuDNN autotuning on GPU, torch threads on CPU), the AMP check and, on the main
-    process, ``OUTPUT_DIR/config.yaml``. Returns the device."""
+    process, ``OUTPUT_DIR/config.yaml`` and ``OUTPUT_DIR/env.json`` (see
+    :func:`~soco_d2.utils.env.write_run_record`). Returns the device."""
     setup_logging(cfg.OUTPUT_DIR)
     seed_all(cfg.SEED + comm.get_rank())
     device = resolve_device(cfg.MODEL.DEVICE)
@@ -122,6 +124,7 @@ def setup_run(cfg) -> torch.device:
     if comm.is_main_process():
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+        write_run_record(cfg.OUTPUT_DIR, cfg.dump())  # env.json, logged with the full config
     return device
 
 

@@ -49,6 +49,7 @@ def test_generate_shard_merge_resume(tmp_path):
     assert "cls0/bad.jpg" in r.stderr  # unreadable image logged with its path
     assert "images done: 4" in r.stderr and "unreadable images skipped: 1" in r.stderr
     assert "images/s" in r.stderr and "boxes per image: mean" in r.stderr
+    assert "Environment:" in r.stderr and "torchvision" in r.stderr  # the run's setup on record
     store = ProposalStore.open(full)
     assert store.keys == ["cls0/0.jpg", "cls0/2.jpg", "cls1/1.jpg", "cls1/3.jpg"]
     assert store.image_size("cls1/3.jpg") == (80, 120)
