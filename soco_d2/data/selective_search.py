@@ -250,7 +250,8 @@ def _poll(results, watcher, timeout: float = 1.0):
 
 
 def _process_one(task):
-    """Worker body: (key, path, params) -> (key, boxes uint16 or None, (H, W), error or None)."""
+    """Worker body: (key, path or archive member, params, max_pixels) -> (key, boxes uint16 or
+    None, (H, W), error or None)."""
     key, path, params, max_pixels = task
     try:
         # JPEGs are decoded at a reduced scale (DCT scaling) that keeps at least twice the
@@ -312,7 +313,7 @@ def run_generation(
     summary.images_total = len(shard_ids)
     with PreemptionWatcher() as watcher, ProposalWriter(
             output, chunk_size=chunk_size, resume=resume, metadata=metadata) as writer:
-        tasks = [(images.keys[i], images.path(i), params, max_pixels)
+        tasks = [(images.keys[i], images.source(i), params, max_pixels)
                  for i in shard_ids if images.keys[i] not in writer.done_keys]
         summary.images_skipped = summary.images_total - len(tasks)
         workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks) or 1))
