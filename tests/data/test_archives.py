@@ -210,3 +210,76 @@ def test_proposals_of_an_archive_are_keyed_by_member_name_as_the_folder(packed, 
         assert store.keys == ref.keys
         for k in ref.keys:
             np.testing.assert_array_equal(store.get(k), ref.get(k))
+
+
+# ------------------------------------------------------------------------------------------------
+# Pretraining from archives: the same weights as from the folder, exact resume
+# ------------------------------------------------------------------------------------------------
+
+
+def _register_toy_mapper():
+    import cv2
+    import torch
+
+    from soco_d2.data.registry import MAPPER_REGISTRY
+
+    if "ArchiveToyMapper" in MAPPER_REGISTRY:
+        return
+
+    @MAPPER_REGISTRY.register()
+    class ArchiveToyMapper:
+        """An 8x8 crop of one proposal drawn from the rng (the data path of a SoCo sample)."""
+
+        def __init__(self, cfg):
+            pass
+
+        def __call__(self, image, proposals, rng):
+            x1, y1, x2, y2 = proposals[rng.integers(len(proposals))].astype(int)
+            crop = image[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)]
+            small = cv2.resize(crop, (8, 8), interpolation=cv2.INTER_AREA)
+            return {"image": torch.from_numpy(np.ascontiguousarray(small.transpose(2, 0, 1)))}
+
+
+def _pretrain(source, props, out, fail_at_call=None, resume=False, workers=2):
+    import sys
+
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "engine"))
+    import toy_pretrain as toy
+
+    from soco_d2.engine.trainer import PretrainTrainer
+
+    _register_toy_mapper()
+    cfg = toy.toy_cfg(out, **{"DATALOADER.NUM_WORKERS": workers, "INPUT.MAPPER": "ArchiveToyMapper",
+                              "DATASETS.PRETRAIN.IMAGE_ROOT": source,
+                              "DATASETS.PRETRAIN.PROPOSALS": props})
+    torch.manual_seed(0)
+    model = toy.EngineToyNet(cfg)
+    model.fail_at_call = fail_at_call
+    trainer = PretrainTrainer(cfg, model=model)
+    trainer.resume_or_load(resume)
+    trainer.train()
+    return torch.load(os.path.join(out, "model_final.pth"), weights_only=True)
+
+
+@pytest.mark.slow
+def test_pretraining_from_zip_and_tar_gives_the_folder_weights_and_resumes_exactly(packed, tmp_path):
+    import torch
+
+    folder, zip_path, pattern = packed
+    props = str(tmp_path / "props.socoprop")
+    run_generation(list_images(folder), props, workers=1, progress=False)
+    ref = _pretrain(folder, props, str(tmp_path / "folder"))
+    for name, source in (("zip", zip_path), ("tar", pattern)):
+        got = _pretrain(source, props, str(tmp_path / name))
+        for k, v in ref["model"].items():
+            assert torch.equal(v, got["model"][k]), (name, k)
+        out = str(tmp_path / f"{name}_resumed")
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            _pretrain(source, props, out, fail_at_call=4)  # after the checkpoint at iteration 3
+        assert open(os.path.join(out, "last_checkpoint")).read() == "model_0000003.pth"
+        resumed = _pretrain(source, props, out, resume=True)
+        assert resumed["iteration"] == ref["iteration"] == 6
+        for k, v in ref["model"].items():
+            assert torch.equal(v, resumed["model"][k]), (name, "resumed", k)
