@@ -459,7 +459,8 @@ def list_images(source, image_root: Optional[str] = None, check_exists: bool = T
         images = _list_file(source, check_exists)
     else:
         raise ValueError(
-            f"image source {source!r} is neither a folder, a .txt list file nor a COCO .json file"
+            f"image source {source!r} is neither a folder, a .txt list file, a COCO .json file, a "
+            ".zip (with its _map.txt) nor .tar shards"
         )
     if len(images) == 0:
         raise ValueError(
