@@ -36,6 +36,7 @@ from soco_d2.engine.trainer import save_checkpoint, setup_run, stop_for_preempti
 from soco_d2.engine.writers import ConsolePrinter, build_writers, writers_state
 from soco_d2.evaluation.coco_evaluation import (
     COCOEvaluator,
+    check_coco_eval_backend,
     flatten_results,
     inference_on_dataset,
 )
@@ -317,6 +318,7 @@ class FinetuneTrainer:
             raise ValueError("SOLVER.GRAD_ACCUM_STEPS must be 1 for fine-tuning; scale "
                              "SOLVER.IMS_PER_BATCH (the learning rate follows linearly).")
         self.device = setup_run(cfg)
+        check_coco_eval_backend(cfg.TEST.COCO_EVAL_BACKEND)  # at start, not after training
 
         self.model = model if model is not None else build_detector(cfg, self.device)
         self.amp_dtype = (torch.bfloat16 if s.AMP.DTYPE == "bfloat16" else torch.float16) \
@@ -542,7 +544,8 @@ class FinetuneTrainer:
         for name in cfg.DATASETS.TEST:
             dataset = build_dataset(cfg, name, False, first_label(cfg))
             evaluator = COCOEvaluator(
-                dataset, tasks=("bbox", "segm") if _has_masks(model) else ("bbox",))
+                dataset, tasks=("bbox", "segm") if _has_masks(model) else ("bbox",),
+                backend=cfg.TEST.COCO_EVAL_BACKEND)
             results[name] = inference_on_dataset(model, build_test_loader(cfg, dataset),
                                                  evaluator, self.device, self.amp_dtype)
         if len(results) == 1:

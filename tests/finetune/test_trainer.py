@@ -316,3 +316,14 @@ def test_wandb_scalars_and_resume_continue_the_same_run(tiny_coco, tiny_override
     run(2, True)
     assert len(runs) == 2 and runs[1].kwargs["id"] == runs[0].kwargs["id"]
     assert runs[1].rows[0][0] == 2 and "total_loss" in runs[1].rows[0][1]
+
+
+def test_coco_eval_backend_checked_before_training(tiny_coco, tiny_overrides, tmp_path, monkeypatch):
+    import sys
+
+    json_file, _ = tiny_coco
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # not installed
+    cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, tmp_path / "o") + [
+        "TEST.COCO_EVAL_BACKEND", "faster_coco_eval"])
+    with pytest.raises(RuntimeError, match="faster-coco-eval"):
+        FinetuneTrainer(cfg)
