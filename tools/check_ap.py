@@ -8,7 +8,9 @@ Examples:
   python tools/check_ap.py output/retina --reference detco_200ep_retinanet_1x --tolerance 0.5
 
 Reads the last evaluation results of OUTPUT_DIR/metrics.json and prints reported, measured and
-delta per metric. Exit status: 0 when every metric is at most --tolerance AP below the reported
+delta per metric, after where the run's weights came from (the pretrained MODEL.WEIGHTS of its
+config.yaml and its last checkpoint: path, size, modification time, sha256 prefix) and the code
+it ran (env.json). Exit status: 0 when every metric is at most --tolerance AP below the reported
 value, 1 when one falls short (or is missing), 2 for unusable input (no metrics file, no
 evaluation results, unknown reference).
 """
@@ -27,6 +29,38 @@ from soco_d2.evaluation.reported_ap import (  # noqa: E402
     get_reference,
     read_eval_metrics,
 )
+from soco_d2.utils.env import file_provenance  # noqa: E402
+
+
+def describe_run_weights(output_dir: str) -> list:
+    """Lines naming the weights a run started from and ended with, and its code's commit."""
+    import json
+
+    import yaml
+
+    run_dir = output_dir if os.path.isdir(output_dir) else os.path.dirname(os.path.abspath(output_dir))
+    lines = []
+    config = os.path.join(run_dir, "config.yaml")
+    if os.path.isfile(config):
+        with open(config) as f:
+            weights = ((yaml.safe_load(f) or {}).get("MODEL") or {}).get("WEIGHTS", "")
+        if weights:
+            lines.append(f"pretrained weights (MODEL.WEIGHTS): {file_provenance(weights)}")
+        else:
+            lines.append("pretrained weights (MODEL.WEIGHTS): none (random initialisation)")
+    last = os.path.join(run_dir, "last_checkpoint")
+    if os.path.isfile(last):
+        with open(last) as f:
+            name = f.read().strip()
+        lines.append(f"evaluated checkpoint: {file_provenance(os.path.join(run_dir, name))}")
+    env_file = os.path.join(run_dir, "env.json")
+    if os.path.isfile(env_file):
+        with open(env_file) as f:
+            pkg = json.load(f).get("soco_d2", {})
+        commit = pkg.get("commit") or f"unknown ({pkg.get('reason', '?')})"
+        lines.append(f"code: soco_d2 {pkg.get('version', '?')} at git {commit}"
+                     f"{' (dirty)' if pkg.get('dirty') else ''}")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +101,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     comparison = compare_to_reference(measured, args.reference, args.tolerance)
+    for line in describe_run_weights(args.output_dir):
+        print(line)
     print(f"evaluation at iteration {iteration}")
     print(format_comparison(comparison))
     return 0 if comparison.passed else 1

@@ -22,7 +22,13 @@ import sys
 
 from soco_d2.data.image_list import DEFAULT_MAX_IMAGE_PIXELS, list_images
 from soco_d2.data.proposals import ProposalStore, merge_proposals
-from soco_d2.data.selective_search import DEFAULT_MAX_SIZE, SS_MODES, run_generation
+from soco_d2.data.selective_search import (
+    DEFAULT_MAX_SIZE,
+    SS_MODES,
+    check_selective_search_available,
+    run_generation,
+)
+from soco_d2.utils.env import log_environment
 
 logger = logging.getLogger("generate_proposals")
 
@@ -79,6 +85,11 @@ def main(argv=None) -> int:
         return 0
     if not args.images or not args.output:
         parser.error("--images and --output are required (or use --merge)")
+    try:
+        check_selective_search_available()  # before listing a million images
+    except RuntimeError as e:
+        parser.error(str(e))
+    log_environment(argv if argv is not None else sys.argv[1:])
     if args.max_boxes is not None and args.max_boxes < 1:
         parser.error("--max-boxes must be >= 1")
     images = list_images(args.images, image_root=args.image_root)

@@ -33,10 +33,9 @@ def main(args):
 
 
 def cli(argv=None):
-    parser = default_argument_parser()
+    # No --eval-only: pretraining has no evaluation of its own (transfer: tools/train_net.py).
+    parser = default_argument_parser(eval_only=False)
     args = parser.parse_args(argv)
-    if args.eval_only:
-        parser.error("pretraining has no evaluation; evaluate transfer with tools/train_net.py")
     cfg = load_config(args.config_file, args.opts)  # fail early, before starting processes
     if cfg.MODEL.DETECTRON2.CONFIG_FILE:
         # D2SoCo / D2DetCo: fails at once without detectron2 (with the install instructions) or

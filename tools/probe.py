@@ -39,6 +39,7 @@ from soco_d2.evaluation.probe import (  # noqa: E402
     load_probe_backbone,
     probe_backbones,
 )
+from soco_d2.utils.env import collect_env, file_provenance, format_env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     try:
         split = build_probe_split(args.train_root, args.val_root, args.val_fraction,
                                   args.max_per_class, args.split_seed, names=("--train-root", "--val-root", "--val-fraction"))
+        print(format_env(collect_env()))
         print(f"probe data: {split.describe()}")
         backbones = [load_probe_backbone(f, args.depth, branch=args.branch, trust=args.trust_checkpoint)
                      for f in args.weights]
@@ -91,8 +93,10 @@ def main(argv=None) -> int:
     except (ProbeDataError, ConversionError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for b in backbones:
+    for i, b in enumerate(backbones):
         print(f"{b.name}: ResNet-{b.depth}, {b.description}")
+        if i < len(args.weights):
+            print(f"  from {file_provenance(args.weights[i])}")
     results = probe_backbones(backbones, split, args.image_size, args.k, args.temperature,
                               args.linear, args.batch_size, args.device, args.bn_stats)
     print(format_probe_table(results))

@@ -141,3 +141,17 @@ _C.LOG_PERIOD = 20
 # On SIGTERM / SIGUSR1 the run saves a checkpoint and exits with code 75; with this, the main
 # process also runs `scontrol requeue $SLURM_JOB_ID` first (docs/TRAINING.md).
 _C.REQUEUE_ON_PREEMPTION = False
+
+# ---------------------------------------------------------------------------------------------
+# Weights & Biases (optional: pip install -e ".[wandb]"; docs/TRAINING.md)
+# ---------------------------------------------------------------------------------------------
+_C.WANDB = CN()
+# Log the scalars of metrics.json / TensorBoard, the config and the monitor PNGs to W&B.
+_C.WANDB.ENABLED = False
+_C.WANDB.PROJECT = "soco_d2"
+_C.WANDB.ENTITY = ""  # "" = the default entity of the W&B login
+_C.WANDB.NAME = ""  # "" = the last folder of OUTPUT_DIR
+_C.WANDB.GROUP = ""
+_C.WANDB.TAGS = ()
+# "online", or "offline" (written under OUTPUT_DIR/wandb, upload later with `wandb sync`).
+_C.WANDB.MODE = "online"

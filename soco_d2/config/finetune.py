@@ -123,6 +123,9 @@ def add_finetune_config(cfg: CN) -> None:
     cfg.TEST.EVAL_PERIOD = 0
     cfg.TEST.DETECTIONS_PER_IMAGE = 100
     cfg.TEST.IMS_PER_BATCH = 1  # images per process at inference
+    # "pycocotools", or "faster_coco_eval" (pip install -e ".[faster-coco-eval]"): the same AP,
+    # computed faster (BENCHMARKS.md, COCO evaluation).
+    cfg.TEST.COCO_EVAL_BACKEND = "pycocotools"
     # Re-estimate BN statistics on NUM_ITER training batches before each evaluation
     # (fvcore's precise BN), as the SoCo / MoCo fine-tuning recipes do.
     cfg.TEST.PRECISE_BN = CN()

@@ -134,7 +134,7 @@ class PretrainDataset(Dataset):
             if self._unreadable[i]:
                 continue
             try:
-                image = read_image(self.images.path(i), self.max_image_pixels)
+                image = read_image(self.images.source(i), self.max_image_pixels)
             except UnreadableImageError as e:
                 self._unreadable[i] = 1
                 logger.warning("Skipping unreadable image %s: %s (not read again in this run)",
@@ -295,7 +295,7 @@ def drop_unreadable(images: ImageList, store: ProposalStore) -> ImageList:
             f"Every image of {images.root!r} is recorded as unreadable in the proposals file "
             f"{store.path!r} (e.g. {bad[0]!r}: {store.unreadable[bad[0]]}). Check the files.")
     bad = set(bad)
-    return ImageList(images.root, [k for k in images.keys if k not in bad])
+    return images.subset([k for k in images.keys if k not in bad])
 
 
 def build_pretrain_dataset(cfg) -> PretrainDataset:

@@ -9,6 +9,8 @@ An image source is one of
   lines and lines starting with ``#`` are ignored; ImageNet-style ``path<TAB>label`` or
   ``path label`` lines are accepted and the label is ignored (a path containing spaces must then be
   tab-separated from its label);
+* a ``.zip`` with its ``<name>_map.txt``, or tar shards (one ``.tar`` or a glob pattern): see
+  :mod:`soco_d2.data.archives` (keys are the member names);
 * a COCO-format ``.json``: the ``file_name`` of every entry of ``images``, relative to
   ``image_root``. When ``image_root`` is not given it is the folder named after the json's split
   next to the json's folder if that exists (``annotations/instances_train2017.json`` ->
@@ -23,9 +25,11 @@ valid when the dataset moves to another machine.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
@@ -118,11 +122,25 @@ def _decode_cv2(data: np.ndarray) -> Optional[np.ndarray]:
     return None
 
 
-def _decode_pil(data: np.ndarray) -> np.ndarray:
+@contextlib.contextmanager
+def _bomb_warning_silenced(max_pixels: Optional[int]):
+    """Pillow's ``DecompressionBombWarning`` (above ``Image.MAX_IMAGE_PIXELS``) ignored when our
+    own ``max_pixels`` limit decides (it is checked from the header first); kept without one."""
+    if not max_pixels:
+        yield
+        return
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def _decode_pil(data: np.ndarray, max_pixels: Optional[int] = None) -> np.ndarray:
     """Pillow decode for what OpenCV cannot read; raises on truncated or corrupt data."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data.tobytes())) as image:
+    with _bomb_warning_silenced(max_pixels), Image.open(io.BytesIO(data.tobytes())) as image:
         image.load()  # Pillow refuses truncated files unless ImageFile.LOAD_TRUNCATED_IMAGES
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             return cv2.cvtColor(_to_uint8(np.asarray(image)), cv2.COLOR_GRAY2RGB)
@@ -139,7 +157,7 @@ def _read_header(path: str, data, max_pixels: Optional[int]) -> Optional[Tuple[i
 
     source = io.BytesIO(data.tobytes()) if isinstance(data, np.ndarray) else path
     try:
-        with Image.open(source) as im:
+        with _bomb_warning_silenced(max_pixels), Image.open(source) as im:
             (w, h), mode = im.size, im.mode
     except Image.DecompressionBombError as e:
         # Pillow refuses above 2 * Image.MAX_IMAGE_PIXELS; below our own limit, OpenCV decides.
@@ -161,8 +179,22 @@ def _too_large(declared: str, max_pixels: int) -> str:
             "raise the limit if the machine has the memory, or shrink the file")
 
 
-def read_image(path, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Read an image file as an RGB ``uint8`` array of shape (H, W, 3).
+def _source_name(source) -> str:
+    """The path of a file, or ``<archive>@/<member>`` of an archive member (for messages)."""
+    return str(source) if hasattr(source, "read_bytes") and not isinstance(source, os.PathLike) \
+        else os.fspath(source)
+
+
+def _read_source(source) -> np.ndarray:
+    """The bytes of a file path or of an object with ``read_bytes()`` (an archive member)."""
+    if hasattr(source, "read_bytes") and not isinstance(source, os.PathLike):
+        return np.frombuffer(source.read_bytes(), dtype=np.uint8)
+    return np.fromfile(os.fspath(source), dtype=np.uint8)
+
+
+def read_image(source, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read an image file (a path, or an archive member: see :meth:`ImageList.source`) as an RGB
+    ``uint8`` array of shape (H, W, 3).
 
     * grayscale and palette images are expanded to RGB, CMYK is converted to RGB;
     * 16-bit images are scaled to 8 bits (``round(x * 255 / 65535)``), float images from 0..1;
@@ -178,9 +210,9 @@ def read_image(path, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np
 
     OpenCV decodes (fast path); Pillow is the fallback for files OpenCV cannot decode.
     """
-    path = os.fspath(path)
+    path = _source_name(source)
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        data = _read_source(source)
     except OSError as e:
         raise UnreadableImageError(path, e.strerror or str(e)) from None
     except MemoryError:
@@ -200,7 +232,7 @@ def read_image(path, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np
     if image is not None:
         return image
     try:
-        image = _decode_pil(data)
+        image = _decode_pil(data, max_pixels)
     except MemoryError:
         raise UnreadableImageError(path, "out of memory while decoding") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad data
@@ -241,6 +273,15 @@ class ImageList:
         """Absolute path of the i-th image."""
         return os.path.join(self.root, *self.keys[i].split("/"))
 
+    def source(self, i: int):
+        """What :func:`read_image` reads for the i-th image: its path here; an archive member
+        in the image lists of :mod:`soco_d2.data.archives`."""
+        return self.path(i)
+
+    def subset(self, keys: Sequence[str]) -> "ImageList":
+        """The same kind of list, of ``keys`` only."""
+        return ImageList(self.root, keys)
+
     def index_of(self, key: str) -> int:
         index = self._lookup().get(key)
         if index is None:
@@ -274,16 +315,19 @@ def read_image_reduced(path, min_long_side: Optional[int],
     RGB / grayscale (CMYK) and anything that fails this way are read in full with
     :func:`read_image`, whose errors (:class:`UnreadableImageError`) and pixel limit apply.
     """
-    path = os.fspath(path)
-    if min_long_side and path.lower().endswith((".jpg", ".jpeg")):
+    name = _source_name(path)
+    if min_long_side and name.lower().endswith((".jpg", ".jpeg")):
+        try:
+            data = _read_source(path)
+        except (OSError, MemoryError):  # the full read below reports what is wrong
+            data = None
         header = None
-        if os.path.isfile(path) and os.path.getsize(path) > 0:
-            header = _read_header(path, None, max_pixels)  # reads the header only
+        if data is not None and data.size > 0:
+            header = _read_header(name, data, max_pixels)  # decodes no pixel
         h, w, mode = header or (0, 0, "")
         for factor, flag in _REDUCED_FLAGS:
             if mode in ("RGB", "L") and -(-max(h, w) // factor) >= min_long_side:
                 try:
-                    data = np.fromfile(path, np.uint8)
                     img = cv2.imdecode(data, flag | cv2.IMREAD_IGNORE_ORIENTATION)
                 except Exception:  # the full read below reports what is wrong with the file
                     img = None
@@ -387,12 +431,16 @@ def resolve_image_source(source) -> str:
 
 
 def list_images(source, image_root: Optional[str] = None, check_exists: bool = True) -> ImageList:
-    """List the images of ``source`` (folder, ``.txt`` list file, COCO ``.json`` or builtin name;
-    see module doc).
+    """List the images of ``source`` (folder, ``.txt`` list file, COCO ``.json``, builtin name,
+    or a ``.zip`` / ``.tar`` archive source of :mod:`soco_d2.data.archives`; see module doc).
 
     ``image_root`` applies to COCO json sources only. ``check_exists`` verifies that every image
     named by a list file or json exists (one ``stat`` per image).
     """
+    from .archives import archive_kind, list_archive  # archives build on this module
+
+    if archive_kind(source):
+        return list_archive(os.fspath(source))
     name, source = os.fspath(source), resolve_image_source(source)
     if not os.path.exists(source):
         if name != source:
@@ -411,7 +459,8 @@ def list_images(source, image_root: Optional[str] = None, check_exists: bool = T
         images = _list_file(source, check_exists)
     else:
         raise ValueError(
-            f"image source {source!r} is neither a folder, a .txt list file nor a COCO .json file"
+            f"image source {source!r} is neither a folder, a .txt list file, a COCO .json file, a "
+            ".zip (with its _map.txt) nor .tar shards"
         )
     if len(images) == 0:
         raise ValueError(

@@ -42,12 +42,26 @@ __all__ = [
     "generate_proposals",
     "GenerationSummary",
     "run_generation",
+    "check_selective_search_available",
 ]
 
 SS_MODES = ("fast", "quality", "single")
 # Longest side of the copy selective search runs on; chosen from benchmarks/bench_proposals.py
 # (see BENCHMARKS.md, "Proposals").
 DEFAULT_MAX_SIZE = 128
+
+
+def check_selective_search_available() -> None:
+    """Raise a ``RuntimeError`` with the fix when this OpenCV has no ``cv2.ximgproc`` (the contrib
+    modules): typically a plain ``opencv-python`` installed next to the contrib build shadows it."""
+    if hasattr(cv2, "ximgproc") and hasattr(cv2.ximgproc, "segmentation"):
+        return
+    raise RuntimeError(
+        f"OpenCV {getattr(cv2, '__version__', '?')} (from {getattr(cv2, '__file__', '?')}) has no "
+        "cv2.ximgproc, which selective search needs: it is in the contrib build only. Another "
+        "OpenCV package installed next to it shadows it. Fix: pip uninstall -y opencv-python "
+        "opencv-python-headless opencv-contrib-python opencv-contrib-python-headless && "
+        "pip install opencv-contrib-python-headless")
 
 
 def filter_mask(
@@ -236,7 +250,8 @@ def _poll(results, watcher, timeout: float = 1.0):
 
 
 def _process_one(task):
-    """Worker body: (key, path, params) -> (key, boxes uint16 or None, (H, W), error or None)."""
+    """Worker body: (key, path or archive member, params, max_pixels) -> (key, boxes uint16 or
+    None, (H, W), error or None)."""
     key, path, params, max_pixels = task
     try:
         # JPEGs are decoded at a reduced scale (DCT scaling) that keeps at least twice the
@@ -284,6 +299,7 @@ def run_generation(
 
     from soco_d2.engine.preemption import Preempted, PreemptionWatcher
 
+    check_selective_search_available()
     index, count = shard
     if not (count >= 1 and 0 <= index < count):
         raise ValueError(f"shard {index}/{count} is invalid: need 0 <= I < N")
@@ -297,7 +313,7 @@ def run_generation(
     summary.images_total = len(shard_ids)
     with PreemptionWatcher() as watcher, ProposalWriter(
             output, chunk_size=chunk_size, resume=resume, metadata=metadata) as writer:
-        tasks = [(images.keys[i], images.path(i), params, max_pixels)
+        tasks = [(images.keys[i], images.source(i), params, max_pixels)
                  for i in shard_ids if images.keys[i] not in writer.done_keys]
         summary.images_skipped = summary.images_total - len(tasks)
         workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks) or 1))

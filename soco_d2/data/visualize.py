@@ -223,7 +223,7 @@ def write_view_sheets(cfg, image_source: str, output_dir: str, num_images: int =
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for n, i in enumerate(order):
-        image = read_image(images.path(int(i)))
+        image = read_image(images.source(int(i)))
         key = images.keys[int(i)]
         r = np.random.default_rng([seed, int(i)])
         if detco:

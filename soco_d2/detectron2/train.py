@@ -46,6 +46,7 @@ from detectron2.utils.logger import setup_logger
 from soco_d2.engine.sync_bn import sync_batchnorm_to_gloo
 from soco_d2.finetune.coco_data import get_dataset_paths
 from soco_d2.utils import comm
+from soco_d2.utils.env import write_run_record
 
 from .config import merge_d2_config
 
@@ -251,7 +252,9 @@ def finetune_main(args):
     _ensure_local_group()
     cfg = setup_finetune_cfg(args.config_file, args.opts, comm.get_world_size(), log_dir=True)
     register_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-    default_setup(cfg, args)
+    default_setup(cfg, args)  # logs detectron2's environment and the config
+    if comm.is_main_process():
+        write_run_record(cfg.OUTPUT_DIR)  # env.json beside config.yaml, with the git commit
     if args.eval_only:
         model = D2Trainer.build_model(cfg)
         checkpointer = _CheckedCheckpointer(model, save_dir=cfg.OUTPUT_DIR)

@@ -19,9 +19,10 @@ class _ArgumentParser(argparse.ArgumentParser):
         return namespace, extra
 
 
-def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
+def default_argument_parser(epilog: str = None, eval_only: bool = True) -> argparse.ArgumentParser:
     """``--config-file``, ``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``,
-    ``--resume``, ``--eval-only`` and trailing ``KEY VALUE`` config overrides."""
+    ``--resume``, ``--eval-only`` (only with ``eval_only``: tools that can evaluate a model) and
+    trailing ``KEY VALUE`` config overrides."""
     prog = sys.argv[0]
     if epilog is None:
         epilog = f"""
@@ -50,7 +51,8 @@ On a machine without GPUs (MODEL.DEVICE cpu), --num-gpus N starts N CPU processe
         action="store_true",
         help="resume from OUTPUT_DIR/last_checkpoint if it exists (otherwise start fresh)",
     )
-    parser.add_argument("--eval-only", action="store_true", help="perform evaluation only")
+    if eval_only:
+        parser.add_argument("--eval-only", action="store_true", help="perform evaluation only")
     parser.add_argument(
         "--num-gpus", type=int, default=1, help="processes per machine (one per GPU; CPU processes on CPU)"
     )

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from soco_d2.data.loader import build_pretrain_loader, usable_num_workers
 from soco_d2.utils import comm
+from soco_d2.utils.env import write_run_record
 
 from .checkpoint import Checkpointer, CheckpointWriteError, atomic_write_text
 from .monitors import Monitors
@@ -36,7 +37,7 @@ from .preemption import Preempted, PreemptionWatcher, explain_worker_death, requ
 from .optimizer import build_optimizer
 from .schedules import build_lr_schedule, build_momentum_schedule, max_iter_from_cfg
 from .sync_bn import convert_sync_batchnorm
-from .writers import build_writers, setup_logging
+from .writers import build_writers, check_writers, setup_logging, writers_state
 
 __all__ = ["PretrainTrainer", "seed_all", "resolve_device", "move_to_device"]
 
@@ -108,8 +109,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def setup_run(cfg) -> torch.device:
     """The start of every run (pretraining or fine-tuning) in each process: logging, seeds,
     device (cuDNN autotuning on GPU, torch threads on CPU), the AMP check and, on the main
-    process, ``OUTPUT_DIR/config.yaml``. Returns the device."""
+    process, ``OUTPUT_DIR/config.yaml`` and ``OUTPUT_DIR/env.json`` (see
+    :func:`~soco_d2.utils.env.write_run_record`). Returns the device."""
     setup_logging(cfg.OUTPUT_DIR)
+    check_writers(cfg)  # an optional writer enabled without its package: fail now, not later
     seed_all(cfg.SEED + comm.get_rank())
     device = resolve_device(cfg.MODEL.DEVICE)
     if device.type == "cuda":
@@ -124,6 +127,7 @@ def setup_run(cfg) -> torch.device:
     if comm.is_main_process():
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+        write_run_record(cfg.OUTPUT_DIR, cfg.dump())  # env.json, logged with the full config
     return device
 
 
@@ -225,6 +229,7 @@ class PretrainTrainer:
         self.start_iter = int(data.get("iteration", 0))
         self.num_skipped_total = int(data.get("num_skipped_total", 0))
         self.num_samples_total = int(data.get("num_samples_total", 0))
+        self._writers_state = data.get("writers", {})  # the W&B run to continue
         images = getattr(self.dataset, "images", None)
         if images is not None and hasattr(self.dataset, "mark_unreadable"):
             known = [images.index_of(k) for k in data.get("unreadable_images", []) if k in images]
@@ -239,7 +244,8 @@ class PretrainTrainer:
         logger.info("Training %d iterations from iteration %d, %d process(es), %d images per step.",
                     self.max_iter, self.start_iter, self.world_size, cfg.SOLVER.IMS_PER_BATCH)
         self._data = build_pretrain_loader(cfg, self.dataset, self.start_iter)
-        self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter)
+        self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter, cfg,
+                                     getattr(self, "_writers_state", {}))
         self.model.train()
         try:
             self.monitors.before_train()
@@ -268,9 +274,9 @@ class PretrainTrainer:
             self._data = None  # stops the loader's worker processes (first: see below)
             # A loader worker that died can still be reported (SIGCHLD) while closing up.
             with explain_worker_death(self.checkpointer.last_checkpoint):
+                self.monitors.close()  # first: the writers upload its plot (W&B)
                 for w in self.writers:
                     w.close()
-                self.monitors.close()
 
     def run_step(self, it: int) -> None:
         cfg, s = self.cfg, self.cfg.SOLVER
@@ -422,4 +428,5 @@ class PretrainTrainer:
         save_checkpoint(self.cfg, self.checkpointer, name, iteration, final=final,
                         num_skipped_total=self.num_skipped_total,
                         num_samples_total=self.num_samples_total,
-                        unreadable_images=unreadable)
+                        unreadable_images=unreadable,
+                        writers=writers_state(getattr(self, "writers", [])))

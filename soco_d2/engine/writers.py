@@ -1,6 +1,9 @@
-"""Training metrics: ``metrics.json``, TensorBoard events and a console progress line.
+"""Training metrics: ``metrics.json``, TensorBoard events, a console progress line and,
+optionally, Weights & Biases.
 
-Only the main process writes. ``iteration`` is the number of finished iterations.
+Only the main process writes. ``iteration`` is the number of finished iterations. A writer has
+``write(iteration, metrics)`` and ``close()``; one that must be continued after a resume (W&B)
+also has ``state_dict()``, kept in the checkpoint (:func:`writers_state`).
 """
 import datetime
 import json
@@ -11,8 +14,8 @@ from typing import Dict, List
 
 from soco_d2.utils import comm
 
-__all__ = ["JSONWriter", "TensorboardWriter", "ConsolePrinter", "build_writers", "setup_logging",
-           "format_progress_line", "read_metrics"]
+__all__ = ["JSONWriter", "TensorboardWriter", "ConsolePrinter", "WandbWriter", "build_writers",
+           "check_writers", "writers_state", "setup_logging", "format_progress_line", "read_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +133,83 @@ class ConsolePrinter:
         pass
 
 
-def build_writers(output_dir: str, max_iter: int) -> List:
-    """Console, ``metrics.json`` and TensorBoard writers on the main process; none elsewhere."""
+_WANDB_MISSING = ("WANDB.ENABLED is True but the wandb package is not installed: install the extra "
+                  "with pip install -e \".[wandb]\" (or pip install wandb), or set WANDB.ENABLED "
+                  "False.")
+
+
+class WandbWriter:
+    """Scalars, the config and, at the end, the PNGs of ``output_dir`` (the monitor curves) to a
+    Weights & Biases run (``WANDB.*``). The run id is kept in the checkpoint
+    (:meth:`state_dict`), so a resumed training continues the same W&B run."""
+
+    def __init__(self, cfg, output_dir: str, run_id: str = ""):
+        import secrets
+
+        import yaml
+
+        check_writers(cfg)
+        import wandb
+
+        w = cfg.WANDB
+        self.run_id = run_id or secrets.token_hex(4)  # W&B ids: letters and digits
+        self.output_dir = output_dir
+        self._wandb = wandb
+        self._last_step = 0
+        self._run = wandb.init(
+            project=w.PROJECT, entity=w.ENTITY or None,
+            name=w.NAME or os.path.basename(os.path.normpath(output_dir)),
+            group=w.GROUP or None, tags=list(w.TAGS) or None, mode=w.MODE,
+            id=self.run_id, resume="allow", dir=output_dir,
+            config=yaml.safe_load(cfg.dump()),
+        )
+        logger.info("W&B run %s (%s mode)%s.", self.run_id, w.MODE,
+                    " continued" if run_id else "")
+
+    def write(self, iteration: int, metrics: Dict[str, float]) -> None:
+        self._run.log(dict(metrics), step=iteration)
+        self._last_step = iteration
+
+    def state_dict(self) -> Dict[str, str]:
+        return {"run_id": self.run_id}
+
+    def close(self) -> None:
+        import glob
+
+        images = {f"monitor/{os.path.splitext(os.path.basename(p))[0]}": self._wandb.Image(p)
+                  for p in sorted(glob.glob(os.path.join(self.output_dir, "*.png")))}
+        if images:
+            self._run.log(images, step=self._last_step)
+        self._run.finish()
+
+
+def check_writers(cfg) -> None:
+    """Raise at start when ``WANDB.ENABLED`` but the wandb package is missing (naming the extra)."""
+    if not cfg.WANDB.ENABLED:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise RuntimeError(_WANDB_MISSING) from None
+    if cfg.WANDB.MODE not in ("online", "offline"):
+        raise ValueError(f"WANDB.MODE must be 'online' or 'offline', got {cfg.WANDB.MODE!r}")
+
+
+def writers_state(writers: List) -> Dict[str, Dict]:
+    """``{writer class name: state}`` of the writers that continue after a resume (checkpoint)."""
+    return {type(w).__name__: w.state_dict() for w in writers if hasattr(w, "state_dict")}
+
+
+def build_writers(output_dir: str, max_iter: int, cfg=None, state: Dict[str, Dict] = None) -> List:
+    """Console, ``metrics.json`` and TensorBoard writers on the main process, and W&B when
+    ``cfg.WANDB.ENABLED`` (continuing the run of ``state``, a checkpoint's
+    :func:`writers_state`); none elsewhere."""
     if not comm.is_main_process():
         return []
     os.makedirs(output_dir, exist_ok=True)
-    return [ConsolePrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
-            TensorboardWriter(output_dir)]
+    writers = [ConsolePrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
+               TensorboardWriter(output_dir)]
+    if cfg is not None and cfg.WANDB.ENABLED:
+        run_id = ((state or {}).get("WandbWriter") or {}).get("run_id", "")
+        writers.append(WandbWriter(cfg, output_dir, run_id))
+    return writers

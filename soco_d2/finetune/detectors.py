@@ -45,11 +45,11 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
-from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from soco_d2.engine.sync_bn import convert_sync_batchnorm
 from soco_d2.finetune.retinanet import ConfigurableRetinaNet, box_regression_loss
 from soco_d2.utils import comm
+from soco_d2.utils.torchvision_internals import convert_to_roi_format, filter_input, setup_scales
 
 __all__ = [
     "DETECTORS",
@@ -165,12 +165,12 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
     torchvision's class always pools with ``aligned=False``)."""
 
     def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
-        x_filtered = _filter_input(x, self.featmap_names)
+        x_filtered = filter_input(x, self.featmap_names)
         if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(
+            self.scales, self.map_levels = setup_scales(
                 x_filtered, image_shapes, self.canonical_scale, self.canonical_level
             )
-        rois = _convert_to_roi_format(boxes)
+        rois = convert_to_roi_format(boxes)
         levels = self.map_levels(boxes)
         first = x_filtered[0]
         result = first.new_zeros((len(rois), first.shape[1]) + tuple(self.output_size))

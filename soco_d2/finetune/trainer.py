@@ -33,9 +33,10 @@ from soco_d2.checkpoint.io import load_checkpoint_file
 from soco_d2.engine.checkpoint import Checkpointer
 from soco_d2.engine.preemption import PreemptionWatcher, explain_worker_death
 from soco_d2.engine.trainer import save_checkpoint, setup_run, stop_for_preemption
-from soco_d2.engine.writers import ConsolePrinter, build_writers
+from soco_d2.engine.writers import ConsolePrinter, build_writers, writers_state
 from soco_d2.evaluation.coco_evaluation import (
     COCOEvaluator,
+    check_coco_eval_backend,
     flatten_results,
     inference_on_dataset,
 )
@@ -317,6 +318,7 @@ class FinetuneTrainer:
             raise ValueError("SOLVER.GRAD_ACCUM_STEPS must be 1 for fine-tuning; scale "
                              "SOLVER.IMS_PER_BATCH (the learning rate follows linearly).")
         self.device = setup_run(cfg)
+        check_coco_eval_backend(cfg.TEST.COCO_EVAL_BACKEND)  # at start, not after training
 
         self.model = model if model is not None else build_detector(cfg, self.device)
         self.amp_dtype = (torch.bfloat16 if s.AMP.DTYPE == "bfloat16" else torch.float16) \
@@ -367,6 +369,7 @@ class FinetuneTrainer:
                 logger.info("Resuming from %s.", path)
                 data = self.checkpointer.load(path)
                 self.start_iter = int(data.get("iteration", 0))
+                self._writers_state = data.get("writers", {})  # the W&B run to continue
                 return
             logger.info("No checkpoint in %s: starting a new run.", self.cfg.OUTPUT_DIR)
         if self.cfg.MODEL.WEIGHTS:
@@ -412,12 +415,13 @@ class FinetuneTrainer:
                     self.start_iter, self.world_size, cfg.SOLVER.IMS_PER_BATCH,
                     self.scheduler.base_lr)
         self._data = build_train_loader(cfg, self.train_dataset, self.start_iter)
-        self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter)
+        self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter, cfg,
+                                     getattr(self, "_writers_state", {}))
         self._reset_window()
         results = {}
         self.model.train()
         save = lambda name, it, final=False: save_checkpoint(  # noqa: E731
-            cfg, self.checkpointer, name, it, final=final)
+            cfg, self.checkpointer, name, it, final=final, writers=writers_state(self.writers))
         try:
             with PreemptionWatcher() as watcher, \
                     explain_worker_death(self.checkpointer.last_checkpoint):
@@ -540,7 +544,8 @@ class FinetuneTrainer:
         for name in cfg.DATASETS.TEST:
             dataset = build_dataset(cfg, name, False, first_label(cfg))
             evaluator = COCOEvaluator(
-                dataset, tasks=("bbox", "segm") if _has_masks(model) else ("bbox",))
+                dataset, tasks=("bbox", "segm") if _has_masks(model) else ("bbox",),
+                backend=cfg.TEST.COCO_EVAL_BACKEND)
             results[name] = inference_on_dataset(model, build_test_loader(cfg, dataset),
                                                  evaluator, self.device, self.amp_dtype)
         if len(results) == 1:
@@ -548,7 +553,7 @@ class FinetuneTrainer:
         if comm.is_main_process():
             flat = flatten_results(results) if len(cfg.DATASETS.TEST) == 1 else {
                 f"{n}/{k}": v for n, r in results.items() for k, v in flatten_results(r).items()}
-            writers = getattr(self, "writers", None) or build_writers(cfg.OUTPUT_DIR, self.max_iter)
+            writers = getattr(self, "writers", None) or build_writers(cfg.OUTPUT_DIR, self.max_iter, cfg)
             for w in writers:
                 if not isinstance(w, ConsolePrinter):
                     w.write(iteration, flat)

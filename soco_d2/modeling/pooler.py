@@ -42,7 +42,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
-from torchvision.ops.poolers import LevelMapper
+
+from soco_d2.utils.torchvision_internals import LevelMapper
 
 LEVEL_ASSIGNMENTS = ("official", "torchvision")
 

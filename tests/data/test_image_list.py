@@ -339,3 +339,28 @@ def test_hostile_folder_reads_good_files_and_reports_bad_ones(tmp_path):
             with pytest.raises(UnreadableImageError) as info:
                 read(tmp_path / name)
             assert info.value.path.endswith(name) and info.value.reason
+
+
+def test_pillow_bomb_warning_silenced_where_our_pixel_limit_decides(tmp_path, monkeypatch):
+    import warnings
+
+    from PIL import Image
+
+    # Pillow warns above MAX_IMAGE_PIXELS (89M by default); lowered so that a small file is "large".
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    rgb = np.full((40, 40, 3), 120, np.uint8)  # 1600 pixels: above Pillow's warning threshold
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    Image.fromarray(rgb).save(tmp_path / "big.jpg")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "big.tif")  # Pillow decodes this one
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for name in ("big.png", "big.tif"):
+            assert read_image(tmp_path / name).shape == (40, 40, 3)
+        assert read_image_reduced(tmp_path / "big.jpg", 10)[1] == (40, 40)
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image(tmp_path / "big.tif").shape == (40, 40, 3)
+    # Without a limit of ours (0), Pillow's own warning is left as it is.
+    with pytest.warns(Image.DecompressionBombWarning):
+        read_image(tmp_path / "big.tif", max_pixels=0)

@@ -76,3 +76,27 @@ def test_prepare_coco_json_checks_counts_and_links(tmp_path, capsys, monkeypatch
     shutil.copytree(moved, other)
     assert tool.main([json_file, "--image-root", str(other), "--link", "mydata"]) == 1
     assert "mydata" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+def test_pack_imagenet_both_ways_lists_the_folder_keys(tmp_path, capsys, fmt):
+    _imagenet(tmp_path, per_class=3)
+    folder = tmp_path / "imagenet" / "train"
+    tool = _script("pack_imagenet")
+    if fmt == "zip":
+        out, source = tmp_path / "train.zip", tmp_path / "train.zip"
+    else:
+        out, source = tmp_path / "shards" / "train", str(tmp_path / "shards" / "train-*.tar")
+    assert tool.main(["--format", fmt, "--images-per-shard", "4", str(folder), str(out)]) == 0
+    assert "6 images" in capsys.readouterr().out
+    assert list_images(source).keys == list_images(folder).keys
+    if fmt == "tar":
+        assert sorted(os.listdir(tmp_path / "shards")) == [
+            "train-000000.tar", "train-000000.tar.index.json", "train-000001.tar",
+            "train-000001.tar.index.json"]
+    else:
+        os.remove(tmp_path / "train_map.txt")
+        assert tool.main(["--write-map", str(out)]) == 0
+        assert (tmp_path / "train_map.txt").read_text().splitlines()[0] == "n01/n01_0.JPEG\t0"
+    with pytest.raises(SystemExit):
+        tool.main(["--format", "zip", str(folder), str(tmp_path / "x.tar")])

@@ -152,6 +152,7 @@ def test_train_net_runs_detectron2_trainer_evaluates_and_check_ap_reads_it(tool,
     _run(tool, config, out, *data, "SOLVER.MAX_ITER", "2")
     log = (out / "log.txt").read_text()
     assert "SyncBN -> BN" in log and "precise" in log.lower()
+    assert json.loads((out / "env.json").read_text())["torch"] == torch.__version__
     state = torch.load(out / "model_final.pth", weights_only=False)["model"]
     assert int(state["backbone.bottom_up.res3.0.conv1.norm.num_batches_tracked"]) > 0
     metrics, iteration = read_eval_metrics(str(out))

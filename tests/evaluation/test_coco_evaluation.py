@@ -190,3 +190,50 @@ def test_inference_on_dataset_skips_unreadable_images(gt_dataset, tmp_path):
 def test_table_lists_every_metric():
     table = format_results_table({"bbox": {k: 1.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}})
     assert "| bbox |" in table and "APl" in table
+
+
+def _bench_coco_eval():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_coco_eval.py")
+    spec = importlib.util.spec_from_file_location("bench_coco_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _assert_same_metrics(results):
+    ref, fast = results["pycocotools"], results["faster_coco_eval"]
+    assert ref.keys() == fast.keys()
+    for task in ref:
+        for k in ref[task]:
+            a, b = ref[task][k], fast[task][k]
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9), (task, k, a, b)
+
+
+def test_faster_coco_eval_gives_pycocotools_ap_on_a_synthetic_json(tmp_path):
+    pytest.importorskip("faster_coco_eval")
+    from soco_d2.data.synthetic import make_synthetic_coco
+
+    json_file, _ = make_synthetic_coco(str(tmp_path), num_images=12, image_size=96, seed=1)
+    results = _bench_coco_eval().evaluate_both(json_file, seed=2, copies=2)
+    _assert_same_metrics(results)
+    assert 5 < results["pycocotools"]["bbox"]["AP"] < 95  # a mix, not a trivial 0 or 100
+    assert "segm" in results["pycocotools"]
+
+
+@pytest.mark.parametrize("json_name", ["pennfudan/annotations/instances_val.json",
+                                       "coco_mini/annotations/instances_val2017.json"])
+def test_faster_coco_eval_gives_pycocotools_ap_on_real_jsons(data_root, json_name):
+    pytest.importorskip("faster_coco_eval")
+    _assert_same_metrics(_bench_coco_eval().evaluate_both(os.path.join(data_root, json_name)))
+
+
+def test_unknown_or_missing_backend_named_at_construction(gt_dataset, monkeypatch):
+    import sys
+
+    with pytest.raises(ValueError, match="TEST.COCO_EVAL_BACKEND 'fast'"):
+        COCOEvaluator(gt_dataset, backend="fast")
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # not installed
+    with pytest.raises(RuntimeError, match=r'pip install -e "\.\[faster-coco-eval\]"'):
+        COCOEvaluator(gt_dataset, backend="faster_coco_eval")

@@ -284,3 +284,46 @@ def test_preemption_signal_checkpoints_and_resume_continues_exactly(tiny_coco, t
     straight = final(tmp_path / "a")
     for k, v in final(tmp_path / "b").items():
         torch.testing.assert_close(v, straight[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_wandb_scalars_and_resume_continue_the_same_run(tiny_coco, tiny_overrides, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    runs = []
+
+    def init(**kwargs):
+        run = types.SimpleNamespace(kwargs=kwargs, rows=[])
+        run.log = lambda data, step=None: run.rows.append((step, dict(data)))
+        run.finish = lambda: None
+        runs.append(run)
+        return run
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Image=str))
+    json_file, _ = tiny_coco
+    out = tmp_path / "run"
+
+    def run(max_iter, resume):
+        cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, out) + [
+            "SOLVER.MAX_ITER", max_iter, "SOLVER.CHECKPOINT_PERIOD", 1, "DATASETS.TEST", "()",
+            "WANDB.ENABLED", True, "WANDB.MODE", "offline"])
+        trainer = FinetuneTrainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+
+    run(1, False)
+    run(2, True)
+    assert len(runs) == 2 and runs[1].kwargs["id"] == runs[0].kwargs["id"]
+    assert runs[1].rows[0][0] == 2 and "total_loss" in runs[1].rows[0][1]
+
+
+def test_coco_eval_backend_checked_before_training(tiny_coco, tiny_overrides, tmp_path, monkeypatch):
+    import sys
+
+    json_file, _ = tiny_coco
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # not installed
+    cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, tmp_path / "o") + [
+        "TEST.COCO_EVAL_BACKEND", "faster_coco_eval"])
+    with pytest.raises(RuntimeError, match="faster-coco-eval"):
+        FinetuneTrainer(cfg)

@@ -78,3 +78,22 @@ def test_cli_subprocess(tmp_path):
                           "--reference", "detco_200ep_retinanet_1x"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "FAIL" in run.stdout
+
+
+def test_prints_where_the_weights_and_code_came_from(tmp_path, capsys):
+    import hashlib
+
+    run = _run_dir(tmp_path, dict(REPORTED[REF].metrics))
+    pretrained = tmp_path / "soco.pkl"
+    pretrained.write_bytes(b"p" * 1000)
+    (run / "config.yaml").write_text(f"MODEL:\n  WEIGHTS: {pretrained}\nSEED: 0\n")
+    (run / "model_final.pth").write_bytes(b"f" * 2000)
+    (run / "last_checkpoint").write_text("model_final.pth")
+    (run / "env.json").write_text(json.dumps({"soco_d2": {"version": "0.1.0", "commit": "abc123", "dirty": True}}))
+    assert _main(run, "--reference", REF) == 0
+    out = capsys.readouterr().out
+    sha = hashlib.sha256(b"p" * 1000).hexdigest()[:12]
+    assert f"pretrained weights (MODEL.WEIGHTS): {pretrained} (0.0 MB, modified " in out
+    assert f"sha256 {sha})" in out
+    assert f"evaluated checkpoint: {run / 'model_final.pth'} (" in out
+    assert "code: soco_d2 0.1.0 at git abc123 (dirty)" in out

@@ -49,6 +49,7 @@ def test_generate_shard_merge_resume(tmp_path):
     assert "cls0/bad.jpg" in r.stderr  # unreadable image logged with its path
     assert "images done: 4" in r.stderr and "unreadable images skipped: 1" in r.stderr
     assert "images/s" in r.stderr and "boxes per image: mean" in r.stderr
+    assert "Environment:" in r.stderr and "torchvision" in r.stderr  # the run's setup on record
     store = ProposalStore.open(full)
     assert store.keys == ["cls0/0.jpg", "cls0/2.jpg", "cls1/1.jpg", "cls1/3.jpg"]
     assert store.image_size("cls1/3.jpg") == (80, 120)
@@ -131,3 +132,24 @@ def test_sigterm_keeps_the_finished_images_and_resume_completes(tmp_path, monkey
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
     assert _main(*args, "--resume") == 0
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_opencv_without_ximgproc_refused_at_start_with_the_fix(tmp_path, monkeypatch, capsys):
+    import types
+
+    import cv2
+
+    import soco_d2.data.selective_search as ss
+
+    plain = types.SimpleNamespace(__version__=cv2.__version__, __file__="site-packages/cv2/__init__.py")
+    monkeypatch.setattr(ss, "cv2", plain)  # a plain opencv-python shadowing the contrib build
+    _images(tmp_path / "imgs")
+    with pytest.raises(SystemExit):
+        _main("--images", tmp_path / "imgs", "--output", tmp_path / "p.socoprop", "--no-progress")
+    err = capsys.readouterr().err
+    assert "cv2.ximgproc" in err
+    assert "pip uninstall" in err and "opencv-python" in err
+    assert "pip install opencv-contrib-python-headless" in err
+    assert not (tmp_path / "p.socoprop").exists()
+    with pytest.raises(RuntimeError, match="cv2.ximgproc"):  # the library entry point too
+        ss.run_generation(ss.ImageList(str(tmp_path), ["x.jpg"]), str(tmp_path / "q.socoprop"))

@@ -41,6 +41,13 @@ def test_cli_rejects_bad_overrides_before_launching(tool, monkeypatch):
         tool.cli(["--eval-only"])
 
 
+def test_help_offers_no_eval_only(tool, capsys):
+    with pytest.raises(SystemExit):
+        tool.cli(["--help"])
+    out = capsys.readouterr().out
+    assert "--resume" in out and "--eval-only" not in out
+
+
 def test_main_builds_resumes_and_trains(tool, monkeypatch):
     import soco_d2.engine.trainer as trainer_mod
 

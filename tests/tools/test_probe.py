@@ -109,6 +109,8 @@ def test_cli_ranks_every_kind_on_a_folder(weights, tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "probe data: 3 classes, 6 train / 6 val images" in text
+    assert f"  from {os.path.abspath(files['pkl'][0])} (" in text and "sha256 " in text
+    assert "torch " + torch.__version__ in text  # the environment
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and rows[-1]["name"] == "random-init R18 seed 0"
     for r in rows:
