@@ -29,6 +29,7 @@ from soco_d2.data.loader import build_pretrain_loader, usable_num_workers
 from soco_d2.utils import comm
 
 from .checkpoint import Checkpointer, CheckpointWriteError, atomic_write_text
+from .launch import cuda_device_index
 from .monitors import Monitors
 from .preemption import Preempted, PreemptionWatcher, explain_worker_death, requeue_slurm_job
 from .optimizer import build_optimizer
@@ -65,7 +66,8 @@ def configure_cpu_threads(num_workers: int, processes_per_machine: int) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``MODEL.DEVICE`` as a device; ``cuda`` becomes this process's GPU (its local rank)."""
+    """``MODEL.DEVICE`` as a device; ``cuda`` becomes this process's GPU
+    (:func:`~soco_d2.engine.launch.cuda_device_index` of its local rank)."""
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -73,7 +75,8 @@ def resolve_device(name: str) -> torch.device:
                 f"MODEL.DEVICE is {name!r} but no CUDA GPU is visible; set MODEL.DEVICE cpu."
             )
         if device.index is None:
-            device = torch.device("cuda", comm.get_local_rank())
+            device = torch.device("cuda", cuda_device_index(comm.get_local_rank(),
+                                                            comm.get_local_world_size()))
     return device
 
 
