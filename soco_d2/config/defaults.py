@@ -128,6 +128,11 @@ _C.SOLVER.ON_CHECKPOINT_ERROR = "continue"
 _C.SOLVER.AMP = CN()
 _C.SOLVER.AMP.ENABLED = False
 _C.SOLVER.AMP.DTYPE = "bfloat16"  # "bfloat16" or "float16" (with a gradient scaler)
+# float16 only: a non-finite loss makes the gradient scaler skip that step and lower the loss
+# scale (as apex O1 does), and training goes on; this many consecutive iterations with a
+# non-finite loss stop the run. Without a scaler (fp32, bfloat16) the step of a non-finite loss
+# was applied to the weights: the first one stops the run.
+_C.SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE = 8
 
 # ---------------------------------------------------------------------------------------------
 # Misc

@@ -37,7 +37,7 @@ from .schedules import build_lr_schedule, build_momentum_schedule, max_iter_from
 from .sync_bn import convert_sync_batchnorm
 from .writers import build_writers, setup_logging
 
-__all__ = ["PretrainTrainer", "seed_all", "resolve_device", "move_to_device"]
+__all__ = ["PretrainTrainer", "seed_all", "resolve_device", "move_to_device", "NonFiniteLossGuard"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,61 @@ def stop_for_preemption(cfg, watcher: PreemptionWatcher, save, done: int, max_it
     raise Preempted(f"preempted after iteration {done}; resume from {path}")
 
 
+class NonFiniteLossGuard:
+    """Stops a run on non-finite losses, read at each metrics flush (no host sync per step).
+
+    Without a gradient scaler (fp32, bfloat16) the step of a non-finite loss was applied to the
+    weights: the first one stops the run. With float16's ``GradScaler`` a non-finite loss makes
+    non-finite gradients; the scaler skips that step and lowers the loss scale (apex O1, which the
+    SoCo recipe reproduces, does the same) and the run continues, until
+    ``SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE`` consecutive iterations had one. (A non-finite loss
+    whose gradients are finite, which the scaler does not skip, leaves the weights finite too.)
+    The count of consecutive iterations carries over from one flush to the next.
+    """
+
+    def __init__(self, cfg, scaler: torch.amp.GradScaler, hint: str):
+        limit = cfg.SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE
+        if int(limit) != limit or limit < 1:
+            raise ValueError(f"SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE must be an integer >= 1 "
+                             f"(got {limit!r}); 1 stops at the first non-finite loss.")
+        self.scaler = scaler
+        self.limit = int(limit) if scaler.is_enabled() else 1
+        self.hint = hint
+        self.run = 0  # consecutive iterations with a non-finite loss, up to the last flush
+
+    def check(self, rows: torch.Tensor, names: List[str], iterations: List[int], max_iter: int,
+              last_checkpoint) -> torch.Tensor:
+        """``rows``: (iterations, len(names)) values on the CPU, averaged over processes;
+        ``iterations``: their 0-based iteration numbers. Raises ``FloatingPointError`` naming
+        the iteration where the limit is reached; else returns the mask of the finite rows (and
+        logs the skipped ones). ``last_checkpoint()``: the path to name in the error."""
+        cols = [i for i, k in enumerate(names) if k.startswith("loss") or k == "total_loss"]
+        finite = torch.isfinite(rows[:, cols]).all(dim=1)
+        for row, ok in enumerate(finite.tolist()):
+            self.run = 0 if ok else self.run + 1
+            if self.run < self.limit:
+                continue
+            terms = ", ".join(f"{names[i]}={rows[row, i].item():.4g}" for i in cols)
+            last = last_checkpoint()
+            streak = ("" if self.limit == 1 else
+                      f" The {self.limit} iterations up to this one all had a non-finite loss "
+                      f"(SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE {self.limit}); the gradient "
+                      f"scaler skipped their steps.")
+            raise FloatingPointError(
+                f"Non-finite loss in iteration {iterations[row] + 1} of {max_iter} (averaged over "
+                f"processes): {terms}.{streak} Stopping; no checkpoint of this state was "
+                f"written, the last good one is {last or 'none (no checkpoint yet)'}. {self.hint}"
+            )
+        if not bool(finite.all()):
+            bad = [iterations[r] + 1 for r in (~finite).nonzero().flatten().tolist()]
+            logger.warning(
+                "Non-finite loss in iteration(s) %s: the float16 gradient scaler skipped those "
+                "steps (loss scale now %g); training continues. %d consecutive iterations with a "
+                "non-finite loss stop the run (SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE).",
+                ", ".join(map(str, bad)), self.scaler.get_scale(), self.limit)
+        return finite
+
+
 class PretrainTrainer:
     """Builds everything from ``cfg`` (or takes ``model`` / ``dataset``) and trains.
 
@@ -206,6 +261,9 @@ class PretrainTrainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=s.AMP.ENABLED and s.AMP.DTYPE == "float16"
         )
+        self.nonfinite = NonFiniteLossGuard(
+            cfg, self.scaler, "Lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRAD_NORM or switch "
+            "SOLVER.AMP.DTYPE.")
         self.checkpointer = Checkpointer(_unwrap(model), cfg.OUTPUT_DIR, self.optimizer,
                                          self.scaler, max_to_keep=s.MAX_TO_KEEP, config=cfg.dump())
         self._unreadable = set()  # indices of images found unreadable by any process
@@ -344,20 +402,8 @@ class PretrainTrainer:
             [sum(w["skipped"] for w in window), sum(w["samples"] for w in window)],
             dtype=torch.float64))
         vecs = vecs.double().cpu()
-        loss_cols = [i for i, k in enumerate(self._loss_names)
-                     if k.startswith("loss") or k == "total_loss"]
-        bad_rows = (~torch.isfinite(vecs[:, loss_cols])).any(dim=1).nonzero().flatten()
-        if len(bad_rows):
-            row = int(bad_rows[0])
-            terms = ", ".join(f"{k}={vecs[row, i].item():.4g}"
-                              for i, k in enumerate(self._loss_names) if i in loss_cols)
-            last = self.checkpointer.last_checkpoint()
-            raise FloatingPointError(
-                f"Non-finite loss in iteration {window[row]['it'] + 1} of {self.max_iter} "
-                f"(averaged over processes): {terms}. Stopping; no checkpoint of this state was "
-                f"written, the last good one is {last or 'none (no checkpoint yet)'}. Lower "
-                f"SOLVER.BASE_LR, enable SOLVER.CLIP_GRAD_NORM or switch SOLVER.AMP.DTYPE."
-            )
+        finite = self.nonfinite.check(vecs, self._loss_names, [w["it"] for w in window],
+                                      self.max_iter, self.checkpointer.last_checkpoint)
         skipped, samples = int(counts[0]), int(counts[1])
         self._sync_unreadable()
         self.num_skipped_total += skipped
@@ -366,8 +412,10 @@ class PretrainTrainer:
         monitored = self.monitors.pop_metrics()
         if not self.writers:
             return
-        mean = vecs.mean(dim=0).tolist()
+        mean = vecs[finite].mean(dim=0).tolist()  # the steps the scaler skipped left out
         metrics = dict(zip(self._loss_names, mean))
+        if not bool(finite.all()):
+            metrics["num_nonfinite"] = int((~finite).sum())
         iter_time = statistics.median(self._iter_times)
         metrics.update(
             lr=window[-1]["lr"],
