@@ -83,6 +83,11 @@ _C.DATASETS.PRETRAIN.MAX_MISSING_PROPOSALS = 0.05
 
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 4
+# Loader workers hand batches over in shared memory (/dev/shm): about batch bytes x workers x 2
+# (prefetch) x processes per machine. A container's default (Docker: 64 MB) is far less; the
+# workers then die with a bus error. Checked before the first step: "error" stops with the
+# bytes needed and the fix (--shm-size / --ipc=host), "warn" logs the same and trains, "off".
+_C.DATALOADER.SHM_CHECK = "error"
 # Stop the run when more than this fraction of the images read so far were unreadable.
 _C.DATALOADER.MAX_BAD_IMAGE_FRACTION = 0.01
 # ... checked once this many images (over all processes) have been read.

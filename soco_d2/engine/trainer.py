@@ -297,13 +297,14 @@ class PretrainTrainer:
         cfg = self.cfg
         logger.info("Training %d iterations from iteration %d, %d process(es), %d images per step.",
                     self.max_iter, self.start_iter, self.world_size, cfg.SOLVER.IMS_PER_BATCH)
-        self._data = build_pretrain_loader(cfg, self.dataset, self.start_iter)
         self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter)
         self.model.train()
         try:
-            self.monitors.before_train()
+            # (the loader's workers start here: a worker that dies at once is explained too)
             with PreemptionWatcher() as watcher, \
                     explain_worker_death(self.checkpointer.last_checkpoint):
+                self._data = build_pretrain_loader(cfg, self.dataset, self.start_iter)
+                self.monitors.before_train()
                 for it in range(self.start_iter, self.max_iter):
                     self.iter = it
                     self.run_step(it)

@@ -416,7 +416,6 @@ class FinetuneTrainer:
                     "images per step, lr %.5g.", cfg.MODEL.DETECTOR, self.max_iter,
                     self.start_iter, self.world_size, cfg.SOLVER.IMS_PER_BATCH,
                     self.scheduler.base_lr)
-        self._data = build_train_loader(cfg, self.train_dataset, self.start_iter)
         self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter)
         self._reset_window()
         results = {}
@@ -426,6 +425,8 @@ class FinetuneTrainer:
         try:
             with PreemptionWatcher() as watcher, \
                     explain_worker_death(self.checkpointer.last_checkpoint):
+                # (the loader's workers start here: a worker that dies at once is explained too)
+                self._data = build_train_loader(cfg, self.train_dataset, self.start_iter)
                 for it in range(self.start_iter, self.max_iter):
                     self.iter = it
                     self.run_step(it)

@@ -1,3 +1,8 @@
+import collections
+
+import pytest
+import torch
+
 from soco_d2.data import loader
 
 
@@ -12,3 +17,57 @@ def test_workers_are_capped_to_the_usable_cores_with_one_log_line(monkeypatch, s
     # Cores are shared by the processes of the machine.
     monkeypatch.setattr(loader.comm, "get_local_world_size", lambda: 2)
     assert loader.usable_num_workers(8) == 1
+
+
+class _Images:
+    """Samples of 3 x 100 x 100 uint8 (30000 bytes), keyed like the pretraining datasets."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, key):
+        index, seed = key
+        return {"image": torch.full((3, 100, 100), index, dtype=torch.uint8), "num_skipped": 0}
+
+
+def _shm_cfg(mode):
+    from soco_d2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.SOLVER.IMS_PER_BATCH = 4
+    cfg.DATALOADER.NUM_WORKERS = 2
+    cfg.DATALOADER.SHM_CHECK = mode
+    return cfg
+
+
+@pytest.fixture
+def small_shm(monkeypatch, tmp_path):
+    """A /dev/shm of 64 MB with 100 kB free; 2 usable cores."""
+    monkeypatch.setattr(loader, "SHM_PATH", str(tmp_path))
+    usage = collections.namedtuple("usage", "total used free")
+    free = {"bytes": 100_000}
+    monkeypatch.setattr(loader.shutil, "disk_usage",
+                        lambda path: usage(64 * 2**20, 64 * 2**20 - free["bytes"], free["bytes"]))
+    monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    return free
+
+
+def test_too_small_shared_memory_is_reported_before_the_first_step(small_shm, soco_log):
+    # 4 images x 30000 bytes x 2 workers x 2 prefetched x 1 process x 1.25 margin
+    with pytest.raises(loader.SharedMemoryTooSmall) as e:
+        loader.build_pretrain_loader(_shm_cfg("error"), _Images())
+    text = str(e.value)
+    assert "need about 600000 bytes" in text and "100000 bytes free" in text
+    assert "--shm-size=1g" in text and "--ipc=host" in text and "bus error" in text
+    assert "DATALOADER.SHM_CHECK warn" in text
+    batches = loader.build_pretrain_loader(_shm_cfg("warn"), _Images())
+    assert next(batches)["image"].shape == (4, 3, 100, 100)
+    del batches
+    assert sum("need about 600000 bytes" in m for m in soco_log) == 1
+    small_shm["bytes"] = 600_000  # enough: no message
+    del soco_log[:]
+    loader.build_pretrain_loader(_shm_cfg("error"), _Images())
+    assert not any("shared memory" in m for m in soco_log)
+    with pytest.raises(ValueError, match="DATALOADER.SHM_CHECK must be one of"):
+        loader.build_pretrain_loader(_shm_cfg("maybe"), _Images())
