@@ -3,7 +3,7 @@ import logging
 import os
 import random
 import shutil
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,24 +29,40 @@ logger = logging.getLogger(__name__)
 _capped_logged = set()
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity), shared by the processes of the machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, comm.get_local_world_size()))
+def _core_share(processes: Optional[int] = None) -> Tuple[int, str]:
+    """(cores this process may use, how that was worked out)."""
+    procs = max(1, comm.get_local_world_size() if processes is None else processes)
+    machine = os.cpu_count() or 1
+    if not hasattr(os, "sched_getaffinity"):
+        return max(1, machine // procs), f"{machine} CPUs shared by {procs} process(es)"
+    affinity = len(os.sched_getaffinity(0))
+    if affinity < machine:
+        return affinity, f"its CPU affinity: {affinity} of the machine's {machine} CPUs"
+    return max(1, affinity // procs), (f"its CPU affinity covers all {machine} CPUs of the "
+                                       f"machine, shared by {procs} process(es)")
+
+
+def usable_cores(processes: Optional[int] = None) -> int:
+    """Cores this process may use. A CPU affinity smaller than the machine is this process's own
+    share (a scheduler that binds each task, e.g. SLURM's ``--cpus-per-task`` with CPU binding,
+    or ``taskset``); an affinity that covers the whole machine is shared by the ``processes`` of
+    the machine (default: the local world size) and divided among them."""
+    return _core_share(processes)[0]
 
 
 def usable_num_workers(requested: int) -> int:
     """``DATALOADER.NUM_WORKERS`` capped to :func:`usable_cores` (more workers than cores only
-    compete for them; torch warns that the loader may freeze). Logs the cap once per process.
-    The data stream does not depend on the number of workers, so capping changes no result."""
+    compete for them; torch warns that the loader may freeze). A cap is logged once per process
+    at WARNING, with the numbers. The data stream does not depend on the number of workers, so
+    capping changes no result."""
     requested = max(0, int(requested))
-    cores = usable_cores()
+    cores, how = _core_share()
     if requested <= cores:
         return requested
     if (requested, cores) not in _capped_logged:
         _capped_logged.add((requested, cores))
-        logger.info("DATALOADER.NUM_WORKERS %d is more than the %d usable core(s) of this process; "
-                    "using %d loader workers.", requested, cores, cores)
+        logger.warning("DATALOADER.NUM_WORKERS %d is more than the %d core(s) this process may "
+                       "use (%s); using %d loader worker(s).", requested, cores, how, cores)
     return cores
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from soco_d2.data.loader import build_pretrain_loader, usable_num_workers
+from soco_d2.data.loader import build_pretrain_loader, usable_cores, usable_num_workers
 from soco_d2.utils import comm
 
 from .checkpoint import Checkpointer, CheckpointWriteError, atomic_write_text
@@ -52,15 +52,16 @@ def seed_all(seed: int) -> None:
 def configure_cpu_threads(num_workers: int, processes_per_machine: int) -> int:
     """Give the training process of a CPU run the cores its loader workers do not use.
 
-    Each process gets ``cores // processes - workers`` torch threads (at least one), unless
-    ``OMP_NUM_THREADS`` says otherwise. Without this, torch's default (one thread per core) in
-    every process competes with the loader workers for the same cores, and OpenMP's spinning
-    threads can make each step many times slower.
+    Each process gets its cores (:func:`~soco_d2.data.loader.usable_cores`: its CPU affinity
+    when a scheduler bound it, else the machine's CPUs divided by ``processes_per_machine``)
+    less ``num_workers`` as torch threads (at least one), unless ``OMP_NUM_THREADS`` says
+    otherwise. Without this, torch's default (one thread per core) in every process competes
+    with the loader workers for the same cores, and OpenMP's spinning threads can make each
+    step many times slower.
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // max(1, processes_per_machine) - max(0, num_workers))
+    threads = max(1, usable_cores(processes_per_machine) - max(0, num_workers))
     torch.set_num_threads(threads)
     return threads
 

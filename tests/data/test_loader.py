@@ -8,15 +8,61 @@ from soco_d2.data import loader
 
 def test_workers_are_capped_to_the_usable_cores_with_one_log_line(monkeypatch, soco_log):
     monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(loader.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(loader, "_capped_logged", set())
     assert loader.usable_num_workers(8) == 2
     assert loader.usable_num_workers(8) == 2
     assert loader.usable_num_workers(2) == 2 and loader.usable_num_workers(0) == 0
-    assert soco_log == ["DATALOADER.NUM_WORKERS 8 is more than the 2 usable core(s) of this "
-                     "process; using 2 loader workers."]
+    assert soco_log == ["DATALOADER.NUM_WORKERS 8 is more than the 2 core(s) this process may use "
+                        "(its CPU affinity covers all 2 CPUs of the machine, shared by 1 "
+                        "process(es)); using 2 loader worker(s)."]
     # Cores are shared by the processes of the machine.
     monkeypatch.setattr(loader.comm, "get_local_world_size", lambda: 2)
     assert loader.usable_num_workers(8) == 1
+
+
+@pytest.mark.parametrize("affinity, machine, processes, workers", [
+    (12, 96, 8, 8),   # SLURM binds 12 CPUs to each of 8 tasks: the affinity is this task's own
+    (96, 96, 8, 8),   # no binding: 96 CPUs shared by 8 processes, 12 each
+    (64, 64, 8, 8),   # 8 each
+    (48, 48, 8, 6),   # 6 each: capped
+    (4, 96, 1, 4),    # taskset -c 0-3 on one process
+])
+def test_workers_under_cpu_binding(monkeypatch, soco_log, affinity, machine, processes, workers):
+    from soco_d2.engine.trainer import configure_cpu_threads
+
+    monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: set(range(affinity)),
+                        raising=False)
+    monkeypatch.setattr(loader.os, "cpu_count", lambda: machine)
+    monkeypatch.setattr(loader.comm, "get_local_world_size", lambda: processes)
+    monkeypatch.setattr(loader, "_capped_logged", set())
+    assert loader.usable_num_workers(8) == workers
+    if workers < 8:
+        (line,) = soco_log
+        assert f"DATALOADER.NUM_WORKERS 8 is more than the {workers} core(s)" in line
+        assert (f"its CPU affinity: {affinity} of the machine's {machine} CPUs" in line
+                if affinity < machine else f"all {machine} CPUs of the machine, shared by "
+                f"{processes} process(es)" in line)
+    else:
+        assert soco_log == []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:  # a CPU run's torch threads: the same cores, less the workers
+        assert configure_cpu_threads(workers, processes) == max(1, loader.usable_cores() - workers)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_worker_cap_is_logged_as_a_warning(monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(loader.os, "cpu_count", lambda: 96)
+    monkeypatch.setattr(loader, "_capped_logged", set())
+    with caplog.at_level(logging.INFO, logger="soco_d2"):
+        assert loader.usable_num_workers(8) == 3
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and "its CPU affinity: 3 of the machine's 96 CPUs" in record.getMessage()
 
 
 class _Images:

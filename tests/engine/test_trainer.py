@@ -226,6 +226,7 @@ def test_cpu_threads_leave_cores_to_loader_workers(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)  # the whole machine: shared
     try:
         assert configure_cpu_threads(num_workers=4, processes_per_machine=2) == 4  # 16 // 2 - 4
         assert torch.get_num_threads() == 4
