@@ -96,8 +96,10 @@ def move_to_device(obj, device: torch.device, channels_last: bool = False):
 
 
 def _no_buffer_broadcast() -> Dict:
-    """DDP option that keeps buffers (BN statistics, queues) process-local after the initial
-    sync: ``forward_sync_buffers=False`` in recent torch, ``broadcast_buffers=False`` before."""
+    """DDP option that keeps buffers (BN statistics, queues) process-local during training:
+    ``forward_sync_buffers=False`` in recent torch, ``broadcast_buffers=False`` before (which,
+    unlike the former, does not sync them at construction either: the trainer does that with
+    :func:`~soco_d2.utils.comm.broadcast_buffers`)."""
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         return {"forward_sync_buffers": False}
     return {"broadcast_buffers": False}
@@ -241,6 +243,9 @@ class PretrainTrainer:
         if self.world_size > 1:
             if getattr(model, "sync_batchnorm", True):  # a model may keep per-process BN (MoCo)
                 model = convert_sync_batchnorm(model, self.device)
+            # Every process starts from process 0's buffers, as MoCo's (DetCo's queues are drawn
+            # from the per-process seed) and as the checkpoint, which keeps process 0's.
+            comm.broadcast_buffers(model)
             model = DistributedDataParallel(
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,

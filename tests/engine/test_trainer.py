@@ -236,3 +236,48 @@ def test_cpu_threads_leave_cores_to_loader_workers(monkeypatch):
         assert configure_cpu_threads(num_workers=0, processes_per_machine=1) == 3  # user's choice
     finally:
         torch.set_num_threads(before)
+
+
+def _detco_queues_worker(rank, init_file, out_dir, ddp_option):
+    import torch.distributed as dist
+
+    from soco_d2.config import get_cfg
+    from soco_d2.engine import trainer as trainer_mod
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        if ddp_option is not None:  # the DDP option of another torch version
+            trainer_mod._no_buffer_broadcast = lambda: dict(ddp_option)
+        cfg = get_cfg()
+        cfg.MODEL.META_ARCHITECTURE = "DetCo"
+        cfg.MODEL.DEVICE = "cpu"
+        cfg.MODEL.RESNETS.DEPTH = 18
+        cfg.MODEL.DETCO.QUEUE_SIZE = 8
+        cfg.MODEL.DETCO.HEAD_HIDDEN_DIM = 16
+        cfg.MODEL.DETCO.FEATURE_DIM = 8
+        cfg.SOLVER.IMS_PER_BATCH = 4
+        cfg.OUTPUT_DIR = os.path.join(out_dir, "run")
+        # the model is built after seeding with SEED + rank: its queues are drawn per process
+        trainer = PretrainTrainer(cfg, dataset=toy.ToyDataset())
+        m = trainer.model.module
+        torch.save({"queues": {f"{kind}.{lvl}": q.queue.clone() for kind in ("global", "local")
+                               for lvl, q in getattr(m, f"queues_{kind}").items()},
+                    "param": next(m.parameters()).detach().clone()},
+                   os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ddp_option", [None, {"broadcast_buffers": False}],
+                         ids=["this torch", "broadcast_buffers=False"])
+def test_two_processes_start_from_the_same_detco_queues(tmp_path, ddp_option):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_detco_queues_worker, nprocs=2, start_method="spawn",
+                       args=(str(tmp_path / "init"), str(tmp_path), ddp_option))
+    a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2))
+    assert len(a["queues"]) == 8  # global and local, res2-res5
+    assert torch.equal(a["param"], b["param"])
+    for k in a["queues"]:
+        assert torch.equal(a["queues"][k], b["queues"][k]), k
