@@ -144,6 +144,8 @@ _C.SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE = 8
 # ---------------------------------------------------------------------------------------------
 _C.OUTPUT_DIR = "./output"
 _C.SEED = 0
+# cudnn.benchmark (GPU): pretraining's views have fixed sizes, so each algorithm is tuned once.
+# Fine-tuning configs turn it off (configs/finetune/Base-Finetune.yaml): their input shapes vary.
 _C.CUDNN_BENCHMARK = True
 _C.CHANNELS_LAST = False
 # Print a progress line (and write metrics) every this many iterations.
