@@ -5,7 +5,8 @@ do not kill a training process that watches for them with :class:`PreemptionWatc
 current step finishes, every process agrees to stop after the same step, the trainer writes a
 checkpoint (atomically) and raises :class:`Preempted`, which ends the process with
 :data:`PREEMPTED_EXIT_CODE` (75, ``EX_TEMPFAIL``: "try again later"), distinct from a failure
-(1). ``--resume`` then continues exactly. With ``requeue``, the main process first asks SLURM to
+(1). ``--resume`` then continues with the same data and random states (on a CPU, to the same
+weights as an uninterrupted run). With ``requeue``, the main process first asks SLURM to
 put the job back in the queue (``scontrol requeue $SLURM_JOB_ID``).
 
 Loader workers ignore both signals (:func:`ignore_preemption_signals`, their ``worker_init_fn``):
