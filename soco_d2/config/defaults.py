@@ -83,6 +83,11 @@ _C.DATASETS.PRETRAIN.MAX_MISSING_PROPOSALS = 0.05
 
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 4
+# Loader workers hand batches over in shared memory (/dev/shm): about batch bytes x workers x 2
+# (prefetch) x processes per machine. A container's default (Docker: 64 MB) is far less; the
+# workers then die with a bus error. Checked before the first step: "error" stops with the
+# bytes needed and the fix (--shm-size / --ipc=host), "warn" logs the same and trains, "off".
+_C.DATALOADER.SHM_CHECK = "error"
 # Stop the run when more than this fraction of the images read so far were unreadable.
 _C.DATALOADER.MAX_BAD_IMAGE_FRACTION = 0.01
 # ... checked once this many images (over all processes) have been read.
@@ -128,12 +133,19 @@ _C.SOLVER.ON_CHECKPOINT_ERROR = "continue"
 _C.SOLVER.AMP = CN()
 _C.SOLVER.AMP.ENABLED = False
 _C.SOLVER.AMP.DTYPE = "bfloat16"  # "bfloat16" or "float16" (with a gradient scaler)
+# float16 only: a non-finite loss makes the gradient scaler skip that step and lower the loss
+# scale (as apex O1 does), and training goes on; this many consecutive iterations with a
+# non-finite loss stop the run. Without a scaler (fp32, bfloat16) the step of a non-finite loss
+# was applied to the weights: the first one stops the run.
+_C.SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE = 8
 
 # ---------------------------------------------------------------------------------------------
 # Misc
 # ---------------------------------------------------------------------------------------------
 _C.OUTPUT_DIR = "./output"
 _C.SEED = 0
+# cudnn.benchmark (GPU): pretraining's views have fixed sizes, so each algorithm is tuned once.
+# Fine-tuning configs turn it off (configs/finetune/Base-Finetune.yaml): their input shapes vary.
 _C.CUDNN_BENCHMARK = True
 _C.CHANNELS_LAST = False
 # Print a progress line (and write metrics) every this many iterations.

@@ -1,7 +1,11 @@
 """The pretraining data loader: an endless iterator of per-process micro-batches."""
 import logging
 import os
+import random
+import shutil
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
@@ -19,31 +23,117 @@ def loader_worker_init(worker_id: int) -> None:
     ignore_preemption_signals(worker_id)
 
 __all__ = ["per_process_batch_size", "build_pretrain_loader", "usable_num_workers",
-           "loader_worker_init"]
+           "loader_worker_init", "check_shared_memory", "SharedMemoryTooSmall"]
 
 logger = logging.getLogger(__name__)
 _capped_logged = set()
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity), shared by the processes of the machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, comm.get_local_world_size()))
+def _core_share(processes: Optional[int] = None) -> Tuple[int, str]:
+    """(cores this process may use, how that was worked out)."""
+    procs = max(1, comm.get_local_world_size() if processes is None else processes)
+    machine = os.cpu_count() or 1
+    if not hasattr(os, "sched_getaffinity"):
+        return max(1, machine // procs), f"{machine} CPUs shared by {procs} process(es)"
+    affinity = len(os.sched_getaffinity(0))
+    if affinity < machine:
+        return affinity, f"its CPU affinity: {affinity} of the machine's {machine} CPUs"
+    return max(1, affinity // procs), (f"its CPU affinity covers all {machine} CPUs of the "
+                                       f"machine, shared by {procs} process(es)")
+
+
+def usable_cores(processes: Optional[int] = None) -> int:
+    """Cores this process may use. A CPU affinity smaller than the machine is this process's own
+    share (a scheduler that binds each task, e.g. SLURM's ``--cpus-per-task`` with CPU binding,
+    or ``taskset``); an affinity that covers the whole machine is shared by the ``processes`` of
+    the machine (default: the local world size) and divided among them."""
+    return _core_share(processes)[0]
 
 
 def usable_num_workers(requested: int) -> int:
     """``DATALOADER.NUM_WORKERS`` capped to :func:`usable_cores` (more workers than cores only
-    compete for them; torch warns that the loader may freeze). Logs the cap once per process.
-    The data stream does not depend on the number of workers, so capping changes no result."""
+    compete for them; torch warns that the loader may freeze). A cap is logged once per process
+    at WARNING, with the numbers. The data stream does not depend on the number of workers, so
+    capping changes no result."""
     requested = max(0, int(requested))
-    cores = usable_cores()
+    cores, how = _core_share()
     if requested <= cores:
         return requested
     if (requested, cores) not in _capped_logged:
         _capped_logged.add((requested, cores))
-        logger.info("DATALOADER.NUM_WORKERS %d is more than the %d usable core(s) of this process; "
-                    "using %d loader workers.", requested, cores, cores)
+        logger.warning("DATALOADER.NUM_WORKERS %d is more than the %d core(s) this process may "
+                       "use (%s); using %d loader worker(s).", requested, cores, how, cores)
     return cores
+
+
+SHM_PATH = "/dev/shm"
+SHM_MARGIN = 1.25  # batches of other sizes, the pin-memory copy in flight, other users of /dev/shm
+SHM_CHECKS = ("error", "warn", "off")
+
+
+def _shm_check_mode(mode: str) -> str:
+    if mode not in SHM_CHECKS:
+        raise ValueError(f"DATALOADER.SHM_CHECK must be one of {SHM_CHECKS}, got {mode!r}.")
+    return mode
+
+
+class SharedMemoryTooSmall(RuntimeError):
+    """``/dev/shm`` cannot hold the batches the loader workers hand over (``DATALOADER.SHM_CHECK``)."""
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def check_shared_memory(batch_bytes: int, num_workers: int, prefetch_factor: int, mode: str,
+                        path: Optional[str] = None) -> int:
+    """Compare the shared memory the loader workers of this machine need (``batch_bytes`` x
+    ``num_workers`` x ``prefetch_factor`` x processes per machine x :data:`SHM_MARGIN`) with the
+    free space of ``path`` (default :data:`SHM_PATH`). ``mode`` (``DATALOADER.SHM_CHECK``): ``"error"`` raises
+    :class:`SharedMemoryTooSmall` when it is short, ``"warn"`` logs the same message, ``"off"``
+    skips. Returns the bytes needed (0 when nothing was checked)."""
+    path = path or SHM_PATH
+    if _shm_check_mode(mode) == "off" or num_workers == 0 or not os.path.isdir(path):
+        return 0
+    procs = comm.get_local_world_size()
+    needed = int(batch_bytes * num_workers * prefetch_factor * procs * SHM_MARGIN)
+    usage = shutil.disk_usage(path)
+    if usage.free >= needed:
+        return needed
+    gib = 2**30
+    size = max(1, -(-needed // gib))
+    text = (f"{path} has {usage.free} bytes free ({usage.free / gib:.2f} GiB; {usage.total} in "
+            f"all) but the data-loader workers of this machine need about {needed} bytes "
+            f"({needed / gib:.2f} GiB) of shared memory: {batch_bytes} bytes per batch x "
+            f"{num_workers} workers x {prefetch_factor} prefetched x {procs} process(es) x "
+            f"{SHM_MARGIN} margin. Without it the workers die with a bus error. In a container "
+            f"start it with --shm-size={size}g (or --ipc=host); or lower DATALOADER.NUM_WORKERS or "
+            f"the images per process (SOLVER.IMS_PER_BATCH). DATALOADER.SHM_CHECK warn trains "
+            f"anyway.")
+    if mode == "error":
+        raise SharedMemoryTooSmall(text)
+    logger.warning(text)
+    return needed
+
+
+def _batch_bytes(dataset, key, batch_size: int) -> int:
+    """Bytes of a batch of ``batch_size`` samples like ``dataset[key]`` (read here, in this
+    process, with the global random states restored afterwards: they are part of an exact
+    resume)."""
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        sample = dataset[key]
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    return _nbytes(sample) * batch_size
 
 
 def per_process_batch_size(cfg, world_size: int) -> int:
@@ -72,6 +162,10 @@ def build_pretrain_loader(cfg, dataset, start_iter: int = 0):
         start_position=start_iter * cfg.SOLVER.IMS_PER_BATCH,
     )
     num_workers = usable_num_workers(cfg.DATALOADER.NUM_WORKERS)
+    prefetch_factor = 2  # DataLoader's default, named here for the shared-memory check
+    if num_workers > 0 and _shm_check_mode(cfg.DATALOADER.SHM_CHECK) != "off":
+        check_shared_memory(_batch_bytes(dataset, next(iter(sampler)), batch_size), num_workers,
+                            prefetch_factor, cfg.DATALOADER.SHM_CHECK)
     # A private generator: creating the iterator must not consume the global torch RNG, whose
     # state is part of an exact resume. (Sample randomness comes from the sampler's seeds.)
     generator = torch.Generator().manual_seed(cfg.SEED + rank)
@@ -84,6 +178,7 @@ def build_pretrain_loader(cfg, dataset, start_iter: int = 0):
         pin_memory=str(cfg.MODEL.DEVICE).startswith("cuda") and torch.cuda.is_available(),
         drop_last=True,
         persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         generator=generator,
         worker_init_fn=loader_worker_init,
     )

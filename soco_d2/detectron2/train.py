@@ -13,7 +13,9 @@ schedule, hooks, precise BN, checkpoints, ``metrics.json``) this adds:
 * ``SyncBN`` becomes ``BN`` (one log line) when the run has a single process; on several CPU
   processes (gloo) torch's SyncBatchNorm, which needs CUDA, becomes soco_d2's
   ``GlooSyncBatchNorm`` and the model is wrapped in DistributedDataParallel without
-  ``device_ids`` (detectron2 passes the local rank, which torch refuses for a CPU model);
+  ``device_ids`` (detectron2 passes the local rank, which torch refuses for a CPU model); on
+  GPUs with the device soco_d2's launcher chose (not the local rank, which is not the device
+  under SLURM's per-task GPU binding);
 * COCO evaluation (``COCOEvaluator``) of every ``DATASETS.TEST`` entry, written to
   ``OUTPUT_DIR/metrics.json`` (``bbox/AP``, ``segm/AP``...) that ``tools/check_ap.py`` reads, also
   with ``--eval-only``;
@@ -184,14 +186,17 @@ class D2Trainer(DefaultTrainer):
     multi-process CPU (gloo) runs."""
 
     def __init__(self, cfg):
-        if not _multi_process_cpu(cfg):
+        if comm.get_world_size() == 1:
             super().__init__(cfg)
             return
         # DefaultTrainer.__init__ wraps the model with create_ddp_model(model, ...), which adds
-        # device_ids=[local rank]: torch refuses device_ids for a CPU model. For the duration of
-        # the constructor, the module's function gets device_ids=None.
+        # device_ids=[local rank]: torch refuses device_ids for a CPU model, and under SLURM's
+        # per-task GPU binding the local rank is not the device (each task sees device 0). For
+        # the duration of the constructor, the module's function gets this process's device (set
+        # by soco_d2's launcher), or None on CPU.
+        device_ids = None if _multi_process_cpu(cfg) else [torch.cuda.current_device()]
         create_ddp_model = d2_defaults.create_ddp_model
-        d2_defaults.create_ddp_model = functools.partial(create_ddp_model, device_ids=None)
+        d2_defaults.create_ddp_model = functools.partial(create_ddp_model, device_ids=device_ids)
         try:
             super().__init__(cfg)
         finally:

@@ -1,4 +1,6 @@
-"""Atomic training checkpoints that resume a run exactly.
+"""Atomic training checkpoints that resume a run exactly (same data, schedules and random
+states; on a GPU the weights differ from an uninterrupted run's by the rounding of its
+nondeterministic kernels, see docs/TRAINING.md).
 
 fvcore's ``Checkpointer`` writes in place (a crash mid-write leaves a truncated file that
 ``last_checkpoint`` points to) and unpickles arbitrary objects, so this module writes to a

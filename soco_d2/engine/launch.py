@@ -15,6 +15,12 @@ Three ways to get a process group, checked in this order:
 
 On a machine without GPUs (``gloo`` backend) a "GPU" is simply one CPU process.
 
+Each process uses CUDA device ``local_rank % torch.cuda.device_count()``
+(:func:`cuda_device_index`): its local rank when every process of the machine sees all of its
+GPUs (torchrun, ``--num-gpus``, ``srun`` without GPU binding), device 0 when SLURM binds one GPU
+per task (``--gpus-per-task=1``, ``--gpu-bind``). More local processes than visible devices
+without such a binding would put two processes on one GPU: an error naming the variables read.
+
 When this process spawned the workers, it forwards SIGTERM and SIGUSR1 to them (they stop
 cleanly, see :mod:`soco_d2.engine.preemption`) and exits with their preemption exit code.
 """
@@ -39,7 +45,8 @@ from soco_d2.utils import comm
 
 from .preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Preempted
 
-__all__ = ["launch", "launch_from_args", "default_backend", "DistEnv", "dist_env_from_environ", "first_slurm_host"]
+__all__ = ["launch", "launch_from_args", "default_backend", "DistEnv", "dist_env_from_environ",
+           "first_slurm_host", "cuda_device_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +111,20 @@ def _slurm_local_world_size(env) -> int:
     return int(env["SLURM_NTASKS"])
 
 
+def _launcher_of(env) -> Optional[str]:
+    """``"torchrun"``, ``"slurm"`` or ``None`` (this process starts the job itself)."""
+    if all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return "torchrun"
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        return "slurm"
+    return None
+
+
 def dist_env_from_environ(env=None) -> Optional[DistEnv]:
     """The torchrun / SLURM description of this process, or ``None`` when neither applies."""
     env = os.environ if env is None else env
-    if all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+    launcher = _launcher_of(env)
+    if launcher == "torchrun":
         world = int(env["WORLD_SIZE"])
         return DistEnv(
             "torchrun",
@@ -118,7 +135,7 @@ def dist_env_from_environ(env=None) -> Optional[DistEnv]:
             master_addr=env["MASTER_ADDR"],
             master_port=int(env["MASTER_PORT"]),
         )
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+    if launcher == "slurm":
         port = env.get("MASTER_PORT")
         if port is None:
             port = 15000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
@@ -132,6 +149,48 @@ def dist_env_from_environ(env=None) -> Optional[DistEnv]:
             master_port=int(port),
         )
     return None
+
+
+_LAYOUT_VARS = {
+    "torchrun": "LOCAL_RANK / LOCAL_WORLD_SIZE (torchrun --nproc-per-node)",
+    "slurm": "SLURM_LOCALID / SLURM_NTASKS_PER_NODE or SLURM_TASKS_PER_NODE (srun --ntasks-per-node)",
+    None: "--num-gpus",
+}
+
+
+def _gpus_per_task(env) -> int:
+    """``SLURM_GPUS_PER_TASK`` (``"1"``, ``"a100:1"``) as a number; 0 when not set."""
+    m = re.search(r"(\d+)$", env.get("SLURM_GPUS_PER_TASK", ""))
+    return int(m.group(1)) if m else 0
+
+
+def cuda_device_index(local_rank: int, local_world_size: int, env=None) -> int:
+    """The CUDA device of local process ``local_rank`` of ``local_world_size``:
+    ``local_rank % torch.cuda.device_count()``.
+
+    That is the local rank when the processes of a machine all see its GPUs (torchrun,
+    ``--num-gpus``, ``srun`` without GPU binding), and device 0 when SLURM binds one GPU to each
+    task (each task sees one device; ``SLURM_GPUS_PER_TASK`` devices when that is set). With more
+    local processes than visible devices and no such binding, two processes would share a GPU
+    (NCCL refuses): a ``RuntimeError`` that names the variables read and the fix.
+    """
+    env = os.environ if env is None else env
+    n = torch.cuda.device_count()
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    shown = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "CUDA_VISIBLE_DEVICES unset"
+    if n == 0:
+        raise RuntimeError(f"No CUDA device is visible to this process ({shown}); set "
+                           "MODEL.DEVICE cpu or run where GPUs are visible.")
+    launcher = _launcher_of(env)
+    bound = launcher == "slurm" and (n == 1 or _gpus_per_task(env) == n)
+    if local_world_size > n and not bound:
+        raise RuntimeError(
+            f"Local rank {local_rank} of {local_world_size} processes on this machine (read from "
+            f"{_LAYOUT_VARS[launcher]}) but only {n} CUDA device(s) are visible ({shown}): "
+            f"two processes would share a GPU. Start at most {n} process(es) per machine "
+            "(--num-gpus, torchrun --nproc-per-node, srun --ntasks-per-node), or under SLURM "
+            "bind one GPU to each task (srun --gpus-per-task=1 or --gpu-bind=single:1).")
+    return local_rank % n
 
 
 def launch(
@@ -225,12 +284,7 @@ def _spawned_worker(local_rank, main_func, args, backend, dist_url, world_size,
 def _run_worker(main_func, args, backend, init_method, rank, world_size, local_rank,
                 local_world_size, timeout):
     if backend == "nccl":
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"Local rank {local_rank} needs GPU {local_rank} but only "
-                f"{torch.cuda.device_count()} are visible; lower --num-gpus."
-            )
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(cuda_device_index(local_rank, local_world_size))
     dist.init_process_group(
         backend=backend, init_method=init_method, world_size=world_size, rank=rank,
         timeout=timeout,

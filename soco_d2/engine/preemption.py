@@ -5,7 +5,8 @@ do not kill a training process that watches for them with :class:`PreemptionWatc
 current step finishes, every process agrees to stop after the same step, the trainer writes a
 checkpoint (atomically) and raises :class:`Preempted`, which ends the process with
 :data:`PREEMPTED_EXIT_CODE` (75, ``EX_TEMPFAIL``: "try again later"), distinct from a failure
-(1). ``--resume`` then continues exactly. With ``requeue``, the main process first asks SLURM to
+(1). ``--resume`` then continues with the same data and random states (on a CPU, to the same
+weights as an uninterrupted run). With ``requeue``, the main process first asks SLURM to
 put the job back in the queue (``scontrol requeue $SLURM_JOB_ID``).
 
 Loader workers ignore both signals (:func:`ignore_preemption_signals`, their ``worker_init_fn``):
@@ -15,12 +16,13 @@ is still finishing.
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import threading
 import traceback
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -138,7 +140,8 @@ def requeue_slurm_job() -> bool:
 
 
 class DataLoaderWorkerDied(RuntimeError):
-    """A data-loader worker process ended abnormally (most often: the out-of-memory killer)."""
+    """A data-loader worker process ended abnormally (most often: the out-of-memory killer, or a
+    bus error when shared memory runs out)."""
 
 
 def _is_worker_death(e: BaseException) -> bool:
@@ -168,6 +171,7 @@ def explain_worker_death(last_checkpoint: Callable[[], Optional[str]]):
     except (RuntimeError, ConnectionError, EOFError) as e:
         if not _is_worker_death(e):
             raise
+        signals = _worker_signals(e)
         # The finished frames of the loader hold its iterator; free them so that it shuts
         # its other workers down now, not when this exception is collected.
         traceback.clear_frames(e.__traceback__)
@@ -178,7 +182,34 @@ def explain_worker_death(last_checkpoint: Callable[[], Optional[str]]):
         resume = (f"The last checkpoint is {last}; continue with --resume." if last
                   else "No checkpoint was written yet; --resume starts over.")
         raise DataLoaderWorkerDied(
-            f"A data-loader worker died ({type(e).__name__}: {str(e).strip()}). A worker that "
-            "is killed (SIGKILL, 'Killed') is almost always a victim of the kernel's "
-            "out-of-memory killer: lower DATALOADER.NUM_WORKERS or the images per process "
-            f"(SOLVER.IMS_PER_BATCH), or give the job more memory. {resume}") from None
+            f"A data-loader worker died ({type(e).__name__}: {str(e).strip()}"
+            f"{'; ended by ' + ', '.join(sorted(set(signals))) if signals else ''}). "
+            f"{_likely_cause(str(e), signals)} {resume}") from None
+
+
+def _worker_signals(e: BaseException) -> List[str]:
+    """Names of the signals that ended the loader's workers: from torch's message ("killed by
+    signal: Bus error") or, when it only says "exited unexpectedly", from the exit codes of the
+    workers of the loader iterator whose frames the traceback holds."""
+    names = re.findall(r"killed by signal: ([\w ]+)", str(e))
+    tb = e.__traceback__
+    while tb is not None:
+        workers = getattr(tb.tb_frame.f_locals.get("self"), "_workers", None)
+        for w in workers if isinstance(workers, list) else []:
+            code = getattr(w, "exitcode", None)
+            if isinstance(code, int) and code < 0:
+                names.append(signal.Signals(-code).name)
+        tb = tb.tb_next
+    return names
+
+
+def _likely_cause(message: str, signals: List[str]) -> str:
+    if "Bus error" in signals or "SIGBUS" in signals or "shared memory" in message:
+        return ("A bus error (SIGBUS) in a worker means that shared memory (/dev/shm), where "
+                "workers hand their batches over, ran out: a container's default is 64 MB. "
+                "Start the container with a larger --shm-size (or --ipc=host), or lower "
+                "DATALOADER.NUM_WORKERS or the images per process (SOLVER.IMS_PER_BATCH); "
+                "the check before the first step (DATALOADER.SHM_CHECK) estimates the need.")
+    return ("A worker that is killed (SIGKILL, 'Killed') is almost always a victim of the "
+            "kernel's out-of-memory killer: lower DATALOADER.NUM_WORKERS or the images per "
+            "process (SOLVER.IMS_PER_BATCH), or give the job more memory.")

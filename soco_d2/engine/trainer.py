@@ -27,11 +27,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from soco_d2.data.loader import build_pretrain_loader, usable_num_workers
+from soco_d2.data.loader import build_pretrain_loader, usable_cores, usable_num_workers
 from soco_d2.utils import comm
 from soco_d2.utils.env import write_run_record
 
 from .checkpoint import Checkpointer, CheckpointWriteError, atomic_write_text
+from .launch import cuda_device_index
 from .monitors import Monitors
 from .preemption import Preempted, PreemptionWatcher, explain_worker_death, requeue_slurm_job
 from .optimizer import build_optimizer
@@ -39,7 +40,7 @@ from .schedules import build_lr_schedule, build_momentum_schedule, max_iter_from
 from .sync_bn import convert_sync_batchnorm
 from .writers import build_writers, check_writers, setup_logging, writers_state
 
-__all__ = ["PretrainTrainer", "seed_all", "resolve_device", "move_to_device"]
+__all__ = ["PretrainTrainer", "seed_all", "resolve_device", "move_to_device", "NonFiniteLossGuard"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,21 +55,23 @@ def seed_all(seed: int) -> None:
 def configure_cpu_threads(num_workers: int, processes_per_machine: int) -> int:
     """Give the training process of a CPU run the cores its loader workers do not use.
 
-    Each process gets ``cores // processes - workers`` torch threads (at least one), unless
-    ``OMP_NUM_THREADS`` says otherwise. Without this, torch's default (one thread per core) in
-    every process competes with the loader workers for the same cores, and OpenMP's spinning
-    threads can make each step many times slower.
+    Each process gets its cores (:func:`~soco_d2.data.loader.usable_cores`: its CPU affinity
+    when a scheduler bound it, else the machine's CPUs divided by ``processes_per_machine``)
+    less ``num_workers`` as torch threads (at least one), unless ``OMP_NUM_THREADS`` says
+    otherwise. Without this, torch's default (one thread per core) in every process competes
+    with the loader workers for the same cores, and OpenMP's spinning threads can make each
+    step many times slower.
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // max(1, processes_per_machine) - max(0, num_workers))
+    threads = max(1, usable_cores(processes_per_machine) - max(0, num_workers))
     torch.set_num_threads(threads)
     return threads
 
 
 def resolve_device(name: str) -> torch.device:
-    """``MODEL.DEVICE`` as a device; ``cuda`` becomes this process's GPU (its local rank)."""
+    """``MODEL.DEVICE`` as a device; ``cuda`` becomes this process's GPU
+    (:func:`~soco_d2.engine.launch.cuda_device_index` of its local rank)."""
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -76,7 +79,8 @@ def resolve_device(name: str) -> torch.device:
                 f"MODEL.DEVICE is {name!r} but no CUDA GPU is visible; set MODEL.DEVICE cpu."
             )
         if device.index is None:
-            device = torch.device("cuda", comm.get_local_rank())
+            device = torch.device("cuda", cuda_device_index(comm.get_local_rank(),
+                                                            comm.get_local_world_size()))
     return device
 
 
@@ -95,8 +99,10 @@ def move_to_device(obj, device: torch.device, channels_last: bool = False):
 
 
 def _no_buffer_broadcast() -> Dict:
-    """DDP option that keeps buffers (BN statistics, queues) process-local after the initial
-    sync: ``forward_sync_buffers=False`` in recent torch, ``broadcast_buffers=False`` before."""
+    """DDP option that keeps buffers (BN statistics, queues) process-local during training:
+    ``forward_sync_buffers=False`` in recent torch, ``broadcast_buffers=False`` before (which,
+    unlike the former, does not sync them at construction either: the trainer does that with
+    :func:`~soco_d2.utils.comm.broadcast_buffers`)."""
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         return {"forward_sync_buffers": False}
     return {"broadcast_buffers": False}
@@ -162,6 +168,61 @@ def stop_for_preemption(cfg, watcher: PreemptionWatcher, save, done: int, max_it
     raise Preempted(f"preempted after iteration {done}; resume from {path}")
 
 
+class NonFiniteLossGuard:
+    """Stops a run on non-finite losses, read at each metrics flush (no host sync per step).
+
+    Without a gradient scaler (fp32, bfloat16) the step of a non-finite loss was applied to the
+    weights: the first one stops the run. With float16's ``GradScaler`` a non-finite loss makes
+    non-finite gradients; the scaler skips that step and lowers the loss scale (apex O1, which the
+    SoCo recipe reproduces, does the same) and the run continues, until
+    ``SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE`` consecutive iterations had one. (A non-finite loss
+    whose gradients are finite, which the scaler does not skip, leaves the weights finite too.)
+    The count of consecutive iterations carries over from one flush to the next.
+    """
+
+    def __init__(self, cfg, scaler: torch.amp.GradScaler, hint: str):
+        limit = cfg.SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE
+        if int(limit) != limit or limit < 1:
+            raise ValueError(f"SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE must be an integer >= 1 "
+                             f"(got {limit!r}); 1 stops at the first non-finite loss.")
+        self.scaler = scaler
+        self.limit = int(limit) if scaler.is_enabled() else 1
+        self.hint = hint
+        self.run = 0  # consecutive iterations with a non-finite loss, up to the last flush
+
+    def check(self, rows: torch.Tensor, names: List[str], iterations: List[int], max_iter: int,
+              last_checkpoint) -> torch.Tensor:
+        """``rows``: (iterations, len(names)) values on the CPU, averaged over processes;
+        ``iterations``: their 0-based iteration numbers. Raises ``FloatingPointError`` naming
+        the iteration where the limit is reached; else returns the mask of the finite rows (and
+        logs the skipped ones). ``last_checkpoint()``: the path to name in the error."""
+        cols = [i for i, k in enumerate(names) if k.startswith("loss") or k == "total_loss"]
+        finite = torch.isfinite(rows[:, cols]).all(dim=1)
+        for row, ok in enumerate(finite.tolist()):
+            self.run = 0 if ok else self.run + 1
+            if self.run < self.limit:
+                continue
+            terms = ", ".join(f"{names[i]}={rows[row, i].item():.4g}" for i in cols)
+            last = last_checkpoint()
+            streak = ("" if self.limit == 1 else
+                      f" The {self.limit} iterations up to this one all had a non-finite loss "
+                      f"(SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE {self.limit}); the gradient "
+                      f"scaler skipped their steps.")
+            raise FloatingPointError(
+                f"Non-finite loss in iteration {iterations[row] + 1} of {max_iter} (averaged over "
+                f"processes): {terms}.{streak} Stopping; no checkpoint of this state was "
+                f"written, the last good one is {last or 'none (no checkpoint yet)'}. {self.hint}"
+            )
+        if not bool(finite.all()):
+            bad = [iterations[r] + 1 for r in (~finite).nonzero().flatten().tolist()]
+            logger.warning(
+                "Non-finite loss in iteration(s) %s: the float16 gradient scaler skipped those "
+                "steps (loss scale now %g); training continues. %d consecutive iterations with a "
+                "non-finite loss stop the run (SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE).",
+                ", ".join(map(str, bad)), self.scaler.get_scale(), self.limit)
+        return finite
+
+
 class PretrainTrainer:
     """Builds everything from ``cfg`` (or takes ``model`` / ``dataset``) and trains.
 
@@ -188,6 +249,9 @@ class PretrainTrainer:
         if self.world_size > 1:
             if getattr(model, "sync_batchnorm", True):  # a model may keep per-process BN (MoCo)
                 model = convert_sync_batchnorm(model, self.device)
+            # Every process starts from process 0's buffers, as MoCo's (DetCo's queues are drawn
+            # from the per-process seed) and as the checkpoint, which keeps process 0's.
+            comm.broadcast_buffers(model)
             model = DistributedDataParallel(
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -209,6 +273,9 @@ class PretrainTrainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=s.AMP.ENABLED and s.AMP.DTYPE == "float16"
         )
+        self.nonfinite = NonFiniteLossGuard(
+            cfg, self.scaler, "Lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRAD_NORM or switch "
+            "SOLVER.AMP.DTYPE.")
         self.checkpointer = Checkpointer(_unwrap(model), cfg.OUTPUT_DIR, self.optimizer,
                                          self.scaler, max_to_keep=s.MAX_TO_KEEP, config=cfg.dump())
         self._unreadable = set()  # indices of images found unreadable by any process
@@ -243,14 +310,15 @@ class PretrainTrainer:
         cfg = self.cfg
         logger.info("Training %d iterations from iteration %d, %d process(es), %d images per step.",
                     self.max_iter, self.start_iter, self.world_size, cfg.SOLVER.IMS_PER_BATCH)
-        self._data = build_pretrain_loader(cfg, self.dataset, self.start_iter)
         self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter, cfg,
                                      getattr(self, "_writers_state", {}))
         self.model.train()
         try:
-            self.monitors.before_train()
+            # (the loader's workers start here: a worker that dies at once is explained too)
             with PreemptionWatcher() as watcher, \
                     explain_worker_death(self.checkpointer.last_checkpoint):
+                self._data = build_pretrain_loader(cfg, self.dataset, self.start_iter)
+                self.monitors.before_train()
                 for it in range(self.start_iter, self.max_iter):
                     self.iter = it
                     self.run_step(it)
@@ -353,20 +421,8 @@ class PretrainTrainer:
             [sum(w["skipped"] for w in window), sum(w["samples"] for w in window)],
             dtype=torch.float64))
         vecs = vecs.double().cpu()
-        loss_cols = [i for i, k in enumerate(self._loss_names)
-                     if k.startswith("loss") or k == "total_loss"]
-        bad_rows = (~torch.isfinite(vecs[:, loss_cols])).any(dim=1).nonzero().flatten()
-        if len(bad_rows):
-            row = int(bad_rows[0])
-            terms = ", ".join(f"{k}={vecs[row, i].item():.4g}"
-                              for i, k in enumerate(self._loss_names) if i in loss_cols)
-            last = self.checkpointer.last_checkpoint()
-            raise FloatingPointError(
-                f"Non-finite loss in iteration {window[row]['it'] + 1} of {self.max_iter} "
-                f"(averaged over processes): {terms}. Stopping; no checkpoint of this state was "
-                f"written, the last good one is {last or 'none (no checkpoint yet)'}. Lower "
-                f"SOLVER.BASE_LR, enable SOLVER.CLIP_GRAD_NORM or switch SOLVER.AMP.DTYPE."
-            )
+        finite = self.nonfinite.check(vecs, self._loss_names, [w["it"] for w in window],
+                                      self.max_iter, self.checkpointer.last_checkpoint)
         skipped, samples = int(counts[0]), int(counts[1])
         self._sync_unreadable()
         self.num_skipped_total += skipped
@@ -375,8 +431,10 @@ class PretrainTrainer:
         monitored = self.monitors.pop_metrics()
         if not self.writers:
             return
-        mean = vecs.mean(dim=0).tolist()
+        mean = vecs[finite].mean(dim=0).tolist()  # the steps the scaler skipped left out
         metrics = dict(zip(self._loss_names, mean))
+        if not bool(finite.all()):
+            metrics["num_nonfinite"] = int((~finite).sum())
         iter_time = statistics.median(self._iter_times)
         metrics.update(
             lr=window[-1]["lr"],

@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from soco_d2.checkpoint.convert import SUPPORTED_DEPTHS, ConversionError, convert_to_torchvision
 
 from ..utils import comm
-from .knn import ProbeImages, ProbeSplit, extract_features, linear_probe, weighted_knn
+from .knn import ProbeImages, ProbeSplit, _gather_rows, extract_features, linear_probe, weighted_knn
 
 __all__ = ["ProbeBackbone", "load_probe_backbone", "probe_backbones", "format_probe_table",
            "recompute_bn_statistics", "bn_statistics_of", "BN_STATS"]
@@ -93,24 +93,56 @@ def _features_fn(net: nn.Module):
     return fn
 
 
+def _bn_passes(valid: torch.Tensor, num_total: int, batch_size: int) -> List[torch.Tensor]:
+    """This process's rows (indices into its share) for each BN pass; the same number of passes
+    on every process (collective when distributed).
+
+    The readable images of all processes, in their global order, go in chunks of
+    ``batch_size x processes`` (each process's part of a chunk is about ``batch_size``: its
+    share is every ``world``-th image); chunks join until every process has at least 2 images
+    in the pass (a batch of one image has no variance), and a last pass short of that joins the
+    one before. Every process derives the plan from the same gathered validity flags, so a
+    synchronised BN meets the same collectives everywhere, and with synchronised BN the passes
+    are those of one process with ``batch_size x processes``.
+    """
+    world, rank = comm.get_world_size(), comm.get_rank()
+    if world > 1:
+        valid = _gather_rows(valid.to(torch.uint8), num_total).bool()
+    positions = valid.nonzero().flatten()
+    owner_counts = torch.bincount(positions % world, minlength=world)
+    if int(owner_counts.min()) < 2:
+        where = ("" if world == 1 else f" on each of the {world} processes (readable per process: "
+                 f"{owner_counts.tolist()})")
+        raise ValueError(f"Recomputing BN statistics needs at least 2 readable training images{where}.")
+    groups, current = [], []
+    for chunk in positions.split(batch_size * world):
+        current.append(chunk)
+        if int(torch.bincount(torch.cat(current) % world, minlength=world).min()) >= 2:
+            groups.append(torch.cat(current))
+            current = []
+    if current:  # a short tail joins the pass before (there is one: every process has 2 images)
+        groups[-1] = torch.cat([groups[-1]] + current)
+    return [g[g % world == rank] // world for g in groups]
+
+
 @torch.no_grad()
 def recompute_bn_statistics(net: nn.Module, images: ProbeImages, device: torch.device,
                             batch_size: int = 64, fn: Optional[Callable] = None) -> int:
     """Replace the running mean / variance of every BN layer of ``net`` by the average of their
     batch statistics over the readable ``images`` (training-mode passes of ``fn`` (default: the
-    pooled res5 of a torchvision ResNet ``net``) in batches of ``batch_size``, BN momentum None:
-    every batch weighs the same); ``net`` is left in evaluation mode. BN layers that split their
-    batch (``num_splits``, DetCo's one-process shuffle-BN) run unsplit. With several processes each
-    one uses its share of ``images`` (at least 2 each) and the statistics are averaged over the
-    processes, weighted by their image counts (collective). Returns the number of images used."""
+    pooled res5 of a torchvision ResNet ``net``) of about ``batch_size`` images per process, BN
+    momentum None: every pass weighs the same); ``net`` is left in evaluation mode. BN layers that
+    split their batch (``num_splits``, DetCo's one-process shuffle-BN) run unsplit. With several
+    processes each one uses its share of ``images`` (at least 2 each), every process runs the same
+    passes (see :func:`_bn_passes`; a synchronised BN is a collective) and the statistics are
+    averaged over the processes, weighted by their image counts (collective). Returns the number
+    of images used."""
     bns = _tracked_bns(net)
-    x = images.images[images.valid]
     world = comm.get_world_size()
-    # every process runs the same number of passes (a synchronised BN is a collective)
-    short, used = comm.all_reduce_sum(torch.tensor([float(len(x) < 2), float(len(x))])).tolist()
-    if short:
-        where = "" if world == 1 else f" on each of the {world} processes ({int(short)} have fewer)"
-        raise ValueError(f"Recomputing BN statistics needs at least 2 readable training images{where}.")
+    num_total = images.num_total if world > 1 else len(images.valid)
+    passes = _bn_passes(images.valid, num_total, batch_size)
+    mine = sum(len(p) for p in passes)
+    used = int(comm.all_reduce_sum(torch.tensor([float(mine)])))
     settings = [(m.momentum, getattr(m, "num_splits", None)) for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -122,11 +154,8 @@ def recompute_bn_statistics(net: nn.Module, images: ProbeImages, device: torch.d
     for m in bns:
         m.train()
     try:
-        bounds = list(range(0, len(x), batch_size)) + [len(x)]
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-            del bounds[-2]  # a last batch of one image has no variance: it joins the one before
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            fn(x[start:end].to(device))
+        for rows in passes:
+            fn(images.images[rows].to(device))
     finally:
         for m, (momentum, splits) in zip(bns, settings):
             m.momentum = momentum
@@ -135,10 +164,10 @@ def recompute_bn_statistics(net: nn.Module, images: ProbeImages, device: torch.d
         net.eval()
     if world > 1 and bns:  # one collective for every layer's mean and variance
         bufs = [b for m in bns for b in (m.running_mean, m.running_var)]
-        merged = comm.all_reduce_sum(torch.cat(bufs) * (len(x) / used))
+        merged = comm.all_reduce_sum(torch.cat(bufs) * (mine / used))
         for b, avg in zip(bufs, merged.split([b.numel() for b in bufs])):
             b.copy_(avg)
-    return int(used)
+    return used
 
 
 def _tracked_bns(net: nn.Module) -> List[_BatchNorm]:

@@ -7,13 +7,14 @@ adds the detection recipe: SGD with momentum, linear scaling of the learning rat
 param schedulers), periodic and final COCO evaluation, optional precise BN before evaluating.
 
 The step does what a bare torchvision training step does and little else: the per-step losses
-stay on the device and are summed there; they are read (one host sync) every ``LOG_PERIOD``
-iterations, before a checkpoint and at the end.
+stay on the device; they are read (one host sync) every ``LOG_PERIOD`` iterations, before a
+checkpoint and at the end, and checked there (:class:`~soco_d2.engine.trainer.NonFiniteLossGuard`:
+with float16 the steps the gradient scaler skipped are tolerated up to
+``SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE`` in a row).
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import defaultdict
@@ -32,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from soco_d2.checkpoint.io import load_checkpoint_file
 from soco_d2.engine.checkpoint import Checkpointer
 from soco_d2.engine.preemption import PreemptionWatcher, explain_worker_death
-from soco_d2.engine.trainer import save_checkpoint, setup_run, stop_for_preemption
+from soco_d2.engine.trainer import (
+    NonFiniteLossGuard, save_checkpoint, setup_run, stop_for_preemption)
 from soco_d2.engine.writers import ConsolePrinter, build_writers, writers_state
 from soco_d2.evaluation.coco_evaluation import (
     COCOEvaluator,
@@ -325,6 +327,9 @@ class FinetuneTrainer:
             if s.AMP.ENABLED else None
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=s.AMP.ENABLED and s.AMP.DTYPE == "float16")
+        self.nonfinite = NonFiniteLossGuard(
+            cfg, self.scaler, "Lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS or set "
+            "SOLVER.CLIP_GRAD_NORM.")
         self.max_iter = int(s.MAX_ITER)
         self.start_iter = 0
         self.iter = 0
@@ -414,7 +419,6 @@ class FinetuneTrainer:
                     "images per step, lr %.5g.", cfg.MODEL.DETECTOR, self.max_iter,
                     self.start_iter, self.world_size, cfg.SOLVER.IMS_PER_BATCH,
                     self.scheduler.base_lr)
-        self._data = build_train_loader(cfg, self.train_dataset, self.start_iter)
         self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter, cfg,
                                      getattr(self, "_writers_state", {}))
         self._reset_window()
@@ -425,6 +429,8 @@ class FinetuneTrainer:
         try:
             with PreemptionWatcher() as watcher, \
                     explain_worker_death(self.checkpointer.last_checkpoint):
+                # (the loader's workers start here: a worker that dies at once is explained too)
+                self._data = build_train_loader(cfg, self.train_dataset, self.start_iter)
                 for it in range(self.start_iter, self.max_iter):
                     self.iter = it
                     self.run_step(it)
@@ -480,33 +486,32 @@ class FinetuneTrainer:
         self.scaler.update()
         if self._loss_names is None:
             self._loss_names = list(loss_dict)
-        step = torch.stack([loss_dict[k].detach().float() for k in self._loss_names])
-        self._loss_sum = step if self._loss_sum is None else self._loss_sum + step
-        self._steps += 1
+        self._rows.append(torch.stack([loss_dict[k].detach().float() for k in self._loss_names]))
+        self._iters.append(it)
         self._lr = lr
 
     def _reset_window(self) -> None:
         self._loss_names: Optional[List[str]] = getattr(self, "_loss_names", None)
-        self._loss_sum = None
-        self._steps = 0
+        self._rows: List[torch.Tensor] = []  # per-step losses, on the device
+        self._iters: List[int] = []
         self._data_time = 0.0
         self._window_start = time.perf_counter()
 
     def _flush_metrics(self, done: int) -> None:
-        """Average the window's losses over steps and processes (one host sync), stop on a
-        non-finite loss, write metrics on the main process. Every process calls it."""
-        if self._steps == 0:
+        """Average the window's losses over processes (one host sync), check them
+        (:class:`NonFiniteLossGuard`), and write the mean over its finite steps on the main
+        process. Every process calls it."""
+        if not self._iters:
             return
-        mean = (comm.all_reduce_sum(self._loss_sum) / (self._steps * self.world_size)).tolist()
+        rows = (comm.all_reduce_sum(torch.stack(self._rows)) / self.world_size).double().cpu()
+        iters = self._iters
         elapsed = time.perf_counter() - self._window_start
-        steps, data_time = self._steps, self._data_time
+        steps, data_time = len(iters), self._data_time
         self._reset_window()
+        finite = self.nonfinite.check(rows, self._loss_names, iters, self.max_iter,
+                                      self.checkpointer.last_checkpoint)
+        mean = rows[finite].mean(dim=0).tolist()
         losses = dict(zip(self._loss_names, mean))
-        if not all(math.isfinite(v) for v in mean):
-            raise FloatingPointError(
-                f"Non-finite loss within iterations {done - steps + 1}..{done}: {losses}. Lower "
-                "SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS or set SOLVER.CLIP_GRAD_NORM."
-            )
         if not self.writers:
             return
         iter_time = elapsed / steps
@@ -514,6 +519,8 @@ class FinetuneTrainer:
                    "data_time": data_time / steps, "iter_time": iter_time,
                    "images_per_sec": self.cfg.SOLVER.IMS_PER_BATCH / max(iter_time, 1e-9),
                    "eta_seconds": iter_time * (self.max_iter - done)}
+        if not bool(finite.all()):
+            metrics["num_nonfinite"] = int((~finite).sum())
         if self.device.type == "cuda":
             metrics["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         for w in self.writers:

@@ -116,3 +116,20 @@ def all_gather_object(obj):
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy every buffer of ``module`` (BN statistics, queues) from process ``src`` to all
+    processes (collective; no-op for one process). DistributedDataParallel with
+    ``broadcast_buffers=False`` does not sync buffers at construction (the option of torch
+    versions without ``forward_sync_buffers``), so buffers drawn from a per-process seed would
+    otherwise start different on every process."""
+    if get_world_size() == 1:
+        return
+    device = _comm_device()
+    for buf in module.buffers():
+        t = buf if buf.device == device else buf.to(device)
+        dist.broadcast(t, src)
+        if t is not buf:
+            buf.copy_(t)

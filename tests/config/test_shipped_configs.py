@@ -223,6 +223,8 @@ ROWS = [
     (FT_ALL + (DEMO_FT,), "MODEL.PIXEL_MEAN", STATS[0], SOCO_D2_CFG + " PIXEL_MEAN (RGB)"),
     (FT_ALL + (DEMO_FT,), "MODEL.PIXEL_STD", STATS[1], SOCO_D2_CFG + " PIXEL_STD (RGB)"),
     (FT_ALL + (DEMO_FT,), "MODEL.BACKBONE.FREEZE_AT", 0, SOCO_D2_CFG + " BACKBONE.FREEZE_AT 0"),
+    (FT_ALL + (DEMO_FT,), "CUDNN_BENCHMARK", False,
+     D2 + " CUDNN_BENCHMARK False (multi-scale training: input shapes vary with each batch)"),
     (FT_COCO, "MODEL.RESNETS.DEPTH", 50, SOCO_D2_CFG + " RESNETS.DEPTH 50"),
     (FT_COCO, "MODEL.RESNETS.NORM", "BN", SOCO_D2_CFG + " SyncBN (BN becomes SyncBN with > 1 process)"),
     (FT_COCO, "MODEL.FPN.NORM", "BN", SOCO_D2_CFG + " FPN.NORM SyncBN"),

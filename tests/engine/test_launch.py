@@ -150,3 +150,94 @@ def test_sigterm_to_the_launcher_stops_every_spawned_process_after_the_same_step
     assert state["world_size"] == 2 and len(state["rng_states"]) == 2
     assert name == f"model_{state['iteration']:07d}.pth" and 3 <= state["iteration"] < 100000
     assert "SIGTERM received: stopped after iteration" in output
+
+
+# ---------------------------------------------------------------- which GPU each process uses
+TORCHRUN_8 = {"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8",
+              "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+SRUN_8 = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
+          "SLURM_NTASKS_PER_NODE": "8", "SLURM_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "9"}
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretend ``n`` CUDA devices are visible; records ``torch.cuda.set_device`` calls."""
+    import torch
+
+    state = {"n": 8, "set": []}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: state["n"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: state["n"] > 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: state["set"].append(d))
+    return state
+
+
+@pytest.mark.parametrize("env, visible, expected", [
+    (TORCHRUN_8, 8, 5),                                          # torchrun, all GPUs visible
+    (SRUN_8, 8, 5),                                              # srun without GPU binding
+    ({**SRUN_8, "CUDA_VISIBLE_DEVICES": "5"}, 1, 0),             # srun --gpus-per-task=1 / --gpu-bind
+    ({**SRUN_8, "SLURM_GPUS_PER_TASK": "2"}, 2, 1),              # two GPUs bound to each task
+    ({}, 8, 5),                                                  # --num-gpus 8 (spawned here)
+])
+def test_cuda_device_of_each_launcher(gpus, env, visible, expected):
+    from soco_d2.engine.launch import cuda_device_index
+
+    gpus["n"] = visible
+    assert cuda_device_index(5, 8, env) == expected
+
+
+@pytest.mark.parametrize("env, names", [
+    (TORCHRUN_8, "LOCAL_RANK / LOCAL_WORLD_SIZE"),
+    ({**TORCHRUN_8, "LOCAL_WORLD_SIZE": "8"}, "torchrun --nproc-per-node"),
+    (SRUN_8, "SLURM_LOCALID / SLURM_NTASKS_PER_NODE"),
+    ({}, "--num-gpus"),
+])
+def test_more_local_processes_than_devices_without_binding_is_an_error(gpus, env, names):
+    from soco_d2.engine.launch import cuda_device_index
+
+    gpus["n"] = 4
+    with pytest.raises(RuntimeError) as e:
+        cuda_device_index(5, 8, {**env, "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    text = str(e.value)
+    assert names in text and "CUDA_VISIBLE_DEVICES='0,1,2,3'" in text and "only 4 CUDA" in text
+    assert "--gpus-per-task=1" in text and "at most 4 process(es) per machine" in text
+    gpus["n"] = 1  # one visible device: a binding under SLURM, two processes on one GPU otherwise
+    if env is SRUN_8:
+        assert cuda_device_index(5, 8, env) == 0
+    else:
+        with pytest.raises(RuntimeError, match="only 1 CUDA"):
+            cuda_device_index(5, 8, env)
+
+
+def test_launch_and_resolve_device_use_the_bound_gpu(gpus, monkeypatch):
+    """srun with one GPU per task: local rank 5 sets and trains on device 0, not "GPU 5"."""
+    import importlib
+
+    import torch
+    import torch.distributed as dist
+
+    from soco_d2.engine.trainer import resolve_device
+    from soco_d2.utils import comm
+
+    gpus["n"] = 1
+    for k in LAUNCHER_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {**SRUN_8, "MASTER_ADDR": "127.0.0.1", "CUDA_VISIBLE_DEVICES": "5"}.items():
+        monkeypatch.setenv(k, v)
+
+    class Stop(Exception):
+        pass
+
+    def no_group(**kwargs):
+        raise Stop(kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", no_group)
+    with pytest.raises(Stop):
+        importlib.import_module("soco_d2.engine.launch").launch(lambda: None, 1, backend="nccl")
+    assert gpus["set"] == [0]
+    monkeypatch.setattr(comm, "_LOCAL_RANK", 5)
+    monkeypatch.setattr(comm, "_LOCAL_WORLD_SIZE", 8)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)  # an explicit index is kept
+    gpus["n"] = 8
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert resolve_device("cuda") == torch.device("cuda", 5)

@@ -129,16 +129,19 @@ def test_disk_full_keeps_the_last_good_checkpoint_and_continues_or_stops(tmp_pat
 
 
 class SelfKillingDataset(toy.ToyDataset):
-    """Its loader worker is SIGKILLed (as by the out-of-memory killer) on its ``die_at``-th item."""
+    """Its loader worker gets ``sig`` on its ``die_at``-th item: SIGKILL as from the
+    out-of-memory killer, SIGBUS as when shared memory runs out."""
 
-    def __init__(self, die_at):
+    def __init__(self, die_at, sig=signal.SIGKILL):
         super().__init__()
-        self.die_at, self.calls = die_at, 0
+        self.die_at, self.calls, self.sig = die_at, 0, sig
 
     def __getitem__(self, key):
+        if get_worker_info() is None:  # the shared-memory check reads one sample up front
+            return super().__getitem__(key)
         self.calls += 1
-        if get_worker_info() is not None and self.calls == self.die_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.calls == self.die_at:
+            os.kill(os.getpid(), self.sig)
         return super().__getitem__(key)
 
 
@@ -160,3 +163,12 @@ def test_killed_loader_worker_names_the_cause_and_the_run_resumes(tmp_path):
     resumed.train()
     _assert_same_weights(_weights(tmp_path / "ref" / "model_final.pth"),
                          _weights(tmp_path / "run" / "model_final.pth"))
+
+
+def test_bus_error_in_a_loader_worker_points_to_shared_memory(tmp_path):
+    cfg = toy.toy_cfg(tmp_path, **{"DATALOADER.NUM_WORKERS": 1})
+    with pytest.raises(DataLoaderWorkerDied) as e:
+        _trainer(cfg, dataset=SelfKillingDataset(die_at=10, sig=signal.SIGBUS)).train()
+    msg = str(e.value)
+    assert "SIGBUS" in msg and "/dev/shm" in msg and "--shm-size" in msg and "--ipc=host" in msg
+    assert "out-of-memory killer" not in msg and "--resume" in msg

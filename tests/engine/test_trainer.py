@@ -91,6 +91,72 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in state.values())
 
 
+class _NanToy(toy.EngineToyNet):
+    """The toy with a NaN loss in each forward call of ``nan_calls``."""
+
+    nan_calls = ()
+
+    def forward(self, batch):
+        call = self.calls
+        out = super().forward(batch)
+        if call in self.nan_calls:
+            out["loss_match"] = out["loss_match"] * float("nan")
+        return out
+
+
+@pytest.fixture
+def skipping_scaler(monkeypatch):
+    """The trainer's GradScaler enabled on the CPU (float16 autocast needs CUDA; the scaler's
+    skip of a step with non-finite gradients is the same on a CPU)."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        lambda device, enabled=True: real(device, init_scale=2.0**10, enabled=True))
+
+
+def _nan_run(cfg, nan_calls):
+    torch.manual_seed(0)
+    model = _NanToy(cfg)
+    model.nan_calls = set(nan_calls)
+    trainer = PretrainTrainer(cfg, model=model, dataset=toy.ToyDataset())
+    trainer.train()
+    return trainer
+
+
+def test_fp16_run_survives_non_finite_losses_its_scaler_skipped(tmp_path, skipping_scaler, soco_log):
+    cfg = toy.toy_cfg(tmp_path, **{"SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE": 3,
+                                   "SOLVER.CHECKPOINT_PERIOD": 0})
+    trainer = _nan_run(cfg, nan_calls={1, 3, 4})  # iterations 2, 4 and 5: at most 2 in a row
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 2.0**10 / 8  # 3 skips
+    final = _final_state(tmp_path)
+    assert final["iteration"] == 6
+    assert all(torch.isfinite(v.float()).all() for v in final["model"].values())
+    lines = [json.loads(x) for x in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert [x.get("num_nonfinite", 0) for x in lines] == [1, 1, 1]  # windows 1-2, 3-4, 5-6
+    assert all(x["loss_match"] == x["loss_match"] for x in lines)  # finite steps only: no NaN
+    warned = [m for m in soco_log if m.startswith("Non-finite loss in iteration(s)")]
+    assert len(warned) == 3 and "4, 5" not in warned[1] and "iteration(s) 4: " in warned[1]
+    assert "MAX_CONSECUTIVE_NONFINITE" in warned[0]
+
+
+def test_fp16_run_stops_after_the_configured_consecutive_non_finite_losses(tmp_path, skipping_scaler):
+    cfg = toy.toy_cfg(tmp_path, **{"SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE": 3,
+                                   "SOLVER.CHECKPOINT_PERIOD": 1})
+    with pytest.raises(FloatingPointError, match=r"iteration 4 of 6.*loss_match=nan.*"
+                       r"The 3 iterations up to this one.*MAX_CONSECUTIVE_NONFINITE 3") as e:
+        _nan_run(cfg, nan_calls={1, 2, 3})  # iterations 2, 3, 4 (across two metric windows)
+    assert "the last good one is" in str(e.value) and "model_0000003.pth" in str(e.value)
+    with pytest.raises(ValueError, match="MAX_CONSECUTIVE_NONFINITE must be an integer >= 1"):
+        PretrainTrainer(toy.toy_cfg(tmp_path / "bad", **{"SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE": 0}),
+                        model=toy.EngineToyNet(cfg), dataset=toy.ToyDataset())
+
+
+def test_without_a_scaler_the_first_non_finite_loss_stops(tmp_path):
+    """fp32 / bf16: the step of a non-finite loss was applied, whatever the setting."""
+    cfg = toy.toy_cfg(tmp_path, **{"SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE": 3, "LOG_PERIOD": 100})
+    with pytest.raises(FloatingPointError, match=r"iteration 2 of 6.*loss_match=nan"):
+        _nan_run(cfg, nan_calls={1})
+
+
 def test_too_many_bad_images_stop_the_run(tmp_path):
     cfg = toy.toy_cfg(tmp_path, **{"DATALOADER.MAX_BAD_IMAGE_FRACTION": 0.2})
     model = toy.EngineToyNet(cfg)
@@ -162,6 +228,7 @@ def test_cpu_threads_leave_cores_to_loader_workers(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)  # the whole machine: shared
     try:
         assert configure_cpu_threads(num_workers=4, processes_per_machine=2) == 4  # 16 // 2 - 4
         assert torch.get_num_threads() == 4
@@ -248,3 +315,48 @@ def test_trajectory_follows_the_official_loop_order(tmp_path):
     # after six steps; a change of the loop order or of a schedule index moves weights by 1e-3.
     for k, v in expected.items():
         torch.testing.assert_close(final[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _detco_queues_worker(rank, init_file, out_dir, ddp_option):
+    import torch.distributed as dist
+
+    from soco_d2.config import get_cfg
+    from soco_d2.engine import trainer as trainer_mod
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        if ddp_option is not None:  # the DDP option of another torch version
+            trainer_mod._no_buffer_broadcast = lambda: dict(ddp_option)
+        cfg = get_cfg()
+        cfg.MODEL.META_ARCHITECTURE = "DetCo"
+        cfg.MODEL.DEVICE = "cpu"
+        cfg.MODEL.RESNETS.DEPTH = 18
+        cfg.MODEL.DETCO.QUEUE_SIZE = 8
+        cfg.MODEL.DETCO.HEAD_HIDDEN_DIM = 16
+        cfg.MODEL.DETCO.FEATURE_DIM = 8
+        cfg.SOLVER.IMS_PER_BATCH = 4
+        cfg.OUTPUT_DIR = os.path.join(out_dir, "run")
+        # the model is built after seeding with SEED + rank: its queues are drawn per process
+        trainer = PretrainTrainer(cfg, dataset=toy.ToyDataset())
+        m = trainer.model.module
+        torch.save({"queues": {f"{kind}.{lvl}": q.queue.clone() for kind in ("global", "local")
+                               for lvl, q in getattr(m, f"queues_{kind}").items()},
+                    "param": next(m.parameters()).detach().clone()},
+                   os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ddp_option", [None, {"broadcast_buffers": False}],
+                         ids=["this torch", "broadcast_buffers=False"])
+def test_two_processes_start_from_the_same_detco_queues(tmp_path, ddp_option):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_detco_queues_worker, nprocs=2, start_method="spawn",
+                       args=(str(tmp_path / "init"), str(tmp_path), ddp_option))
+    a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2))
+    assert len(a["queues"]) == 8  # global and local, res2-res5
+    assert torch.equal(a["param"], b["param"])
+    for k in a["queues"]:
+        assert torch.equal(a["queues"][k], b["queues"][k]), k

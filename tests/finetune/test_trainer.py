@@ -327,3 +327,36 @@ def test_coco_eval_backend_checked_before_training(tiny_coco, tiny_overrides, tm
         "TEST.COCO_EVAL_BACKEND", "faster_coco_eval"])
     with pytest.raises(RuntimeError, match="faster-coco-eval"):
         FinetuneTrainer(cfg)
+
+
+@pytest.mark.parametrize("limit", [2, 1])
+def test_fp16_non_finite_loss_the_scaler_skipped(tiny_coco, tiny_overrides, tmp_path, monkeypatch,
+                                                 limit):
+    """A NaN loss in iteration 2 under a gradient scaler (enabled on the CPU here; float16
+    autocast needs CUDA): the step is skipped and training goes on, unless
+    SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE is 1."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        lambda device, enabled=True: real(device, init_scale=2.0**10, enabled=True))
+    json_file, _ = tiny_coco
+    cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, tmp_path) + [
+        "SOLVER.MAX_ITER", 3, "DATASETS.TEST", "()", "SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE", limit])
+    trainer = FinetuneTrainer(cfg)
+    forward, calls = trainer.model.forward, []
+
+    def nan_in_the_second_call(*args):
+        out = forward(*args)
+        calls.append(1)
+        return {k: v * float("nan") if len(calls) == 2 else v for k, v in out.items()}
+
+    trainer.model.forward = nan_in_the_second_call
+    if limit == 1:
+        with pytest.raises(FloatingPointError, match=r"iteration 2 of 3.*loss_classifier=nan"):
+            trainer.train()
+        return
+    trainer.train()
+    assert trainer.scaler.get_scale() == 2.0**9
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.json")]
+    assert [r.get("num_nonfinite", 0) for r in lines] == [0, 1, 0]
+    state = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
+    assert all(torch.isfinite(v.float()).all() for v in state.values())
