@@ -4,9 +4,10 @@
 timeout passes, so a hang (of the tool or of one of its workers, which would keep the output
 pipes open) fails the test instead of blocking it.
 
-``worker_fault_env`` makes a class's ``__getitem__`` raise a given built-in exception inside
-torch data-loader workers only, in every Python process the tool starts (spawned ranks
-included): a ``sitecustomize`` module, which Python imports at start-up, applies the patch.
+``worker_fault_env`` makes a function or method raise a given built-in exception (or SIGKILL
+its process) inside the tool's worker processes only (torch data-loader workers, or pool
+processes): a ``sitecustomize`` module, which Python imports at start-up in every process the
+tool starts (spawned ranks included), applies the patch.
 """
 import os
 import signal
@@ -24,32 +25,46 @@ _spec = os.environ.get("SOCO_TEST_WORKER_RAISES")
 if _spec:
     import builtins
     import importlib
+    import multiprocessing
+    import signal
 
-    _module, _cls, _exc = _spec.split(":")
-    _klass = getattr(importlib.import_module(_module), _cls)
-    _original = _klass.__getitem__
+    _module, _attr, _exc, _where = _spec.split(":")
+    _owner = importlib.import_module(_module)
+    *_path, _name = _attr.split(".")
+    for _part in _path:
+        _owner = getattr(_owner, _part)
+    _original = getattr(_owner, _name)
 
-    def __getitem__(self, item):
-        from torch.utils.data import get_worker_info
+    def _in_worker():
+        if _where == "loader":
+            from torch.utils.data import get_worker_info
 
-        if get_worker_info() is not None:
-            raise getattr(builtins, _exc)("fault injected in a loader worker")
-        return _original(self, item)
+            return get_worker_info() is not None
+        return multiprocessing.parent_process() is not None  # a pool process
 
-    _klass.__getitem__ = __getitem__
+    def _faulty(*args, **kwargs):
+        if _in_worker():
+            if _exc == "SIGKILL":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise getattr(builtins, _exc)("fault injected in a worker")
+        return _original(*args, **kwargs)
+
+    setattr(_owner, _name, _faulty)
 '''
 
 
-def worker_fault_env(tmp_path, target: str, exception: str) -> dict:
-    """Environment for a subprocess whose loader workers raise ``exception`` (a built-in name)
-    from ``target.__getitem__`` (``"module:Class"``)."""
+def worker_fault_env(tmp_path, target: str, exception: str, where: str = "loader") -> dict:
+    """Environment for a subprocess in whose workers ``target`` (``"module:attr"``, e.g.
+    ``"pkg.mod:Class.__getitem__"``) raises ``exception`` (a built-in exception's name, or
+    ``"SIGKILL"``: the worker kills itself). ``where``: ``"loader"`` (torch data-loader
+    workers) or ``"pool"`` (any process started by the tool's process)."""
     hook = tmp_path / "fault_hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(_SITECUSTOMIZE)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(hook), REPO, env.get("PYTHONPATH", "")) if p)
-    env["SOCO_TEST_WORKER_RAISES"] = f"{target}:{exception}"
+    env["SOCO_TEST_WORKER_RAISES"] = f"{target}:{exception}:{where}"
     return env
 
 

@@ -131,3 +131,25 @@ def test_sigterm_keeps_the_finished_images_and_resume_completes(tmp_path, monkey
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
     assert _main(*args, "--resume") == 0
     assert out.read_bytes() == ref.read_bytes()
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+from faults import run_bounded, worker_fault_env  # noqa: E402
+
+
+@pytest.mark.parametrize("fault", ["TypeError", "SIGKILL"])
+def test_a_failing_or_killed_pool_worker_ends_the_run_with_its_cause(tmp_path, fault):
+    """Any exception escaping a pool worker, or a worker killed (the out-of-memory killer),
+    ends the tool at once with exit code 1 and the cause, instead of waiting forever for the
+    result that never comes."""
+    _images(tmp_path / "img")
+    env = worker_fault_env(tmp_path, "soco_d2.data.selective_search:read_image_reduced", fault,
+                           where="pool")
+    run = run_bounded([sys.executable, TOOL, "--images", str(tmp_path / "img"), "--output",
+                       str(tmp_path / "p.socoprop"), "--workers", "2", "--no-progress"],
+                      timeout=120, env=env)
+    assert run.returncode == 1, run.stderr[-3000:]
+    if fault == "SIGKILL":
+        assert "A proposal worker process died" in run.stderr and "--workers" in run.stderr
+    else:
+        assert "TypeError: fault injected in a worker" in run.stderr

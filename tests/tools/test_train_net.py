@@ -109,18 +109,18 @@ def _failing_finetune(data, tmp_path, processes):
     overrides = TINY + data + ["OUTPUT_DIR", out, "SOLVER.MAX_ITER", "2",
                                "SOLVER.IMS_PER_BATCH", str(2 * processes),
                                "DATALOADER.NUM_WORKERS", "1"]
-    env = worker_fault_env(tmp_path, "soco_d2.finetune.coco_data:COCODetection", "TypeError")
+    env = worker_fault_env(tmp_path, "soco_d2.finetune.coco_data:COCODetection.__getitem__", "TypeError")
     return run_bounded(cmd + overrides, timeout=300, env=env)
 
 
 def test_an_exception_in_a_loader_worker_ends_the_run_with_its_cause(data, tmp_path):
     run = _failing_finetune(data, tmp_path, 1)
     assert run.returncode == 1, run.stderr[-3000:]
-    assert "TypeError: " in run.stderr and "fault injected in a loader worker" in run.stderr
+    assert "TypeError: " in run.stderr and "fault injected in a worker" in run.stderr
 
 
 @pytest.mark.slow
 def test_an_exception_in_a_loader_worker_ends_a_two_process_run(data, tmp_path):
     run = _failing_finetune(data, tmp_path, 2)
     assert run.returncode == 1, run.stderr[-3000:]
-    assert "TypeError" in run.stderr and "fault injected in a loader worker" in run.stderr
+    assert "TypeError" in run.stderr and "fault injected in a worker" in run.stderr
