@@ -4,7 +4,10 @@ An image source is one of
 
 * a folder tree (ImageNet layout, one sub-folder per class) or a plain folder: every file with an
   image extension (:data:`IMAGE_EXTENSIONS`, any case) is listed, recursively; hidden files and
-  hidden folders (names starting with ``.``) are skipped; symlinked folders are followed;
+  hidden folders (names starting with ``.``) are skipped; links are followed and each real file
+  (and folder) is listed once, so a link loop cannot multiply the data set; named pipes,
+  sockets, devices and broken links are never opened. One log line counts every skipped entry
+  by reason and names the extensions that were ignored;
 * a ``.txt`` list file: one path per line, absolute or relative to the list file's folder. Blank
   lines and lines starting with ``#`` are ignored; ImageNet-style ``path<TAB>label`` or
   ``path label`` lines are accepted and the label is ignored (a path containing spaces must then be
@@ -25,15 +28,21 @@ valid when the dataset moves to another machine.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import io
 import json
+import logging
 import os
+import stat
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -179,6 +188,31 @@ def _too_large(declared: str, max_pixels: int) -> str:
             "raise the limit if the machine has the memory, or shrink the file")
 
 
+def _kind_of(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read_regular_file(path: str) -> np.ndarray:
+    """The bytes of ``path`` as uint8, refusing anything but a regular file before reading.
+
+    The file is opened without blocking (``O_NONBLOCK``: opening a named pipe would otherwise
+    wait for a writer forever; it changes nothing for a regular file) and checked with
+    ``fstat`` on the open descriptor, so a file swapped for a pipe after listing is refused too.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"{_kind_of(mode)}, not a regular file: never read")
+        return np.fromfile(f, dtype=np.uint8)
+
+
 def _source_name(source) -> str:
     """The path of a file, or ``<archive>@/<member>`` of an archive member (for messages)."""
     return str(source) if hasattr(source, "read_bytes") and not isinstance(source, os.PathLike) \
@@ -189,7 +223,7 @@ def _read_source(source) -> np.ndarray:
     """The bytes of a file path or of an object with ``read_bytes()`` (an archive member)."""
     if hasattr(source, "read_bytes") and not isinstance(source, os.PathLike):
         return np.frombuffer(source.read_bytes(), dtype=np.uint8)
-    return np.fromfile(os.fspath(source), dtype=np.uint8)
+    return _read_regular_file(os.fspath(source))
 
 
 def read_image(source, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -342,13 +376,98 @@ def _is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+class _Skipped:
+    """What a listing left out, and why: counted per reason and per ignored extension."""
+
+    def __init__(self):
+        self.reasons = collections.Counter()
+        self.extensions = collections.Counter()
+
+    def add(self, reason: str, count: int = 1) -> None:
+        self.reasons[reason] += count
+
+    def report(self, source: str) -> None:
+        """One log line (a warning when entries other than foreign extensions were skipped)."""
+        parts = [f"{n} {why}" for why, n in sorted(self.reasons.items())]
+        if self.extensions:
+            shown = ", ".join(f"{ext or '(none)'} ({n})" for ext, n in self.extensions.most_common(10))
+            more = len(self.extensions) - 10
+            parts.append(f"{sum(self.extensions.values())} with another extension: {shown}"
+                         + (f" and {more} more" if more > 0 else ""))
+        if not parts:
+            return
+        total = sum(self.reasons.values()) + sum(self.extensions.values())
+        level = logging.WARNING if self.reasons else logging.INFO
+        logger.log(level, "Listing %r: %d entries skipped: %s. Accepted image extensions (any "
+                   "case): %s.", source, total, "; ".join(parts), " ".join(IMAGE_EXTENSIONS))
+
+
 def _list_folder(folder: str) -> ImageList:
-    keys = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = os.path.relpath(dirpath, folder)
-        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-        keys.extend(prefix + f for f in filenames if not f.startswith(".") and _is_image_file(f))
+    """Every regular file with an image extension under ``folder``, each real file once.
+
+    Written with ``os.scandir`` rather than ``os.walk(followlinks=True)``, which neither stops
+    at a link loop nor tells a regular file from a named pipe without another ``stat`` per
+    file. Links are resolved; what is not a regular file (named pipe, socket, device, broken
+    link) is never opened, a folder or file reached a second time (a link loop, a second link
+    to it, hard links) is listed once, and every skipped entry is counted by reason.
+    """
+    found, skipped, seen_dirs = [], _Skipped(), set()
+    root = os.stat(folder)
+    seen_dirs.add((root.st_dev, root.st_ino))
+    stack = [("", folder, root.st_dev)]
+    while stack:
+        prefix, path, dev = stack.pop()
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as e:
+            skipped.add(f"folder(s) that could not be listed ({e.strerror})")
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                skipped.add("hidden (name starting with '.')")
+                continue
+            try:
+                if entry.is_symlink():
+                    st = entry.stat()  # follows the link
+                    mode, ident = st.st_mode, (st.st_dev, st.st_ino)
+                elif entry.is_dir(follow_symlinks=False):  # no system call: the entry's type
+                    st = entry.stat(follow_symlinks=False)
+                    mode, ident = st.st_mode, (st.st_dev, st.st_ino)
+                else:
+                    mode = None if entry.is_file(follow_symlinks=False) else entry.stat(
+                        follow_symlinks=False).st_mode
+                    ident = (dev, entry.inode())
+            except FileNotFoundError:
+                skipped.add("broken link(s)")
+                continue
+            except OSError as e:
+                skipped.add(f"entries that could not be examined ({e.strerror})")
+                continue
+            if mode is not None and stat.S_ISDIR(mode):
+                if ident in seen_dirs:
+                    skipped.add("folder(s) reached again through a link (a loop or a second link)")
+                else:
+                    seen_dirs.add(ident)
+                    subdirs.append((prefix + entry.name + "/", entry.path, ident[0]))
+                continue
+            if mode is not None and not stat.S_ISREG(mode):
+                skipped.add(f"{_kind_of(mode)} (not a regular file, never opened)")
+                continue
+            if not _is_image_file(entry.name):
+                skipped.extensions[os.path.splitext(entry.name)[1].lower()] += 1
+                continue
+            found.append((entry.is_symlink(), prefix + entry.name, ident))
+        stack.extend(reversed(subdirs))  # depth first, in name order: the same keys every time
+    # A file with several names is listed under its first real (not link) name in key order.
+    keys, seen_files = [], set()
+    for _, key, ident in sorted(found):
+        if ident in seen_files:
+            skipped.add("file(s) listed already under another name (a link or hard link)")
+        else:
+            seen_files.add(ident)
+            keys.append(key)
+    skipped.report(folder)
     return ImageList(folder, keys)
 
 
@@ -357,12 +476,28 @@ def _keys_under(root: str, paths: Sequence[str]) -> List[str]:
 
 
 def _check_exist(paths: Sequence[str], source: str) -> None:
-    missing = [p for p in paths if not os.path.isfile(p)]
+    """Every path must be a regular file (after links): a missing one and one that is something
+    else (a named pipe, a folder, ...) are named, separately."""
+    missing, special = [], []
+    for p in paths:
+        try:
+            mode = os.stat(p).st_mode
+        except OSError:
+            missing.append(p)
+            continue
+        if not stat.S_ISREG(mode):
+            special.append(f"{p!r} ({_kind_of(mode)})")
     if missing:
         shown = ", ".join(repr(p) for p in missing[:5])
         raise FileNotFoundError(
             f"{len(missing)} of the {len(paths)} images listed in {source!r} do not exist "
             f"(first: {shown}); fix the paths or pass the right image_root"
+        )
+    if special:
+        raise ValueError(
+            f"{len(special)} of the {len(paths)} images listed in {source!r} are not regular "
+            f"files and would never be read (first: {', '.join(special[:5])}); remove them from "
+            "the list"
         )
 
 

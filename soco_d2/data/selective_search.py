@@ -14,12 +14,14 @@ random subset seeded by the boxes themselves.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
-import signal
 import time
 import zlib
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -229,24 +231,68 @@ class GenerationSummary:
 
 
 def _init_worker() -> None:
-    """Pool initializer: OpenCV single-threaded (one process per core; OpenCV's own threads
-    would oversubscribe)."""
+    """Initializer of the pool's processes: OpenCV single-threaded (one process per core;
+    OpenCV's own threads would oversubscribe), and the job's signals left to the main process,
+    which stops the run cleanly and then ends the workers itself (see
+    :func:`~soco_d2.engine.preemption.ignore_preemption_signals`). A worker killed by a signal
+    sent to the whole process group could otherwise die holding a lock of the task queue and
+    leave the main process waiting for it forever."""
+    from soco_d2.engine.preemption import ignore_preemption_signals
+
     cv2.setNumThreads(1)
-    # SIGUSR1 is for the main process (which stops cleanly); SIGTERM ends a worker as usual.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    ignore_preemption_signals()
 
 
-def _poll(results, watcher, timeout: float = 1.0):
-    """The pool's results as they come, stopping early once ``watcher`` saw a signal (a result
-    that never comes, because a signal killed its worker, does not block the stop)."""
-    while not watcher.received:
-        try:
-            yield results.next(timeout)
-        except multiprocessing.TimeoutError:
-            continue
-        except StopIteration:
-            return
+class ProposalWorkerDied(RuntimeError):
+    """A process of the proposal pool ended abnormally (most often: the out-of-memory killer)."""
+
+
+def _pool_results(tasks, workers: int, watcher):
+    """``_process_one`` of each task, as they finish, on ``workers`` processes (in this process
+    when ``workers`` is 1). Stops once ``watcher`` saw a signal (tasks still running are
+    dropped); an exception of a task is raised here, with the worker's traceback.
+
+    :class:`concurrent.futures.ProcessPoolExecutor`, unlike ``multiprocessing.Pool``, notices a
+    worker that dies (its task would otherwise never return). On the way out, whatever the
+    reason, the workers still running are killed: a task blocked on a stalled read cannot keep
+    the process alive (the executor's shutdown would wait for it)."""
+    if workers == 1:
+        cv2.setNumThreads(1)
+        for task in tasks:
+            if watcher.received:
+                return
+            yield _process_one(task)
+        return
+    before = set(multiprocessing.active_children())
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(),
+                                   initializer=_init_worker)
+    todo, pending = iter(tasks), {}
+    try:
+        while not watcher.received:
+            while len(pending) < 2 * workers:  # a short queue: a stop drops little work
+                task = next(todo, None)
+                if task is None:
+                    break
+                pending[executor.submit(_process_one, task)] = task[0]
+            if not pending:
+                return
+            done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in done:
+                key = pending.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise ProposalWorkerDied(
+                        f"A proposal worker process died while computing {key!r} or another "
+                        "image (killed by a signal: most often the kernel's out-of-memory "
+                        "killer). Lower --workers or --max-size, or give the job more memory; "
+                        "the finished images are kept, continue with --resume.") from None
+                yield result
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in set(multiprocessing.active_children()) - before:
+            process.kill()
+            process.join()
 
 
 def _process_one(task):
@@ -317,16 +363,8 @@ def run_generation(
                  for i in shard_ids if images.keys[i] not in writer.done_keys]
         summary.images_skipped = summary.images_total - len(tasks)
         workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks) or 1))
-        if workers == 1:
-            cv2.setNumThreads(1)
-            results = map(_process_one, tasks)
-            pool = None
-        else:
-            pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker)
-            # chunksize 1: the only kind of result iterator that can wait with a timeout.
-            results = _poll(pool.imap_unordered(_process_one, tasks), watcher)
         min_boxes = None
-        try:
+        with contextlib.closing(_pool_results(tasks, workers, watcher)) as results:
             for key, boxes, image_hw, error in tqdm(results, total=len(tasks), disable=not progress,
                                                     desc="proposals", unit="img", smoothing=0.05):
                 if error is not None:
@@ -341,10 +379,6 @@ def run_generation(
                     min_boxes = len(boxes) if min_boxes is None else min(min_boxes, len(boxes))
                 if watcher.received:
                     break
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
         summary.boxes_min = min_boxes or 0
         if watcher.received:
             writer.flush()

@@ -9,9 +9,10 @@ checkpoint (atomically) and raises :class:`Preempted`, which ends the process wi
 weights as an uninterrupted run). With ``requeue``, the main process first asks SLURM to
 put the job back in the queue (``scontrol requeue $SLURM_JOB_ID``).
 
-Loader workers ignore both signals (:func:`ignore_preemption_signals`, their ``worker_init_fn``):
-a scheduler that signals every process of the job must not kill the workers under the step that
-is still finishing.
+Loader workers ignore both signals when the job sends them (:func:`ignore_preemption_signals`,
+their ``worker_init_fn``): a scheduler that signals every process of the job must not kill the
+workers under the step that is still finishing. A SIGTERM from the worker's own parent (torch's
+loader shutdown, Python's exit handlers) still ends it, so a failed run never waits on them.
 """
 import contextlib
 import logging
@@ -59,9 +60,36 @@ class Preempted(SystemExit):
 
 
 def ignore_preemption_signals(worker_id: int = 0) -> None:
-    """``worker_init_fn`` of the data loaders: workers leave SIGTERM / SIGUSR1 to the trainer."""
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    """``worker_init_fn`` of the data loaders (and initializer of other worker processes):
+    SIGTERM / SIGUSR1 from the job (a scheduler signalling every process) are left to the
+    training process, while a SIGTERM from this worker's parent still ends the worker.
+
+    A worker that ignored SIGTERM outright could never be stopped by its parent: torch's loader
+    shutdown and Python's exit handlers end daemon workers with SIGTERM and then wait for them,
+    so a run that failed would hang at exit. On Linux the signals are blocked and a thread
+    waits for them (``sigwaitinfo`` tells who sent each one); elsewhere they are ignored.
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        for sig in PREEMPTION_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    for sig in PREEMPTION_SIGNALS:  # a forked worker inherits the trainer's handlers
+        signal.signal(sig, signal.SIG_DFL)
+    threading.Thread(target=_obey_parent_only, args=(parent,), daemon=True,
+                     name="worker-signals").start()
+
+
+def _obey_parent_only(parent: int) -> None:
+    """Waits for the blocked signals; a SIGTERM from ``parent`` ends the process as SIGTERM
+    does by default, any other is dropped."""
+    while True:
+        info = signal.sigwaitinfo(PREEMPTION_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+            os._exit(128 + signal.SIGTERM)  # not reached: the default action ends the process
 
 
 class PreemptionWatcher:

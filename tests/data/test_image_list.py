@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import pickle
 import sys
@@ -364,3 +365,45 @@ def test_pillow_bomb_warning_silenced_where_our_pixel_limit_decides(tmp_path, mo
     # Without a limit of ours (0), Pillow's own warning is left as it is.
     with pytest.warns(Image.DecompressionBombWarning):
         read_image(tmp_path / "big.tif", max_pixels=0)
+
+
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: reads refuse it at once, and a
+    list file naming one is an error before anything is read."""
+    import threading
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read():
+        try:
+            read_image(fifo)
+        except UnreadableImageError as e:
+            outcome.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "read_image waited on a named pipe"
+    assert outcome and "named pipe (FIFO)" in outcome[0] and "pipe.jpg" in outcome[0]
+
+    _touch_images(tmp_path, ["a.jpg"])
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.jpg\npipe.jpg\n")
+    with pytest.raises(ValueError, match=r"1 of the 2 images.*pipe\.jpg.*named pipe"):
+        list_images(lst)
+
+
+def test_folder_listing_resolves_links_and_lists_each_real_file_once(tmp_path, caplog):
+    _touch_images(tmp_path, ["d/a.jpg", "d/b.png", "e/c.jpg"])
+    os.symlink(tmp_path / "d", tmp_path / "e" / "to_d")  # the same folder twice
+    os.symlink(tmp_path, tmp_path / "d" / "up")  # a loop
+    os.link(tmp_path / "d" / "a.jpg", tmp_path / "e" / "hard.jpg")  # one file, two names
+    os.symlink(tmp_path / "e" / "c.jpg", tmp_path / "link.jpg")  # a link to a file
+    with caplog.at_level(logging.INFO):
+        images = list_images(tmp_path)
+    assert images.keys == ["d/a.jpg", "d/b.png", "e/c.jpg"]
+    assert "4 entries skipped" in caplog.text
+    assert "2 file(s) listed already under another name" in caplog.text
+    assert "2 folder(s) reached again through a link" in caplog.text

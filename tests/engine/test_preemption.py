@@ -172,3 +172,39 @@ def test_bus_error_in_a_loader_worker_points_to_shared_memory(tmp_path):
     msg = str(e.value)
     assert "SIGBUS" in msg and "/dev/shm" in msg and "--shm-size" in msg and "--ipc=host" in msg
     assert "out-of-memory killer" not in msg and "--resume" in msg
+
+
+def _wait_in_worker(ready):
+    from soco_d2.engine.preemption import ignore_preemption_signals
+
+    ignore_preemption_signals()
+    ready.set()
+    import time
+
+    time.sleep(120)
+
+
+def test_a_worker_ignores_the_jobs_signals_but_its_parent_can_end_it():
+    """SIGTERM / SIGUSR1 from another process (a scheduler signalling the job) leave a loader
+    worker running; its parent's SIGTERM (torch's shutdown, Python's exit handlers) ends it."""
+    import multiprocessing
+    import subprocess
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_wait_in_worker, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(60)
+        for sig in ("TERM", "USR1"):
+            subprocess.run([sys.executable, "-c",
+                            f"import os, signal; os.kill({worker.pid}, signal.SIG{sig})"],
+                           check=True, timeout=60)
+        worker.join(1.0)
+        assert worker.is_alive()
+        worker.terminate()
+        worker.join(30)
+        assert worker.exitcode == -signal.SIGTERM
+    finally:
+        if worker.is_alive():
+            worker.kill()

@@ -153,3 +153,51 @@ def test_opencv_without_ximgproc_refused_at_start_with_the_fix(tmp_path, monkeyp
     assert not (tmp_path / "p.socoprop").exists()
     with pytest.raises(RuntimeError, match="cv2.ximgproc"):  # the library entry point too
         ss.run_generation(ss.ImageList(str(tmp_path), ["x.jpg"]), str(tmp_path / "q.socoprop"))
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+from faults import run_bounded, worker_fault_env  # noqa: E402
+
+
+@pytest.mark.parametrize("fault", ["TypeError", "SIGKILL"])
+def test_a_failing_or_killed_pool_worker_ends_the_run_with_its_cause(tmp_path, fault):
+    """Any exception escaping a pool worker, or a worker killed (the out-of-memory killer),
+    ends the tool at once with exit code 1 and the cause, instead of waiting forever for the
+    result that never comes."""
+    _images(tmp_path / "img")
+    env = worker_fault_env(tmp_path, "soco_d2.data.selective_search:read_image_reduced", fault,
+                           where="pool")
+    run = run_bounded([sys.executable, TOOL, "--images", str(tmp_path / "img"), "--output",
+                       str(tmp_path / "p.socoprop"), "--workers", "2", "--no-progress"],
+                      timeout=120, env=env)
+    assert run.returncode == 1, run.stderr[-3000:]
+    if fault == "SIGKILL":
+        assert "A proposal worker process died" in run.stderr and "--workers" in run.stderr
+    else:
+        assert "TypeError: fault injected in a worker" in run.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_special_files_and_link_loops_are_never_read_nor_multiplied(tmp_path, workers):
+    """A named pipe with an image name (opening it would wait forever), a broken link, a link
+    to a listed file and a folder link back to the root (a loop): the tool lists each real
+    image once, never opens the pipe, and says what it skipped."""
+    _images(tmp_path / "img")
+    os.mkfifo(tmp_path / "img" / "cls1" / "pipe.jpg")
+    os.symlink(tmp_path / "img", tmp_path / "img" / "cls0" / "loop")
+    os.symlink(tmp_path / "img" / "cls0" / "0.jpg", tmp_path / "img" / "cls1" / "same.jpg")
+    os.symlink(tmp_path / "nowhere.jpg", tmp_path / "img" / "cls1" / "broken.jpg")
+    (tmp_path / "img" / "notes.txt").write_text("x")
+    out = tmp_path / "p.socoprop"
+    run = run_bounded([sys.executable, TOOL, "--images", str(tmp_path / "img"), "--output",
+                       str(out), "--workers", str(workers), "--no-progress"], timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "images done: 4" in run.stderr and "unreadable images skipped: 1" in run.stderr
+    assert ProposalStore.open(out).keys == ["cls0/0.jpg", "cls0/2.jpg", "cls1/1.jpg", "cls1/3.jpg"]
+    line = next(x for x in run.stderr.splitlines() if "entries skipped" in x)
+    assert "5 entries skipped" in line
+    assert "1 a named pipe (FIFO) (not a regular file, never opened)" in line
+    assert "1 broken link(s)" in line
+    assert "1 folder(s) reached again through a link" in line
+    assert "1 file(s) listed already under another name" in line
+    assert "1 with another extension: .txt (1)" in line

@@ -192,3 +192,35 @@ def test_cli_hostile_images_sigkill_and_sigterm_then_resume_match_an_uninterrupt
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs (SIGKILL after iteration {step})"
+
+
+# ------------------------------------------------------------------------------------------------
+# A failed run ends: any exception in a loader worker, 1 and 2 processes, under a hard timeout
+# ------------------------------------------------------------------------------------------------
+
+sys.path.insert(0, os.path.dirname(__file__))
+from faults import run_bounded, worker_fault_env  # noqa: E402
+
+
+def _failing_run(unlabeled, tmp_path, exception, processes):
+    out = str(tmp_path / f"fail_{exception}_{processes}")
+    cmd = [sys.executable, os.path.join(REPO, "tools", "pretrain_net.py"), "--config-file",
+           SOCO_CONFIGS[0], "--num-gpus", str(processes)]
+    overrides = tiny_overrides(*unlabeled, out) + ["DATALOADER.NUM_WORKERS", "1"]
+    env = worker_fault_env(tmp_path, "soco_d2.data.dataset:PretrainDataset.__getitem__", exception)
+    return run_bounded(cmd + overrides, timeout=240, env=env)
+
+
+@pytest.mark.parametrize("exception", ["TypeError", "ZeroDivisionError", "KeyError"])
+def test_any_exception_in_a_loader_worker_ends_the_run_with_its_cause(unlabeled, tmp_path,
+                                                                      exception):
+    run = _failing_run(unlabeled, tmp_path, exception, 1)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert f"{exception}: " in run.stderr and "fault injected in a worker" in run.stderr
+
+
+@pytest.mark.slow
+def test_an_exception_in_a_loader_worker_ends_a_two_process_run(unlabeled, tmp_path):
+    run = _failing_run(unlabeled, tmp_path, "TypeError", 2)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "TypeError" in run.stderr and "fault injected in a worker" in run.stderr

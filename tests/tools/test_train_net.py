@@ -97,3 +97,30 @@ def test_two_processes_syncbn_ddp_and_gathered_evaluation(data, tmp_path):
     evals = [r for r in _metrics(out) if "bbox/AP" in r]
     assert len(evals) == 1 and "segm/AP" in evals[0]
     assert "Evaluation of 2 images" in proc.stdout  # one per process, gathered on rank 0
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+from faults import run_bounded, worker_fault_env  # noqa: E402
+
+
+def _failing_finetune(data, tmp_path, processes):
+    out = str(tmp_path / f"fail_{processes}")
+    cmd = [sys.executable, TOOL, "--num-gpus", str(processes), "--config-file", CONFIG]
+    overrides = TINY + data + ["OUTPUT_DIR", out, "SOLVER.MAX_ITER", "2",
+                               "SOLVER.IMS_PER_BATCH", str(2 * processes),
+                               "DATALOADER.NUM_WORKERS", "1"]
+    env = worker_fault_env(tmp_path, "soco_d2.finetune.coco_data:COCODetection.__getitem__", "TypeError")
+    return run_bounded(cmd + overrides, timeout=300, env=env)
+
+
+def test_an_exception_in_a_loader_worker_ends_the_run_with_its_cause(data, tmp_path):
+    run = _failing_finetune(data, tmp_path, 1)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "TypeError: " in run.stderr and "fault injected in a worker" in run.stderr
+
+
+@pytest.mark.slow
+def test_an_exception_in_a_loader_worker_ends_a_two_process_run(data, tmp_path):
+    run = _failing_finetune(data, tmp_path, 2)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "TypeError" in run.stderr and "fault injected in a worker" in run.stderr
