@@ -83,7 +83,7 @@ def _nbytes(x) -> int:
 
 class StepCounter(contextlib.ContextDecorator):
     """Inside the block, record host syncs (``syncs``: list of ``(kind, what, site)``) and
-    collectives (``collectives``: list of ``(kind, bytes)``)."""
+    collectives (``collectives``: list of ``(kind, bytes, site)``)."""
 
     def __init__(self):
         self.syncs: List[tuple] = []
@@ -133,8 +133,8 @@ class StepCounter(contextlib.ContextDecorator):
         @functools.wraps(fn)
         def counted(*args, **kwargs):
             tensors = [a for a in args if isinstance(a, (torch.Tensor, list, tuple))]
-            self.collectives.append((name, _nbytes(tensors[:1]) if name not in (
-                "all_to_all",) else _nbytes(tensors[1:2])))
+            size = _nbytes(tensors[1:2] if name == "all_to_all" else tensors[:1])
+            self.collectives.append((name, size, _call_site()))
             return fn(*args, **kwargs)
         return counted
 
@@ -161,15 +161,15 @@ class StepCounter(contextlib.ContextDecorator):
         """DDP communication hook: count the bucket, then DDP's default all-reduce."""
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        self.collectives.append(("ddp_bucket_all_reduce", _nbytes(bucket.buffer())))
+        self.collectives.append(("ddp_bucket_all_reduce", _nbytes(bucket.buffer()), "DDP"))
         return allreduce_hook(state, bucket)
 
     def summary(self) -> Dict:
         syncs = collections.Counter(kind for kind, _, _ in self.syncs)
         sites = collections.Counter(f"{kind} {what} @ {site}" for kind, what, site in self.syncs)
-        calls = collections.Counter(kind for kind, _ in self.collectives)
+        calls = collections.Counter(kind for kind, _, _ in self.collectives)
         size = collections.Counter()
-        for kind, n in self.collectives:
+        for kind, n, _ in self.collectives:
             size[kind] += n
         return {
             "host_syncs": sum(syncs.values()),
@@ -178,6 +178,8 @@ class StepCounter(contextlib.ContextDecorator):
             "collectives": sum(calls.values()),
             "collectives_by_kind": {k: {"calls": calls[k], "bytes": size[k]} for k in sorted(calls)},
             "collective_bytes": sum(size.values()),
+            "collective_sites": dict(sorted(collections.Counter(
+                f"{kind} @ {site}" for kind, _, site in self.collectives).items())),
         }
 
 
@@ -229,8 +231,12 @@ def _enable_torch_syncbn_on_cpu():
 
     from torch.nn.modules._functions import SyncBatchNorm as _Function
 
-    class CPUSyncBatchNorm(torch.nn.SyncBatchNorm):
-        """torch's SyncBatchNorm with its GPU-only input check left out."""
+    class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
+        """torch's SyncBatchNorm (its autograd function) without its GPU-only checks (DDP refuses
+        an ``nn.SyncBatchNorm`` in a CPU model)."""
+
+        def _check_input_dim(self, x):
+            pass
 
         def forward(self, x):
             if not self.training or dist.get_world_size() == 1:
@@ -390,7 +396,7 @@ def main():
                 print(f"{w:>9} {m:<14} {i + 1:>4} {c['host_syncs']:>10} {c['collectives']:>11} "
                       f"{c['collective_bytes']:>10}  {kinds}")
                 if args.sites:
-                    for site, n in c["host_sync_sites"].items():
+                    for site, n in list(c["host_sync_sites"].items()) + list(c["collective_sites"].items()):
                         print(f"{'':>30}{n:>5} x {site}")
     if args.json:
         with open(args.json, "w") as f:
