@@ -12,7 +12,7 @@ schedule, hooks, precise BN, checkpoints, ``metrics.json``) this adds:
   detectron2's, under ``$DETECTRON2_DATASETS``, which defaults to ``$SOCO_DATASETS``;
 * ``SyncBN`` becomes ``BN`` (one log line) when the run has a single process; on several CPU
   processes (gloo) torch's SyncBatchNorm, which needs CUDA, becomes soco_d2's
-  ``GlooSyncBatchNorm`` and the model is wrapped in DistributedDataParallel without
+  ``AllReduceBatchNorm`` and the model is wrapped in DistributedDataParallel without
   ``device_ids`` (detectron2 passes the local rank, which torch refuses for a CPU model); on
   GPUs with the device soco_d2's launcher chose (not the local rank, which is not the device
   under SLURM's per-task GPU binding);
@@ -209,7 +209,7 @@ class D2Trainer(DefaultTrainer):
             n = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
             if n:
                 model = sync_batchnorm_to_gloo(model)
-                logger.info("%d CPU processes: %d SyncBatchNorm layers -> GlooSyncBatchNorm.",
+                logger.info("%d CPU processes: %d SyncBatchNorm layers -> AllReduceBatchNorm.",
                             comm.get_world_size(), n)
         return model
 

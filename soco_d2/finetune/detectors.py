@@ -401,7 +401,7 @@ def build_detector(cfg, device: Optional[str] = None) -> nn.Module:
     """The detector of ``cfg`` (randomly initialised; see :func:`load_detector_weights`).
 
     ``MODEL.NUM_CLASSES`` counts foreground classes; Mask R-CNN gets one more output for the
-    background. BN layers become ``nn.SyncBatchNorm`` when the world size is > 1.
+    background. BN layers become synchronised ones (``AllReduceBatchNorm``) when the world size is > 1.
     """
     kind = cfg.MODEL.DETECTOR
     if kind not in DETECTORS:
@@ -419,6 +419,6 @@ def build_detector(cfg, device: Optional[str] = None) -> nn.Module:
     )
     device = torch.device(device or cfg.MODEL.DEVICE)
     if comm.get_world_size() > 1:
-        # nn.SyncBatchNorm on CUDA; a gloo-capable equivalent for multi-process CPU runs.
+        # One all-reduce per BN call, no host sync, on any device and backend.
         model = convert_sync_batchnorm(model, device)
     return model.to(device)

@@ -48,10 +48,12 @@ from soco_d2.utils.torchvision_internals import LevelMapper
 LEVEL_ASSIGNMENTS = ("official", "torchvision")
 
 
-def official_box_levels(boxes: Tensor, boundaries: Sequence[float], flipped: Optional[Tensor] = None) -> Tensor:
+def official_box_levels(boxes: Tensor, boundaries, flipped: Optional[Tensor] = None) -> Tensor:
     """Level index (0 = the first map) of each box of ``boxes`` (..., 4), flattened, by the
     official SoCo rule: corners truncated to integers, ``s = sqrt((x2 - x1 + 1) (y2 - y1 + 1))``,
     level = the first ``l`` with ``s <= boundaries[l]``, else the last level (``len(boundaries)``).
+    ``boundaries``: a sequence of numbers, or a tensor on the boxes' device (no copy from the
+    host: the pooler keeps its boundaries as such a buffer).
 
     The official code truncates the corners before the horizontal flip; ``flipped`` (a bool per
     leading index of ``boxes``, e.g. ``(N,)`` for ``(N, K, 4)``) marks boxes given after a flip,
@@ -66,7 +68,10 @@ def official_box_levels(boxes: Tensor, boundaries: Sequence[float], flipped: Opt
         x = x.trunc()
     y = y.trunc()
     side = ((x[..., 1] - x[..., 0] + 1) * (y[..., 1] - y[..., 0] + 1)).sqrt().reshape(-1)
-    bounds = torch.tensor(boundaries, dtype=side.dtype, device=side.device)
+    if torch.is_tensor(boundaries):
+        bounds = boundaries.to(side.dtype)
+    else:
+        bounds = torch.tensor(boundaries, dtype=side.dtype, device=side.device)
     # searchsorted(right=False) = number of boundaries strictly below s = first l with s <= b_l.
     return torch.searchsorted(bounds, side.contiguous(), right=False)
 
@@ -110,12 +115,14 @@ class ScaleAwareRoIPooler(nn.Module):
         self.boundaries = [
             canonical_box_size * 2.0 ** (level + 1 - canonical_level) for level in range(min_level, max_level)
         ]
+        # On the model's device, so that assigning levels copies nothing from the host.
+        self.register_buffer("level_boundaries", torch.tensor(self.boundaries), persistent=False)
 
     def assign_levels(self, boxes: Tensor, flipped: Optional[Tensor] = None) -> Tensor:
         """Index (0 = ``min_level``) of the level each of the ``(..., 4)`` boxes is pooled on,
         flattened, by ``level_assignment`` (``flipped``: see :func:`official_box_levels`)."""
         if self.level_assignment == "official":
-            return official_box_levels(boxes, self.boundaries, flipped)
+            return official_box_levels(boxes, self.level_boundaries, flipped)
         return self.level_mapper([boxes.reshape(-1, 4).float()])
 
     def feature_scales(self, features: Sequence[Tensor], image_size: Tuple[int, int]) -> List[float]:
@@ -143,7 +150,9 @@ class ScaleAwareRoIPooler(nn.Module):
         one plan between networks and read all counts of a step with a single host sync."""
         levels = self.assign_levels(boxes, flipped)
         order = torch.argsort(levels, stable=True)
-        return order, torch.bincount(levels, minlength=self.num_levels)
+        # Not bincount: on a GPU it reads the largest value on the host.
+        counts = torch.zeros(self.num_levels, dtype=torch.long, device=levels.device)
+        return order, counts.scatter_add_(0, levels, torch.ones_like(levels))
 
     def forward(
         self,
@@ -213,9 +222,12 @@ class ScaleAwareRoIPooler(nn.Module):
         batch_index = torch.arange(n, device=boxes.device, dtype=flat.dtype).repeat_interleave(k)[:, None]
         height, width = image_size
         pooled = []
+        corners = flat.view(-1, 2, 2)  # (x, y) of both corners
         for feat in features:
-            scale = flat.new_tensor([feat.shape[-1] / width, feat.shape[-2] / height] * 2)
-            rois = torch.cat([batch_index, flat * scale], dim=1)
+            # x by the width ratio, y by the height ratio (Python numbers: no copy to the device)
+            scaled = torch.stack([corners[..., 0] * (feat.shape[-1] / width),
+                                  corners[..., 1] * (feat.shape[-2] / height)], dim=-1)
+            rois = torch.cat([batch_index, scaled.view(-1, 4)], dim=1)
             pooled.append(
                 roi_align(
                     feat.float(), rois, self.output_size, spatial_scale=1.0,

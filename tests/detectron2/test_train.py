@@ -183,7 +183,7 @@ def test_pkl_without_the_backbone_names_the_missing_keys(tool, coco, tmp_path):
 @pytest.mark.slow  # two CPU processes (gloo), 2 iterations and an evaluation each
 def test_two_cpu_processes_train_with_synced_bn_and_precise_bn(tool, coco, tmp_path):
     """--num-gpus 2 on CPU: detectron2's DDP wrap (no device_ids for a CPU model), SyncBN as
-    GlooSyncBatchNorm (torch's needs CUDA), precise BN finding those layers, evaluation gathered
+    AllReduceBatchNorm (torch's needs CUDA), precise BN finding those layers, evaluation gathered
     from both processes."""
     pkl = tmp_path / "thin.pkl"
     _thin_resnet_pkl(pkl)
@@ -193,7 +193,7 @@ def test_two_cpu_processes_train_with_synced_bn_and_precise_bn(tool, coco, tmp_p
          "SOLVER.MAX_ITER", "2")
     log = (out / "log.txt").read_text()
     assert "SyncBN -> BN" not in log
-    assert "2 CPU processes:" in log and "SyncBatchNorm layers -> GlooSyncBatchNorm" in log
+    assert "2 CPU processes:" in log and "SyncBatchNorm layers -> AllReduceBatchNorm" in log
     assert "Running precise-BN for 2 iterations" in log and "PreciseBN is disabled" not in log
     state = torch.load(out / "model_final.pth", weights_only=False)["model"]
     assert "backbone.bottom_up.res2.0.conv1.norm.running_var" in state  # detectron2's names kept

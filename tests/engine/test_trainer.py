@@ -201,7 +201,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     toy.train_and_dump(str(tmp_path / "one"), str(tmp_path / "one.pt"), overrides)
     one = torch.load(tmp_path / "one.pt", weights_only=True)
     two = torch.load(tmp_path / "two.pt", weights_only=True)
-    assert one["bn_type"] == "BatchNorm2d" and two["bn_type"] == "GlooSyncBatchNorm"
+    assert one["bn_type"] == "BatchNorm2d" and two["bn_type"] == "AllReduceBatchNorm"
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) == 8
     for k, g in one["grads"].items():
         torch.testing.assert_close(two["grads"][k], g, rtol=1e-4, atol=1e-4, msg=k)

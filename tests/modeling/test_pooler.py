@@ -269,3 +269,38 @@ def test_pool_all_levels_rejects_boxes_of_another_batch():
         pooler.pool_all_levels(feats, torch.zeros(2, 4), (64, 64))
     with pytest.raises(ValueError, match="feature maps"):
         pooler.pool_all_levels(feats[:3], torch.zeros(2, 1, 4), (64, 64))
+
+
+class _HostDataOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops that, on a GPU, copy Python data to the device (``torch.tensor``,
+    ``new_tensor``: ``lift_fresh``) or read the device on the host."""
+
+    SYNCING = {"lift_fresh", "_local_scalar_dense", "nonzero", "bincount", "unique", "_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCING:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_pooling_and_level_plans_copy_nothing_from_the_host():
+    """The boundaries and scales are on the device already: pooling on all levels, assigning
+    levels (official rule) and planning them neither copy Python data to the device nor sync.
+    (torchvision's ``LevelMapper`` builds a 0-dim CPU tensor, which a GPU kernel takes as a
+    number: no copy either.)"""
+    pooler = ScaleAwareRoIPooler()
+    features = [torch.randn(2, 3, 64 // 2 ** i, 48 // 2 ** i) for i in range(4)]
+    boxes = torch.tensor([[[1.0, 2.0, 30.0, 40.0], [5.0, 5.0, 150.0, 200.0]]] * 2)
+    flipped = torch.tensor([True, False])
+    with _HostDataOps() as mode:
+        pooled = pooler.pool_all_levels(features, boxes, (256, 192))
+        order, counts = pooler.level_plan(boxes, flipped)
+    assert mode.ops == []
+    assert pooled.shape == (4, 4, 3, 7, 7)
+    levels = pooler.assign_levels(boxes, flipped)
+    assert counts.tolist() == torch.bincount(levels, minlength=4).tolist()
+    assert torch.equal(levels[order], levels.sort(stable=True).values)

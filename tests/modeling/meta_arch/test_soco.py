@@ -106,33 +106,57 @@ def test_target_uses_its_own_batch_statistics():
     assert model.target_backbone.training
 
 
+def _count_group_norms(monkeypatch):
+    """The group sizes of every per-group batch-norm call of the SoCo heads."""
+    from soco_d2.modeling.meta_arch import soco
+
+    calls = []
+    per_group = soco.batch_norm_per_group
+
+    def counted(bn, x, sizes):
+        calls.append((bn, list(sizes)))
+        return per_group(bn, x, sizes)
+
+    monkeypatch.setattr(soco, "batch_norm_per_group", counted)
+    return calls
+
+
 @pytest.mark.parametrize("star,views", [(False, 3), (True, 4)])
-def test_one_backbone_pass_per_view_and_network(star, views):
+def test_one_backbone_pass_per_view_and_network(star, views, monkeypatch):
     model = _model(**{"MODEL.SOCO.HEAD_MODE": "per_view"})
     online, target = _count_calls(model.backbone), _count_calls(model.target_backbone)
     pooler, head_conv = _count_calls(model.pooler), _count_calls(model.box_head[0][0])
-    head_norm = _count_calls(model.box_head[0][1])
+    norms = _count_group_norms(monkeypatch)
     losses = model(_batch(star=star))
     assert len(losses) == views - 1
     assert (len(online), len(target), len(pooler)) == (views, views, 2 * views)
-    # The head's convolutions run once over all views; its norms once per view.
-    assert (len(head_conv), len(head_norm)) == (1, views)
+    # The head's convolutions run once over all views; its norms once, with statistics per view.
+    assert len(head_conv) == 1
+    head_norm = [sizes for bn, sizes in norms if bn is model.box_head[0][1]]
+    assert len(head_norm) == 1 and len(head_norm[0]) == views
     if star:
         assert -12 <= sum(losses.values()).item() <= 12
 
 
 @pytest.mark.parametrize("star,box_sets", [(False, 4), (True, 6)])
-def test_faithful_mode_norms_once_per_view_box_set_and_level(star, box_sets):
+def test_faithful_mode_norms_once_per_view_box_set_and_level(star, box_sets, monkeypatch):
+    """Every BN layer of the heads runs once per network, with statistics per (view, box set,
+    level) group: one collective per layer on several processes, not one per group."""
     model = _model()
     assert model.head_mode == "faithful"
     online, target = _count_calls(model.backbone), _count_calls(model.target_backbone)
-    head_conv, head_norm = _count_calls(model.box_head[0][0]), _count_calls(model.box_head[0][1])
-    predictor_norm = _count_calls(model.predictor[1])
+    head_conv = _count_calls(model.box_head[0][0])
+    norms = _count_group_norms(monkeypatch)
     model(_batch(star=star))
     views = box_sets // 2 + 1
     assert (len(online), len(target)) == (views, views)
     assert len(head_conv) == 1
-    assert len(head_norm) == len(predictor_norm) == 4 * box_sets
+    rows = 2 * 2  # N images x K boxes per box set
+    for layer in (model.box_head[0][1], model.predictor[1], model.target_box_head[0][1]):
+        assert [sizes for bn, sizes in norms if bn is layer] == [[rows] * 4 * box_sets]
+    bns = [m for m in list(model.box_head.modules()) + list(model.projector.modules())
+           + list(model.predictor.modules()) if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len([1 for bn, _ in norms if any(bn is b for b in bns)]) == len(bns)
 
 
 def _official_level(box, flipped=False, width=0):
