@@ -203,6 +203,7 @@ class D2SoCo(SoCo):
         self.target_backbone = _frozen_copy(self.backbone)
         self.target_box_head = _frozen_copy(box_head)
         self.target_projector = _frozen_copy(self.projector)
+        self.embedding_tap = nn.Identity()  # see SoCo._online_heads
         for name, value in (("pixel_mean", cfg.MODEL.PIXEL_MEAN), ("pixel_std", cfg.MODEL.PIXEL_STD)):
             self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
 

@@ -14,7 +14,8 @@
   sits in is a warning with both times.
 * **Health** (``MONITOR.HEALTH``), label-free: RankMe (Garrido et al. 2023: the exponential of the
   entropy of the normalised singular values) and the mean per-dimension std of the L2-normalised
-  projector outputs over the last ``WINDOW`` rows (gathered over processes). Evenly spread
+  projector outputs that the loss uses over the last ``WINDOW`` rows (kept on the device, copied
+  to the host once per ``PERIOD``; gathered over processes). Evenly spread
   embeddings have std ``1 / sqrt(dim)``; collapsed ones 0. Below ``COLLAPSE_STD_RATIO`` of that, a
   warning says what to check; so does a RankMe below ``RANK_DROP_RATIO`` of its highest value in
   the run (dimensional collapse: the embeddings keep their spread in few directions, which the
@@ -126,9 +127,14 @@ def probe_feature_fn(model: nn.Module, pixel_mean, pixel_std) -> Callable[[torch
 
 
 def embedding_module(model: nn.Module) -> nn.Module:
-    """The module whose outputs are the projector embeddings (its last layer, so the hook fires
-    however the model runs the projector: as a whole or layer by layer)."""
+    """The module whose outputs are the projector embeddings the loss uses: the model's
+    ``embedding_tap`` if it has one (SoCo's: its faithful head runs every box on four levels and
+    the loss uses one), else the projector's last layer (so the hook fires however the model runs
+    the projector: as a whole or layer by layer)."""
     m = _unwrap(model)
+    tap = getattr(m, "embedding_tap", None)
+    if isinstance(tap, nn.Module):
+        return tap
     proj = getattr(m, "projector", None)
     if proj is None and hasattr(m, "encoder_q") and hasattr(m.encoder_q, "global_heads"):
         heads = m.encoder_q.global_heads
@@ -188,7 +194,8 @@ def rank_drop_warning(rank: float, peak: float, ratio: float, iteration: int) ->
 
 
 class _EmbeddingWindow:
-    """Keeps the last ``rows`` output rows of a module (forward hook, detached, on CPU)."""
+    """Keeps the last ``rows`` output rows of a module (forward hook, detached float32 copies on
+    the module's device: a copy to the host per forward would wait for the GPU every step)."""
 
     def __init__(self, module: nn.Module, rows: int):
         self.rows = rows
@@ -198,7 +205,7 @@ class _EmbeddingWindow:
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        z = output.detach().float().reshape(-1, output.shape[-1])[-self.rows:].cpu()
+        z = output.detach().reshape(-1, output.shape[-1])[-self.rows:].to(torch.float32, copy=True)
         self.dim = z.shape[1]
         self.parts.append(z)
         self.count += z.shape[0]
@@ -309,7 +316,7 @@ class Monitors:
 
     # ------------------------------------------------------------------ work
     def _health(self, done: int) -> Dict[str, float]:
-        z = _gather_matrix(self._window.matrix())
+        z = _gather_matrix(self._window.matrix()).cpu()  # the one copy to the host per period
         out = {}
         if self.chance_level is not None:
             out["chance_level"] = self.chance_level

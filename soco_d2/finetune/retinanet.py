@@ -94,7 +94,7 @@ class ConfigurableRetinaNet(RetinaNet):
     def _update_ema(self, count: int, like: Tensor) -> Tensor:
         old = self._ema_foreground
         if old is None:
-            old = torch.tensor(_EMA_START, dtype=torch.float64, device=like.device)
+            old = torch.full((), _EMA_START, dtype=torch.float64, device=like.device)  # no host copy
         self._ema_foreground = old * _EMA_MOMENTUM + count * (1 - _EMA_MOMENTUM)
         return self._ema_foreground.to(like.dtype)
 

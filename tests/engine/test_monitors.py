@@ -1,3 +1,4 @@
+import collections
 import math
 import os
 import sys
@@ -295,7 +296,7 @@ def test_detco_probe_features_and_health_hook():
     # the health hook sits on the last layer of the deepest global head
     assert embedding_module(model) is model.encoder_q.global_heads["res5"][-1]
     _, soco = _tiny("SoCo")
-    assert embedding_module(soco) is soco.projector[-1]
+    assert embedding_module(soco) is soco.embedding_tap
 
 
 def test_detco_chance_level_is_reported(tmp_path):
@@ -356,3 +357,77 @@ def test_two_gloo_processes_share_recomputed_bn_statistics(tmp_path):
     for a, b in ((seen[0][0], seen[1][0]), (seen[0][-1], seen[1][-1])):  # at iteration 0 and 1
         assert torch.equal(a, b)  # the same statistics on both processes
     assert float(seen[0][0].abs().max()) > 1e-3  # recomputed, not the initial zeros
+
+
+class _TrainerStub:
+    """What :class:`Monitors` reads of a trainer."""
+
+    def __init__(self, model, max_iter=10):
+        self.model, self.start_iter, self.max_iter, self.writers = model, 0, max_iter, []
+
+
+def test_health_window_of_the_faithful_head_holds_the_rows_the_loss_uses():
+    """The faithful head runs every box on all four levels; the loss (and the window) uses each
+    box's row of its assigned level only: one row per box and box set, not four."""
+    from soco_d2.engine.monitors import Monitors
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "modeling", "meta_arch"))
+    from soco_tiny import random_batch
+
+    n, k = 2, 3
+    batch = random_batch(n, k)
+    for mode in ("faithful", "per_view"):
+        cfg, model = _tiny("SoCo", **{"MODEL.SOCO.HEAD_MODE": mode, "MONITOR.HEALTH.ENABLED": True,
+                                      "MONITOR.HEALTH.WINDOW": 1000})
+        model.train()
+        mon = Monitors(cfg, _TrainerStub(model))
+        every_row = []
+        handle = model.projector[-1].register_forward_hook(lambda m, i, out: every_row.append(out.detach()))
+        with torch.no_grad():
+            model(batch)
+        handle.remove()
+        window = mon._window.matrix().cpu()
+        mon.close()
+        # the rows of each box set's boxes on their assigned levels, from the whole projector output
+        sets = [(p[f"boxes_{s}"]) for s in ("a", "b") for p in batch["pairs"]]
+        assert window.shape == (len(sets) * n * k, 8), mode
+        if mode == "faithful":
+            # one projector call over the box sets (V1's two, V2's, V3's), each level-major
+            per_set = torch.cat(every_row).view(len(sets), 4, n * k, -1)
+            assigned = [s[model.pooler.assign_levels(b), torch.arange(n * k)] for s, b in zip(per_set, sets)]
+            rows = collections.Counter(map(tuple, window.tolist()))
+            assert rows == collections.Counter(map(tuple, torch.cat(assigned).tolist()))
+
+
+def test_health_window_is_copied_to_the_host_once_per_period():
+    """Counted on a fake GPU (tests/fake_cuda.py): no device-to-host copy of the monitor in a
+    forward, one when the health figures are computed."""
+    from soco_d2.engine.monitors import Monitors
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "modeling", "meta_arch"))
+    import fake_cuda
+    from soco_tiny import random_batch
+
+    cfg, _ = _tiny("SoCo", **{"MODEL.DEVICE": "cuda", "MONITOR.HEALTH.ENABLED": True,
+                              "MONITOR.HEALTH.PERIOD": 3})
+    batch = random_batch(2)
+    with fake_cuda.fake_cuda() as mode:
+        with torch.device(fake_cuda.DEVICE):
+            model = build_model(cfg).to(fake_cuda.DEVICE).train()
+        mon = Monitors(cfg, _TrainerStub(model))
+        batch = fake_cuda.to_fake_device(mode, batch)
+
+        def monitor_syncs(fn, *args):
+            with fake_cuda.HostSyncRecorder() as recorder:
+                fn(*args)
+            return [s for s in recorder.syncs if s.where.startswith("soco_d2/engine/monitors.py")]
+
+        for it in (1, 2):
+            assert monitor_syncs(model, batch) == []
+            assert monitor_syncs(mon.after_step, it) == []
+        assert monitor_syncs(model, batch) == []
+        syncs = monitor_syncs(mon.after_step, 3)
+        assert [s.kind for s in syncs] == ["device to host"]
+        assert mon.pending
+        mon.close()

@@ -115,6 +115,7 @@ class SoCo(nn.Module):
         self.target_backbone = _frozen_copy(self.backbone)
         self.target_box_head = _frozen_copy(self.box_head)
         self.target_projector = _frozen_copy(self.projector)
+        self.embedding_tap = nn.Identity()  # see _online_heads
         for name, value in (("pixel_mean", cfg.MODEL.PIXEL_MEAN), ("pixel_std", cfg.MODEL.PIXEL_STD)):
             self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
 
@@ -203,19 +204,19 @@ class SoCo(nn.Module):
                     target[s.key] = self.pooler.pool_all_levels(target_features, s.boxes, size).flatten(0, 1)
                 levels[s.key] = self.pooler.assign_levels(s.boxes, flips.get(v))
         num_levels = len(features)
-        q = self._heads(online, [self.box_head, self.projector, self.predictor], num_levels)
-        with torch.no_grad():
-            k = self._heads(target, self.target_modules[1:], num_levels)
         shapes = {s.key: s.boxes.shape[:2] for sets in sets_of_view.values() for s in sets}
 
-        def assigned(outputs: Dict[tuple, Tensor]) -> Dict[tuple, Tensor]:
-            result = {}
-            for key, out in outputs.items():
-                per_level = out.view(num_levels, -1, out.shape[-1])  # (L, N*K, C)
-                rows = torch.arange(per_level.shape[1], device=out.device)
-                result[key] = per_level[levels[key], rows].view(*shapes[key], -1)
-            return result
+        def rows_of_assigned_levels(key: tuple, out: Tensor) -> Tensor:
+            per_level = out.view(num_levels, -1, out.shape[-1])  # (L, N*K, C)
+            rows = torch.arange(per_level.shape[1], device=out.device)
+            return per_level[levels[key], rows]
 
+        def assigned(outputs: Dict[tuple, Tensor]) -> Dict[tuple, Tensor]:
+            return {key: rows_of_assigned_levels(key, out).view(*shapes[key], -1) for key, out in outputs.items()}
+
+        q = self._online_heads(online, num_levels, rows_of_assigned_levels)
+        with torch.no_grad():
+            k = self._heads(target, self.target_modules[1:], num_levels)
         return assigned(q), assigned(k)
 
     def _assigned_level_outputs(
@@ -239,7 +240,7 @@ class SoCo(nn.Module):
             with torch.no_grad():
                 target[v] = self.pooler(self.target_backbone(x).values(), boxes[v], size, plans[v])
 
-        q = self._heads(online, [self.box_head, self.projector, self.predictor])
+        q = self._online_heads(online)
         with torch.no_grad():
             k = self._heads(target, self.target_modules[1:])
         return self._split(q, sets_of_view), self._split(k, sets_of_view), unused_levels
@@ -260,6 +261,16 @@ class SoCo(nn.Module):
                 sides.append(BoxSet((i, side), _view_name(p[side], side), bx, ids))
             pairs.append(tuple(sides))
         return pairs
+
+    def _online_heads(self, pooled: Dict, groups_per_entry: int = 1, used_rows=None) -> Dict:
+        """The online predictions of each entry of ``pooled`` (box head, projector, predictor; see
+        :meth:`_heads`). The projector outputs that the loss uses go through ``embedding_tap``
+        (an identity) on the way, for the monitors' hook (:mod:`soco_d2.engine.monitors`): all of
+        them, or ``used_rows(key, outputs)`` of each entry (the faithful head's assigned levels)."""
+        z = self._heads(pooled, [self.box_head, self.projector], groups_per_entry)
+        for key, out in z.items():
+            self.embedding_tap(used_rows(key, out) if used_rows is not None else out)
+        return self._heads(z, [self.predictor], groups_per_entry)
 
     def _heads(
         self, pooled: Dict, modules: Sequence[nn.Module], groups_per_entry: int = 1
