@@ -24,3 +24,22 @@ def test_writers_write_json_lines_and_tensorboard(tmp_path):
     assert lines == [{"iteration": 2, "total_loss": 0.5, "lr": 0.1},
                      {"iteration": 4, "total_loss": 0.25, "lr": 0.1}]
     assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_every_log_line_carries_its_level(tmp_path):
+    import logging
+
+    from soco_d2.engine.writers import setup_logging
+
+    log = setup_logging(str(tmp_path), name="soco_d2_test_levels")
+    log.info("an ordinary line")
+    log.warning("something to act on")
+    for h in log.handlers:
+        h.flush()
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert " INFO soco_d2_test_levels]: an ordinary line" in lines[0]
+    assert " WARNING soco_d2_test_levels]: something to act on" in lines[1]
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    logging.getLogger("soco_d2_test_levels")._soco_configured = False
