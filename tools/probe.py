@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     for b in backbones:
         print(f"{b.name}: ResNet-{b.depth}, {b.description}")
     results = probe_backbones(backbones, split, args.image_size, args.k, args.temperature,
-                              args.linear, args.batch_size, args.device, args.bn_stats)
+                              args.linear, args.batch_size, args.device, args.bn_stats,
+                              progress=lambda line: print(line, flush=True))
     print(format_probe_table(results))
     if results[0]["unreadable"]:
         print(f"{results[0]['unreadable']} unreadable image(s) skipped")
