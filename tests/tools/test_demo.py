@@ -256,3 +256,43 @@ def test_whole_chain_on_penn_fudan(tmp_path, keep_threads, data_root):
         metrics = summary["finetune"][run]["metrics"]
         assert {"bbox/AP", "segm/AP"} <= set(metrics)
     assert (out / "soco_converted.pkl").is_file()
+
+
+@pytest.mark.slow
+def test_a_preempted_demo_resumes_to_the_same_result(tmp_path, keep_threads, monkeypatch):
+    import signal
+
+    from soco_d2.engine.preemption import Preempted
+    from soco_d2.engine.trainer import PretrainTrainer
+
+    whole = run_demo(tiny_settings(tmp_path / "whole", pretrain_iters=3))
+    original = PretrainTrainer.run_step
+    fired = []
+
+    def run_step(self, it):
+        if it == 1 and not fired:
+            fired.append(it)
+            os.kill(os.getpid(), signal.SIGTERM)  # preemption in the middle of pretraining
+        return original(self, it)
+
+    monkeypatch.setattr(PretrainTrainer, "run_step", run_step)
+    out = tmp_path / "stopped"
+    with pytest.raises(Preempted):
+        run_demo(tiny_settings(out, pretrain_iters=3))
+    assert not (out / "pretrain" / "model_final.pth").exists()
+    with pytest.raises(DemoError, match="other settings .*pretrain_iters: 3 then, 4 now"):
+        run_demo(tiny_settings(out, pretrain_iters=4, resume=True))
+    resumed = run_demo(tiny_settings(out, pretrain_iters=3, resume=True))
+    a = torch.load(tmp_path / "whole" / "pretrain" / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(out / "pretrain" / "model_final.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for run in ("soco", "scratch"):
+        assert resumed["finetune"][run]["metrics"] == whole["finetune"][run]["metrics"]
+    assert resumed["finetune"]["soco"]["backbone_init"] == whole["finetune"]["soco"]["backbone_init"]
+
+
+def test_resume_needs_an_earlier_demo(tmp_path):
+    with pytest.raises(DemoError, match="no demo to continue"):
+        run_demo(tiny_settings(tmp_path / "empty", resume=True))
+    with pytest.raises(DemoError, match="pass one"):
+        run_demo(tiny_settings(tmp_path / "empty", resume=True, overwrite=True))
