@@ -26,8 +26,10 @@ from soco_d2.evaluation.reported_ap import (  # noqa: E402
     compare_to_reference,
     format_comparison,
     format_references,
+    REFERENCE_TEST_SET,
     get_reference,
     read_eval_metrics,
+    run_test_sets,
 )
 from soco_d2.utils.env import file_provenance  # noqa: E402
 
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for COCO fine-tuning)")
     p.add_argument("--dataset", default=None, help="test set name when the run evaluated several")
     p.add_argument("--list", action="store_true", help="print the known references and exit")
+    p.add_argument("--any-test-set", action="store_true",
+                   help=f"compare even when the run was not evaluated on {REFERENCE_TEST_SET} "
+                        "(the set of every reported number)")
     return p
 
 
@@ -99,6 +104,14 @@ def main(argv=None) -> int:
         return 2
     except MetricsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    test_sets = run_test_sets(args.output_dir)
+    if test_sets is not None and REFERENCE_TEST_SET not in test_sets and not args.any_test_set:
+        print(f"error: {args.output_dir} was evaluated on {', '.join(test_sets) or 'no test set'} "
+              f"(DATASETS.TEST in its config.yaml), but every reported number is COCO val2017 "
+              f"({REFERENCE_TEST_SET}): the comparison would say nothing about the pretraining. "
+              "Fine-tune and evaluate on COCO for a comparison (--any-test-set compares anyway).",
+              file=sys.stderr)
         return 2
     comparison = compare_to_reference(measured, args.reference, args.tolerance)
     for line in describe_run_weights(args.output_dir):

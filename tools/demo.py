@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--finetune-opts", nargs="+", default=[], metavar="KEY VALUE",
                      help="config overrides for fine-tuning, e.g. TEST.EVAL_PERIOD 20")
     adv.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo")
+    adv.add_argument("--resume", action="store_true",
+                     help="continue a stopped demo in --output-dir (same options): finished stages "
+                          "are reused, the others continue from their last checkpoint")
     adv.add_argument("--no-progress", action="store_true", help="no progress bar for the proposals")
     return p
 
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
         pretrain_iters=args.pretrain_iters, finetune_iters=args.finetune_iters, workers=args.workers,
         pretrain_config=args.pretrain_config, finetune_config=args.finetune_config,
         pretrain_opts=args.pretrain_opts, finetune_opts=args.finetune_opts,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
     )
     try:
         run_demo(settings)

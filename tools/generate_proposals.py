@@ -18,7 +18,10 @@ the file can move with the dataset.
 """
 import argparse
 import logging
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from soco_d2.data.image_list import DEFAULT_MAX_IMAGE_PIXELS, list_images
 from soco_d2.data.proposals import ProposalStore, merge_proposals
@@ -29,6 +32,7 @@ from soco_d2.data.selective_search import (
     run_generation,
 )
 from soco_d2.utils.env import log_environment
+from soco_d2.engine.writers import LOG_FORMAT
 
 logger = logging.getLogger("generate_proposals")
 
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt="%m/%d %H:%M:%S")
     if args.merge:
         if len(args.merge) < 2:
             parser.error("--merge needs OUTPUT and at least one SHARD file")

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from soco_d2.config import load_config  # noqa: E402
 from soco_d2.engine.arguments import default_argument_parser  # noqa: E402
 from soco_d2.engine.launch import launch_from_args  # noqa: E402
+from soco_d2.engine.trainer import check_cpu_run  # noqa: E402
 
 
 def main(args):
@@ -37,6 +38,7 @@ def cli(argv=None):
     parser = default_argument_parser(eval_only=False)
     args = parser.parse_args(argv)
     cfg = load_config(args.config_file, args.opts)  # fail early, before starting processes
+    check_cpu_run(cfg)
     if cfg.MODEL.DETECTRON2.CONFIG_FILE:
         # D2SoCo / D2DetCo: fails at once without detectron2 (with the install instructions) or
         # with a bad detectron2 file / key.

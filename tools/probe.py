@@ -98,7 +98,8 @@ def main(argv=None) -> int:
         if i < len(args.weights):
             print(f"  from {file_provenance(args.weights[i])}")
     results = probe_backbones(backbones, split, args.image_size, args.k, args.temperature,
-                              args.linear, args.batch_size, args.device, args.bn_stats)
+                              args.linear, args.batch_size, args.device, args.bn_stats,
+                              progress=lambda line: print(line, flush=True))
     print(format_probe_table(results))
     if results[0]["unreadable"]:
         print(f"{results[0]['unreadable']} unreadable image(s) skipped")

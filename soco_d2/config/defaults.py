@@ -76,8 +76,12 @@ _C.DATASETS.PRETRAIN = CN()
 _C.DATASETS.PRETRAIN.NAME = ""
 # A folder tree, a plain folder, a text file listing image paths, or a COCO json.
 _C.DATASETS.PRETRAIN.IMAGE_ROOT = ""
-# A proposals file written by tools/generate_proposals.py ("" = whole-image boxes only).
+# A proposals file written by tools/generate_proposals.py. A method that trains on proposals
+# (SoCo) refuses to start without one unless WHOLE_IMAGE_BOXES is True.
 _C.DATASETS.PRETRAIN.PROPOSALS = ""
+# True: with PROPOSALS empty, every image gets one whole-image box (image-level pretraining, not
+# SoCo's objective). False (default): a SoCo run without a proposals file is refused.
+_C.DATASETS.PRETRAIN.WHOLE_IMAGE_BOXES = False
 # Fail when more than this fraction of the images has no entry in the proposals file.
 _C.DATASETS.PRETRAIN.MAX_MISSING_PROPOSALS = 0.05
 

@@ -302,8 +302,8 @@ def build_pretrain_dataset(cfg) -> PretrainDataset:
     """The :class:`PretrainDataset` of ``cfg.DATASETS.PRETRAIN`` with the mapper ``cfg.INPUT.MAPPER``.
 
     Images: ``IMAGE_ROOT`` if set, else the registered ``NAME`` (under ``$SOCO_DATASETS``).
-    Proposals: ``PROPOSALS`` if set, else the registered default, else none (every image gets
-    one whole-image box, with a warning).
+    Proposals: ``PROPOSALS`` if set, else the registered default, else none: refused for a mapper
+    that trains on proposals unless ``WHOLE_IMAGE_BOXES`` (then one whole-image box per image).
     """
     source, default_proposals = _resolve_source(cfg)
     images = list_images(source)
@@ -316,8 +316,17 @@ def build_pretrain_dataset(cfg) -> PretrainDataset:
         images = drop_unreadable(images, store)
         check_proposal_coverage(images, store, cfg.DATASETS.PRETRAIN.MAX_MISSING_PROPOSALS, source)
     elif getattr(mapper, "uses_proposals", True):
+        if not cfg.DATASETS.PRETRAIN.WHOLE_IMAGE_BOXES:
+            raise ValueError(
+                f"DATASETS.PRETRAIN.PROPOSALS is empty, and {cfg.INPUT.MAPPER} trains on proposals: "
+                f"without them every image of {source!r} would get one whole-image box, which is "
+                "image-level pretraining, not SoCo. Generate them with tools/generate_proposals.py "
+                "--images <the same images> --output <file> and set DATASETS.PRETRAIN.PROPOSALS "
+                "<file>; or set DATASETS.PRETRAIN.WHOLE_IMAGE_BOXES True to train on whole-image "
+                "boxes on purpose."
+            )
         logger.warning(
-            "DATASETS.PRETRAIN.PROPOSALS is empty: every image uses one whole-image box (image-level "
-            "pretraining). Generate proposals with tools/generate_proposals.py for SoCo."
+            "DATASETS.PRETRAIN.PROPOSALS is empty and DATASETS.PRETRAIN.WHOLE_IMAGE_BOXES is True: "
+            "every image uses one whole-image box (image-level pretraining, not SoCo's objective)."
         )
     return PretrainDataset(images, store, mapper, max_image_pixels=cfg.INPUT.MAX_IMAGE_PIXELS)

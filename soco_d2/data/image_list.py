@@ -528,12 +528,42 @@ def _list_file(list_file: str, check_exists: bool) -> ImageList:
 
 
 def default_coco_image_root(json_file: str) -> str:
-    """``<json folder>/../<split>`` for ``*_<split>.json`` if that folder exists, else the json's folder."""
+    """The image folder of a COCO json given by path, first match of:
+
+    1. ``<json folder>/../<split>`` for ``*_<split>.json`` (COCO: ``annotations/instances_val2017.json``
+       -> ``val2017/``);
+    2. the json's folder, if it holds the json's first image;
+    3. the one sibling of the json's folder that holds the json's first image (Penn-Fudan:
+       ``annotations/instances_train.json`` -> ``PNGImages/``);
+    4. the json's folder (a missing image is then reported by whoever reads it).
+    """
     folder = os.path.dirname(os.path.abspath(json_file))
     stem = os.path.splitext(os.path.basename(json_file))[0]
     split = stem.rsplit("_", 1)[-1]
     candidate = os.path.join(os.path.dirname(folder), split)
-    return candidate if split and os.path.isdir(candidate) else folder
+    if split and os.path.isdir(candidate):
+        return candidate
+    first = _first_file_name(json_file)
+    if first is None or os.path.isfile(os.path.join(folder, first)):
+        return folder
+    parent = os.path.dirname(folder)
+    try:
+        siblings = sorted(e.path for e in os.scandir(parent) if e.is_dir() and e.path != folder)
+    except OSError:
+        return folder
+    holding = [d for d in siblings if os.path.isfile(os.path.join(d, first))]
+    return holding[0] if len(holding) == 1 else folder
+
+
+def _first_file_name(json_file: str) -> Optional[str]:
+    """``file_name`` of the first image of a COCO json; None when it cannot be read."""
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+        name = data["images"][0]["file_name"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _list_coco(json_file: str, image_root: Optional[str], check_exists: bool) -> ImageList:

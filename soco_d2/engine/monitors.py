@@ -24,7 +24,8 @@
   the losses.
 
 Everything goes to ``metrics.json``, TensorBoard and the progress line (keys ``knn_<feature>_top1``,
-``knn_<feature>_top5``, ``knn_time``, ``rankme``, ``emb_std``, ``chance_level``), and
+``knn_<feature>_top5``, each with its sampling noise ``..._2se`` (two standard errors over the
+validation images), ``knn_time``, ``rankme``, ``emb_std``, ``chance_level``), and
 ``OUTPUT_DIR/monitor_curves.png`` plots them at the end of the run.
 
 Models: SoCo and DetCo are recognised by their public modules (``backbone.body`` /
@@ -53,6 +54,7 @@ from soco_d2.evaluation.knn import (
     ProbeImages,
     build_probe_split,
     extract_features,
+    sampling_noise,
     weighted_knn,
 )
 from soco_d2.evaluation.probe import BN_STATS, bn_statistics_of
@@ -367,6 +369,9 @@ class Monitors:
                 top1, top5 = weighted_knn(train[name][train_ok], ytr, val[name][val_ok], yva,
                                           len(self.split.classes), k.K, k.TEMPERATURE)
                 out[f"knn_{name}_top1"], out[f"knn_{name}_top5"] = top1, top5
+                num_val = int(val_ok.sum())  # beside each accuracy, its sampling noise
+                out[f"knn_{name}_top1_2se"] = sampling_noise(top1, num_val)
+                out[f"knn_{name}_top5_2se"] = sampling_noise(top5, num_val)
             if self._num_unreadable:
                 out["knn_unreadable"] = self._num_unreadable
         took = time.perf_counter() - t0

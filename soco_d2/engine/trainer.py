@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from soco_d2.config import ConfigError
 from soco_d2.data.loader import build_pretrain_loader, usable_cores, usable_num_workers
 from soco_d2.utils import comm
 from soco_d2.utils.env import write_run_record
@@ -40,7 +41,8 @@ from .schedules import build_lr_schedule, build_momentum_schedule, max_iter_from
 from .sync_bn import convert_sync_batchnorm
 from .writers import build_writers, check_writers, setup_logging, writers_state
 
-__all__ = ["PretrainTrainer", "seed_all", "resolve_device", "move_to_device", "NonFiniteLossGuard"]
+__all__ = ["PretrainTrainer", "seed_all", "resolve_device", "move_to_device", "NonFiniteLossGuard",
+           "check_cpu_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def check_cpu_run(cfg) -> None:
+    """On a machine without a GPU, a config written for GPUs fails here once, naming every key a
+    CPU run needs (not one error per attempt)."""
+    if torch.cuda.is_available() or torch.device(cfg.MODEL.DEVICE).type != "cuda":
+        return
+    fixes = ["MODEL.DEVICE cpu"]
+    if cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.DTYPE == "float16":
+        fixes.append("SOLVER.AMP.ENABLED False")
+    raise ConfigError(
+        f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA GPU is visible. To run on this CPU, add "
+        f"{' '.join(fixes)} to the command line, or start from a CPU config: "
+        "configs/benchmark/soco_r18_learning_cpu.yaml, configs/benchmark/detco_r18_learning_cpu.yaml "
+        "(pretraining), configs/demo/ (the quick-start demo's)."
+    )
+
+
 def setup_run(cfg) -> torch.device:
     """The start of every run (pretraining or fine-tuning) in each process: logging, seeds,
     device (cuDNN autotuning on GPU, torch threads on CPU), the AMP check and, on the main
@@ -120,6 +138,7 @@ def setup_run(cfg) -> torch.device:
     setup_logging(cfg.OUTPUT_DIR)
     check_writers(cfg)  # an optional writer enabled without its package: fail now, not later
     seed_all(cfg.SEED + comm.get_rank())
+    check_cpu_run(cfg)
     device = resolve_device(cfg.MODEL.DEVICE)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
@@ -129,7 +148,8 @@ def setup_run(cfg) -> torch.device:
         logger.info("CPU run: %d torch thread(s) per process.", threads)
     amp = cfg.SOLVER.AMP
     if amp.ENABLED and amp.DTYPE == "float16" and device.type != "cuda":
-        raise ValueError("SOLVER.AMP.DTYPE float16 needs a CUDA device; use bfloat16 on CPU.")
+        raise ValueError("SOLVER.AMP.DTYPE float16 needs a CUDA device; on a CPU set "
+                         "SOLVER.AMP.ENABLED False (or SOLVER.AMP.DTYPE bfloat16).")
     if comm.is_main_process():
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())

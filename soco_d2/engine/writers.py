@@ -20,6 +20,10 @@ __all__ = ["JSONWriter", "TensorboardWriter", "ConsolePrinter", "WandbWriter", "
 logger = logging.getLogger(__name__)
 
 
+# Every line carries its level, so a warning never looks like an info line.
+LOG_FORMAT = "[%(asctime)s %(levelname)s %(name)s]: %(message)s"
+
+
 def setup_logging(output_dir: str = "", name: str = "soco_d2") -> logging.Logger:
     """Console (main process: INFO, others: WARNING) and ``output_dir/log.txt[.rankN]`` logging
     for the ``soco_d2`` loggers. Calling it again changes nothing."""
@@ -29,7 +33,7 @@ def setup_logging(output_dir: str = "", name: str = "soco_d2") -> logging.Logger
     log.setLevel(logging.INFO)
     log.propagate = False
     rank = comm.get_rank()
-    fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+    fmt = logging.Formatter(LOG_FORMAT, datefmt="%m/%d %H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.setFormatter(fmt)

@@ -261,6 +261,15 @@ def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, positive_only: bo
     return 100.0 * hit[:, 0].float().mean().item(), 100.0 * hit.any(dim=1).float().mean().item()
 
 
+def sampling_noise(accuracy: float, num_images: int) -> float:
+    """Two binomial standard errors, in points, of an ``accuracy`` (percent) measured on
+    ``num_images`` images: differences below it are within the noise of which images were drawn.
+    At 0% or 100% the variance of one image more or less (``0.25 / n``) is used instead of zero."""
+    n = max(int(num_images), 1)
+    p = min(max(accuracy / 100.0, 0.0), 1.0)
+    return 200.0 * math.sqrt(max(p * (1.0 - p), 0.25 / n) / n)
+
+
 @torch.no_grad()
 def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor,
                  test_features: torch.Tensor, test_labels: torch.Tensor, num_classes: int,

@@ -29,7 +29,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from soco_d2.checkpoint.convert import SUPPORTED_DEPTHS, ConversionError, convert_to_torchvision
 
 from ..utils import comm
-from .knn import ProbeImages, ProbeSplit, _gather_rows, extract_features, linear_probe, weighted_knn
+from .knn import (ProbeImages, ProbeSplit, _gather_rows, extract_features, linear_probe, sampling_noise,
+                  weighted_knn)
 
 __all__ = ["ProbeBackbone", "load_probe_backbone", "probe_backbones", "format_probe_table",
            "recompute_bn_statistics", "bn_statistics_of", "BN_STATS"]
@@ -193,21 +194,27 @@ def bn_statistics_of(net: nn.Module, images: ProbeImages, device: torch.device, 
 
 def probe_backbones(backbones: Sequence[ProbeBackbone], split: ProbeSplit, image_size: int = 224,
                     k: int = 20, temperature: float = 0.07, linear: bool = False,
-                    batch_size: int = 64, device: str = "cpu", bn_stats: str = "weights") -> List[Dict]:
+                    batch_size: int = 64, device: str = "cpu", bn_stats: str = "weights",
+                    progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
     """One result dict per backbone: ``knn_top1``, ``knn_top5`` (and ``linear_top1`` /
     ``linear_top5``) in percent, the number of images used and the time taken. ``bn_stats``:
-    see the module docstring."""
+    see the module docstring. ``progress`` receives a line at each stage of each backbone."""
+    say = progress or (lambda line: None)
     if bn_stats not in BN_STATS:
         raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}.")
     dev = torch.device(device)
+    say(f"decoding {len(split.train)} training and {len(split.val)} validation images at {image_size} px")
     train_images = ProbeImages(split.train.paths, image_size)
     val_images = ProbeImages(split.val.paths, image_size)
     results = []
-    for b in backbones:
+    for i, b in enumerate(backbones, 1):
         t0 = time.perf_counter()
         net = b.model.to(dev).eval()
         if bn_stats == "train":
+            say(f"[{i}/{len(backbones)}] {b.name}: BN statistics over {train_images.num_total} training images")
             recompute_bn_statistics(net, train_images, dev, batch_size)
+        say(f"[{i}/{len(backbones)}] {b.name}: features of {train_images.num_total} training and "
+            f"{val_images.num_total} validation images at {image_size} px")
         train, ok_tr = extract_features(_features_fn(net), train_images, dev, batch_size)
         val, ok_va = extract_features(_features_fn(net), val_images, dev, batch_size)
         ytr = torch.as_tensor(split.train.labels)[ok_tr]
@@ -221,15 +228,20 @@ def probe_backbones(backbones: Sequence[ProbeBackbone], split: ProbeSplit, image
         if linear:
             r["linear_top1"], r["linear_top5"] = linear_probe(xtr, ytr, xva, yva, len(split.classes))
         r["seconds"] = time.perf_counter() - t0
+        say(f"[{i}/{len(backbones)}] {b.name}: kNN top-1 {r['knn_top1']:.2f} in {r['seconds']:.0f} s")
         results.append(r)
     return results
 
 
 def format_probe_table(results: Sequence[Dict]) -> str:
-    """Results as a text table, best kNN top-1 first."""
+    """Results as a text table, best kNN top-1 first; beside each accuracy its sampling noise
+    (two standard errors over the validation images, :func:`~soco_d2.evaluation.knn.sampling_noise`):
+    two backbones closer than that are not told apart by this probe."""
     cols = ["knn_top1", "knn_top5"] + (["linear_top1", "linear_top5"] if "linear_top1" in results[0] else [])
     rows = sorted(results, key=lambda r: -r["knn_top1"])
     width = max(len(r["name"]) for r in rows)
-    lines = [f"{'weights':<{width}}  " + "  ".join(f"{c:>11}" for c in cols)]
-    lines += [f"{r['name']:<{width}}  " + "  ".join(f"{r[c]:>11.2f}" for c in cols) for r in rows]
+    lines = [f"{'weights':<{width}}  " + "  ".join(f"{c + ' +- 2se':>17}" for c in cols)]
+    for r in rows:
+        cells = [f"{r[c]:>9.2f} +- {sampling_noise(r[c], r['val_images']):>4.1f}" for c in cols]
+        lines.append(f"{r['name']:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)

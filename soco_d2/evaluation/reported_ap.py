@@ -22,6 +22,8 @@ __all__ = [
     "MetricsError",
     "get_reference",
     "read_eval_metrics",
+    "REFERENCE_TEST_SET",
+    "run_test_sets",
     "compare_to_reference",
     "format_comparison",
     "format_references",
@@ -222,6 +224,27 @@ def read_eval_metrics(path: str, dataset: Optional[str] = None) -> Tuple[Dict[st
     if dataset not in by_dataset:
         raise MetricsError(f"{path}: no results for test set {dataset!r}; found {sorted(by_dataset)}")
     return by_dataset[dataset], iteration
+
+
+# Every reported number is COCO val2017 (5,000 images); the name of that set in our catalog.
+REFERENCE_TEST_SET = "coco_2017_val"
+
+
+def run_test_sets(path: str) -> Optional[List[str]]:
+    """The test sets (``DATASETS.TEST``) in the run's ``config.yaml`` beside its ``metrics.json``;
+    None when the run folder has no ``config.yaml`` (e.g. a bare metrics file) or it names none."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(config):
+        return None
+    import yaml
+
+    with open(config) as f:
+        data = yaml.safe_load(f) or {}
+    test = (data.get("DATASETS") or {}).get("TEST")
+    if test is None:
+        return None
+    return [test] if isinstance(test, str) else [str(t) for t in test]
 
 
 @dataclass

@@ -43,8 +43,9 @@ def folder(tmp_path):
     return root, keys
 
 
-def _cfg(image_root, proposals="", max_missing=0.05):
+def _cfg(image_root, proposals="", max_missing=0.05, whole_image_boxes=True):
     cfg = get_cfg()
+    cfg.DATASETS.PRETRAIN.WHOLE_IMAGE_BOXES = whole_image_boxes
     cfg.DATASETS.PRETRAIN.NAME = ""
     cfg.DATASETS.PRETRAIN.IMAGE_ROOT = str(image_root)
     cfg.DATASETS.PRETRAIN.PROPOSALS = str(proposals)
@@ -142,15 +143,25 @@ def test_missing_proposals_threshold(folder, tmp_path, soco_log):
     assert check_proposal_coverage(list_images(str(root)), store, 1.0) == (2, 1)
 
 
-def test_no_proposals_file_warns(folder, soco_log):
+def test_no_proposals_file_is_refused_for_soco(folder, soco_log):
     root, _ = folder
-    build_pretrain_dataset(_cfg(root))
-    assert any("PROPOSALS is empty" in m for m in soco_log)
+    with pytest.raises(ValueError) as err:
+        build_pretrain_dataset(_cfg(root, whole_image_boxes=False))
+    msg = str(err.value)
+    assert "DATASETS.PRETRAIN.PROPOSALS is empty" in msg and str(root) in msg
+    assert "generate_proposals" in msg and "DATASETS.PRETRAIN.WHOLE_IMAGE_BOXES True" in msg
+
+
+def test_whole_image_boxes_on_purpose_warns(folder, soco_log):
+    root, keys = folder
+    ds = build_pretrain_dataset(_cfg(root))
+    assert len(ds) == len(keys)
+    assert any("WHOLE_IMAGE_BOXES is True" in m for m in soco_log)
 
 
 def test_no_proposals_warning_for_a_mapper_that_uses_none(folder, soco_log):
     root, _ = folder
-    cfg = _cfg(root)
+    cfg = _cfg(root, whole_image_boxes=False)
     cfg.INPUT.MAPPER = "DetCoViewMapper"
     build_pretrain_dataset(cfg)
     assert soco_log and not any("PROPOSALS" in m for m in soco_log)

@@ -212,6 +212,15 @@ def test_coco_json(tmp_path):
     assert list_images(other).keys == ["train2017/1.jpg"]
     assert list_images(ann, image_root=tmp_path / "train2017").keys == ["1.jpg", "2.jpg"]
 
+    # Penn-Fudan's layout: the images in a sibling folder that is not named after the split
+    pf = tmp_path / "pennfudan"
+    _touch_images(pf, ["PNGImages/FudanPed00002.png", "PedMasks/FudanPed00002_mask.png"])
+    (pf / "annotations").mkdir()
+    pf_json = pf / "annotations" / "instances_train.json"
+    pf_json.write_text(json.dumps({"images": [{"id": 2, "file_name": "FudanPed00002.png"}]}))
+    assert default_coco_image_root(str(pf_json)) == str(pf / "PNGImages")
+    assert list_images(pf_json).keys == ["FudanPed00002.png"]
+
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"annotations": []}))
     with pytest.raises(ValueError, match="no 'images' list"):

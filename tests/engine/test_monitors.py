@@ -87,6 +87,11 @@ def test_monitors_in_a_run_and_no_effect_on_training(tmp_path):
     assert [r["iteration"] for r in knn] == [0, 2, 4, 5]
     assert all(0 <= r["knn_pool_top1"] <= r["knn_pool_top5"] <= 100 for r in knn)
     assert all(r["knn_time"] > 0 for r in knn)
+    from soco_d2.evaluation.knn import build_probe_split, sampling_noise
+    num_val = len(build_probe_split(str(probe)).val)
+    for r in knn:  # the sampling noise of each accuracy beside it
+        assert r["knn_pool_top1_2se"] == pytest.approx(sampling_noise(r["knn_pool_top1"], num_val))
+        assert r["knn_pool_top5_2se"] == pytest.approx(sampling_noise(r["knn_pool_top5"], num_val))
     health = [r for r in rows if "rankme" in r]
     assert [r["iteration"] for r in health] == [2, 4, 5]  # LOG_PERIOD 2 and the end
     assert all(1.0 <= r["rankme"] <= 4.0 and 0 < r["emb_std"] <= 1 for r in health)

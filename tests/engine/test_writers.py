@@ -138,3 +138,22 @@ def test_wandb_enabled_without_the_package_names_the_extra(tmp_path, monkeypatch
 def test_wandb_off_by_default(tmp_path, fake_wandb):
     _train(toy.toy_cfg(tmp_path))
     assert fake_wandb.runs == []
+
+
+def test_every_log_line_carries_its_level(tmp_path):
+    import logging
+
+    from soco_d2.engine.writers import setup_logging
+
+    log = setup_logging(str(tmp_path), name="soco_d2_test_levels")
+    log.info("an ordinary line")
+    log.warning("something to act on")
+    for h in log.handlers:
+        h.flush()
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert " INFO soco_d2_test_levels]: an ordinary line" in lines[0]
+    assert " WARNING soco_d2_test_levels]: something to act on" in lines[1]
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    logging.getLogger("soco_d2_test_levels")._soco_configured = False

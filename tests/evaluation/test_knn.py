@@ -15,6 +15,7 @@ from soco_d2.evaluation.knn import (  # noqa: E402
     build_probe_split,
     linear_probe,
     load_probe_image,
+    sampling_noise,
     weighted_knn,
 )
 
@@ -138,3 +139,12 @@ def test_probe_image_is_a_centre_crop_of_the_resized_image(tmp_path):
     assert out.shape == (28, 28, 3)
     cols = np.nonzero(out[14, :, 0] > 128)[0]
     assert abs(cols.mean() - 13.5) <= 1  # still centred
+
+
+@pytest.mark.parametrize("accuracy, n, expected", [
+    (50.0, 100, 10.0),   # 200 * sqrt(0.25 / 100)
+    (90.0, 100, 6.0),    # 200 * sqrt(0.09 / 100)
+    (100.0, 25, 4.0),    # at 100%, one image's variance: 200 * sqrt((0.25 / 25) / 25)
+])
+def test_sampling_noise_is_two_binomial_standard_errors(accuracy, n, expected):
+    assert sampling_noise(accuracy, n) == pytest.approx(expected)

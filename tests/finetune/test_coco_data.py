@@ -153,3 +153,11 @@ def test_masks_from_compressed_rle(tiny_coco, tmp_path):
     index = [r["image_id"] for r in ds.records].index(3)
     _, target = ds[(index, 0)]
     np.testing.assert_array_equal(target["masks"][0].numpy(), m)
+
+
+def test_real_json_paths_find_their_images(data_root):
+    """A dataset named by its json path, as a user types it: COCO's split folder, Penn-Fudan's PNGImages."""
+    pf = os.path.join(data_root, "pennfudan", "annotations", "instances_train.json")
+    assert get_dataset_paths(pf) == (pf, os.path.join(data_root, "pennfudan", "PNGImages"))
+    coco = os.path.join(data_root, "coco_mini", "annotations", "instances_val2017.json")
+    assert get_dataset_paths(coco)[1] == os.path.join(data_root, "coco_mini", "val2017")

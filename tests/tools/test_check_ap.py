@@ -97,3 +97,22 @@ def test_prints_where_the_weights_and_code_came_from(tmp_path, capsys):
     assert f"sha256 {sha})" in out
     assert f"evaluated checkpoint: {run / 'model_final.pth'} (" in out
     assert "code: soco_d2 0.1.0 at git abc123 (dirty)" in out
+
+
+def _with_test_sets(run_dir, test_sets):
+    (run_dir / "config.yaml").write_text("DATASETS:\n  TEST:\n" + "".join(f"  - {t}\n" for t in test_sets))
+    return run_dir
+
+
+def test_a_run_on_another_test_set_is_not_compared(tmp_path, capsys):
+    run = _with_test_sets(_run_dir(tmp_path, dict(REPORTED[REF].metrics)), ["demo_val:/x/val.json:/x/val"])
+    assert _main(run, "--reference", REF) == 2
+    err = capsys.readouterr().err
+    assert "demo_val:/x/val.json:/x/val" in err and "coco_2017_val" in err and "--any-test-set" in err
+    assert _main(run, "--reference", REF, "--any-test-set") == 0
+
+
+def test_a_run_on_coco_val_is_compared(tmp_path, capsys):
+    run = _with_test_sets(_run_dir(tmp_path, dict(REPORTED[REF].metrics)), ["coco_2017_val"])
+    assert _main(run, "--reference", REF) == 0
+    assert "PASS" in capsys.readouterr().out

@@ -67,3 +67,18 @@ def test_main_builds_resumes_and_trains(tool, monkeypatch):
     args = tool.default_argument_parser().parse_args(["--resume", "SOLVER.IMS_PER_BATCH", "32"])
     tool.main(args)
     assert events == [("init", 32, True), ("resume", True), ("train",)]
+
+
+@pytest.mark.parametrize("opts, needed, not_needed", [
+    ([], ["MODEL.DEVICE cpu", "SOLVER.AMP.ENABLED False"], []),  # the recipe: fp16 on a GPU
+    (["SOLVER.AMP.DTYPE", "bfloat16"], ["MODEL.DEVICE cpu"], ["SOLVER.AMP.ENABLED"]),
+])
+def test_a_gpu_config_on_a_cpu_machine_names_every_key_at_once(tool, monkeypatch, opts, needed, not_needed):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(launch_module, "launch", lambda *a, **k: pytest.fail("launched"))
+    with pytest.raises(ConfigError) as err:
+        tool.cli(["--config-file", os.path.join(os.path.dirname(TOOL), "..", "configs", "soco",
+                                                "soco_fpn_r50_100ep.yaml")] + opts)
+    msg = str(err.value)
+    assert all(k in msg for k in needed) and not any(k in msg for k in not_needed)
+    assert "configs/benchmark/soco_r18_learning_cpu.yaml" in msg

@@ -12,7 +12,7 @@ import monitor_toy as mtoy  # noqa: E402
 
 from soco_d2.checkpoint.convert import convert_to_d2, save_d2_pkl  # noqa: E402
 from soco_d2.config import get_cfg  # noqa: E402
-from soco_d2.evaluation.knn import ProbeImages  # noqa: E402
+from soco_d2.evaluation.knn import ProbeImages, sampling_noise  # noqa: E402
 from soco_d2.evaluation.probe import (  # noqa: E402
     PIXEL_MEAN, PIXEL_STD, load_probe_backbone, recompute_bn_statistics)
 from soco_d2.modeling import build_model  # noqa: E402
@@ -118,7 +118,15 @@ def test_cli_ranks_every_kind_on_a_folder(weights, tmp_path, capsys):
         assert r["train_images"] == 6 and r["val_images"] == 6 and r["classes"] == 3
     # the .pkl converted from our checkpoint holds the same backbone: the same accuracy
     assert rows[0]["knn_top1"] == rows[1]["knn_top1"] and rows[2]["knn_top1"] == rows[3]["knn_top1"]
-    assert "knn_top1" in text.splitlines()[-7]  # the table header
+    lines = text.splitlines()
+    assert "knn_top1 +- 2se" in lines[-7]  # the table header
+    # beside each accuracy, two standard errors over the 6 validation images
+    best = max(rows, key=lambda r: r["knn_top1"])
+    assert f"{best['knn_top1']:>9.2f} +- {sampling_noise(best['knn_top1'], 6):>4.1f}" in lines[-6]
+    # progress before the table: decoding, then features and the result of each backbone
+    assert "decoding 6 training and 6 validation images at 16 px" in text
+    assert "[5/5] random-init R18 seed 0: kNN top-1" in text
+    assert text.index("[1/5]") < text.index("knn_top1 +- 2se")
 
 
 def _probe_images(n, size=16, seed=0):
