@@ -38,13 +38,13 @@ def cli(argv=None):
     parser = default_argument_parser(eval_only=False)
     args = parser.parse_args(argv)
     cfg = load_config(args.config_file, args.opts)  # fail early, before starting processes
-    check_cpu_run(cfg)
     if cfg.MODEL.DETECTRON2.CONFIG_FILE:
         # D2SoCo / D2DetCo: fails at once without detectron2 (with the install instructions) or
         # with a bad detectron2 file / key.
         from soco_d2.detectron2 import pretrain_d2_config
 
         pretrain_d2_config(cfg)
+    check_cpu_run(cfg)
     return launch_from_args(main, args, cfg.MODEL.DEVICE)
 
 
