@@ -14,7 +14,8 @@ Examples:
   python tools/generate_proposals.py --images ... --output imagenet_train.socoprop --resume
 
 Image keys in the file are paths relative to the image root (see soco_d2.data.image_list), so
-the file can move with the dataset.
+the file can move with the dataset; for a zip or tar shards they are the member names, the same
+keys as the folder the archive was packed from (see soco_d2.data.archives).
 """
 import argparse
 import logging
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Either --images and --output (generate) or --merge OUTPUT SHARD... (merge shard files).",
     )
-    p.add_argument("--images", help="image folder (tree), .txt list file, COCO .json, or a builtin name "
+    p.add_argument("--images", help="image folder (tree), .txt list file, COCO .json, a .zip with its "
+                                    "_map.txt, tar shards ('shards/train-*.tar'), or a builtin name "
                                     "such as imagenet_train (under $SOCO_DATASETS)")
     p.add_argument("--image-root", default=None, help="image folder for a COCO json (default: next to the json)")
     p.add_argument("--output", help="proposals file to write (partial results go to OUTPUT.parts/)")
