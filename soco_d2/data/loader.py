@@ -78,7 +78,8 @@ def _shm_check_mode(mode: str) -> str:
 
 
 class SharedMemoryTooSmall(RuntimeError):
-    """``/dev/shm`` cannot hold the batches the loader workers hand over (``DATALOADER.SHM_CHECK``)."""
+    """``/dev/shm`` cannot hold the batches the loader workers hand over
+    (``DATALOADER.SHM_CHECK``)."""
 
 
 def _nbytes(obj) -> int:
@@ -97,9 +98,9 @@ def check_shared_memory(batch_bytes: int, num_workers: int, prefetch_factor: int
                         path: Optional[str] = None) -> int:
     """Compare the shared memory the loader workers of this machine need (``batch_bytes`` x
     ``num_workers`` x ``prefetch_factor`` x processes per machine x :data:`SHM_MARGIN`) with the
-    free space of ``path`` (default :data:`SHM_PATH`). ``mode`` (``DATALOADER.SHM_CHECK``): ``"error"`` raises
-    :class:`SharedMemoryTooSmall` when it is short, ``"warn"`` logs the same message, ``"off"``
-    skips. Returns the bytes needed (0 when nothing was checked)."""
+    free space of ``path`` (default :data:`SHM_PATH`). ``mode`` (``DATALOADER.SHM_CHECK``):
+    ``"error"`` raises :class:`SharedMemoryTooSmall` when it is short, ``"warn"`` logs the same
+    message, ``"off"`` skips. Returns the bytes needed (0 when nothing was checked)."""
     path = path or SHM_PATH
     if _shm_check_mode(mode) == "off" or num_workers == 0 or not os.path.isdir(path):
         return 0

@@ -153,7 +153,8 @@ def dist_env_from_environ(env=None) -> Optional[DistEnv]:
 
 _LAYOUT_VARS = {
     "torchrun": "LOCAL_RANK / LOCAL_WORLD_SIZE (torchrun --nproc-per-node)",
-    "slurm": "SLURM_LOCALID / SLURM_NTASKS_PER_NODE or SLURM_TASKS_PER_NODE (srun --ntasks-per-node)",
+    "slurm": ("SLURM_LOCALID / SLURM_NTASKS_PER_NODE or SLURM_TASKS_PER_NODE "
+              "(srun --ntasks-per-node)"),
     None: "--num-gpus",
 }
 
@@ -177,7 +178,8 @@ def cuda_device_index(local_rank: int, local_world_size: int, env=None) -> int:
     env = os.environ if env is None else env
     n = torch.cuda.device_count()
     visible = env.get("CUDA_VISIBLE_DEVICES")
-    shown = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "CUDA_VISIBLE_DEVICES unset"
+    shown = (f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None
+             else "CUDA_VISIBLE_DEVICES unset")
     if n == 0:
         raise RuntimeError(f"No CUDA device is visible to this process ({shown}); set "
                            "MODEL.DEVICE cpu or run where GPUs are visible.")

@@ -335,8 +335,10 @@ class PretrainTrainer:
         self.model.train()
         try:
             # (the loader's workers start here: a worker that dies at once is explained too)
-            with PreemptionWatcher() as watcher, \
-                    explain_worker_death(self.checkpointer.last_checkpoint):
+            # (outside the watcher: torch may report the worker's death again, from its SIGCHLD
+            # handler, while the watcher restores the signal handlers)
+            with explain_worker_death(self.checkpointer.last_checkpoint), \
+                    PreemptionWatcher() as watcher:
                 self._data = build_pretrain_loader(cfg, self.dataset, self.start_iter)
                 self.monitors.before_train()
                 for it in range(self.start_iter, self.max_iter):

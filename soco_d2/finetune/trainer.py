@@ -427,8 +427,10 @@ class FinetuneTrainer:
         save = lambda name, it, final=False: save_checkpoint(  # noqa: E731
             cfg, self.checkpointer, name, it, final=final, writers=writers_state(self.writers))
         try:
-            with PreemptionWatcher() as watcher, \
-                    explain_worker_death(self.checkpointer.last_checkpoint):
+            # (outside the watcher: torch may report the worker's death again, from its SIGCHLD
+            # handler, while the watcher restores the signal handlers)
+            with explain_worker_death(self.checkpointer.last_checkpoint), \
+                    PreemptionWatcher() as watcher:
                 # (the loader's workers start here: a worker that dies at once is explained too)
                 self._data = build_train_loader(cfg, self.train_dataset, self.start_iter)
                 for it in range(self.start_iter, self.max_iter):

@@ -62,7 +62,8 @@ def test_a_worker_cap_is_logged_as_a_warning(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="soco_d2"):
         assert loader.usable_num_workers(8) == 3
     (record,) = caplog.records
-    assert record.levelno == logging.WARNING and "its CPU affinity: 3 of the machine's 96 CPUs" in record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert "its CPU affinity: 3 of the machine's 96 CPUs" in record.getMessage()
 
 
 class _Images:
