@@ -165,7 +165,11 @@ class StepCounter(contextlib.ContextDecorator):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         self.collectives.append(("ddp_bucket_all_reduce", _nbytes(bucket.buffer()), "DDP"))
-        return allreduce_hook(state, bucket)
+        self._inside = True  # its all_reduce is this bucket's
+        try:
+            return allreduce_hook(state, bucket)
+        finally:
+            self._inside = False
 
     def summary(self) -> Dict:
         syncs = collections.Counter(kind for kind, _, _ in self.syncs)
@@ -309,7 +313,8 @@ def main():
         everything[w] = counts
         for m in args.methods:
             for i, c in enumerate(counts[m]):
-                kinds = ", ".join(f"{k} {v['calls']}" for k, v in c["collectives_by_kind"].items())
+                kinds = ", ".join(f"{k} {v['calls']} ({v['bytes'] / 1e6:.3g} MB)"
+                                  for k, v in c["collectives_by_kind"].items())
                 print(f"{w:>9} {m:<14} {i + 1:>4} {c['host_syncs']:>10} {c['collectives']:>11} "
                       f"{c['collective_bytes']:>10}  {kinds}")
                 if args.sites:
