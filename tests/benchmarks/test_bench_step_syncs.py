@@ -2,8 +2,9 @@
 tiny models): no host sync beyond the gradient scaler's (SoCo per_view: plus its one read of the
 level counts), one collective per BN layer call in forward and one in its backward, DetCo's
 shuffle-BN exchanging uint8 pixels in a fixed number of collectives."""
-import importlib.util
+import importlib
 import os
+import sys
 
 import pytest
 import torch
@@ -15,11 +16,11 @@ SCALER = {"scalar _local_scalar_dense @ soco_d2/engine/trainer.py": 1}
 
 @pytest.fixture(scope="module")
 def bench():
-    path = os.path.join(ROOT, "benchmarks", "bench_step_syncs.py")
-    spec = importlib.util.spec_from_file_location("bench_step_syncs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # Imported by name, not from its path: the spawned processes find its worker by name (they
+    # start with this process's sys.path).
+    if os.path.join(ROOT, "benchmarks") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    return importlib.import_module("bench_step_syncs")
 
 
 def _sites(counts):
