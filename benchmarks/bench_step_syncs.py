@@ -26,10 +26,6 @@ the trainer's scaler (off on CPU) is replaced by an enabled one.
 Collectives, by kind and bytes: ``torch.distributed`` calls (patched), plus DDP's gradient
 buckets (a communication hook that counts, then all-reduces as DDP's default).
 
-``--torch-syncbn``: count torch's ``nn.SyncBatchNorm`` (what a CUDA run uses unless the model's
-BN is this project's own synchronised BN) on CPU, with CPU stand-ins for the five CUDA-only
-``batch_norm_*`` kernels it calls; its own code (collectives, the empty-rank mask) runs as is.
-
 Example: ``python benchmarks/bench_step_syncs.py --world-size 1 2 --steps 2 --json out.json``
 """
 import argparse
@@ -107,6 +103,7 @@ class StepCounter(contextlib.ContextDecorator):
 
         self._modes = (_Functions(), _Aten())
         self._patched = {}
+        self._inside = False
 
     @staticmethod
     def _aten_kind(func, args, kwargs):
@@ -132,10 +129,16 @@ class StepCounter(contextlib.ContextDecorator):
     def _wrap(self, name, fn):
         @functools.wraps(fn)
         def counted(*args, **kwargs):
+            if self._inside:  # torch.distributed.f calling distributed_c10d.f: one collective
+                return fn(*args, **kwargs)
             tensors = [a for a in args if isinstance(a, (torch.Tensor, list, tuple))]
             size = _nbytes(tensors[1:2] if name == "all_to_all" else tensors[:1])
             self.collectives.append((name, size, _call_site()))
-            return fn(*args, **kwargs)
+            self._inside = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._inside = False
         return counted
 
     def __enter__(self):
@@ -162,7 +165,11 @@ class StepCounter(contextlib.ContextDecorator):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         self.collectives.append(("ddp_bucket_all_reduce", _nbytes(bucket.buffer()), "DDP"))
-        return allreduce_hook(state, bucket)
+        self._inside = True  # its all_reduce is this bucket's
+        try:
+            return allreduce_hook(state, bucket)
+        finally:
+            self._inside = False
 
     def summary(self) -> Dict:
         syncs = collections.Counter(kind for kind, _, _ in self.syncs)
@@ -181,84 +188,6 @@ class StepCounter(contextlib.ContextDecorator):
             "collective_sites": dict(sorted(collections.Counter(
                 f"{kind} @ {site}" for kind, _, site in self.collectives).items())),
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# torch's SyncBatchNorm on CPU (--torch-syncbn): CPU stand-ins of its CUDA-only kernels.
-def _enable_torch_syncbn_on_cpu():
-    lib = torch.library.Library("aten", "IMPL")  # kept alive by the caller's reference
-
-    def stats(x, eps):
-        dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dims)
-        var = x.var(dims, unbiased=False)
-        return mean, torch.rsqrt(var + eps)
-
-    def gather(x, mean_all, invstd_all, running_mean, running_var, momentum, eps, counts):
-        var_all = 1 / invstd_all ** 2 - eps
-        n = counts.sum()
-        mean = (mean_all * counts[:, None]).sum(0) / n
-        var = ((var_all + (mean_all - mean) ** 2) * counts[:, None]).sum(0) / n
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var * n / (n - 1), alpha=momentum)
-        return mean, torch.rsqrt(var + eps)
-
-    def shape(x):
-        return [1, -1] + [1] * (x.dim() - 2)
-
-    def elemt(x, weight, bias, mean, invstd, eps):
-        y = (x - mean.view(shape(x))) * invstd.view(shape(x))
-        return y * weight.view(shape(x)) + bias.view(shape(x)) if weight is not None else y
-
-    def backward_reduce(dy, x, mean, invstd, weight, input_g, weight_g, bias_g):
-        dims = [0] + list(range(2, x.dim()))
-        sum_dy = dy.sum(dims)
-        sum_dy_xmu = (dy * (x - mean.view(shape(x)))).sum(dims)
-        return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd, sum_dy
-
-    def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
-        n = count.sum()
-        s = shape(x)
-        g = (invstd if weight is None else weight * invstd).view(s)
-        return g * (dy - sum_dy.view(s) / n - (x - mean.view(s)) * (invstd ** 2).view(s)
-                    * sum_dy_xmu.view(s) / n)
-
-    for name, fn in (("batch_norm_stats", stats), ("batch_norm_gather_stats_with_counts", gather),
-                     ("batch_norm_elemt", elemt), ("batch_norm_backward_reduce", backward_reduce),
-                     ("batch_norm_backward_elemt", backward_elemt)):
-        lib.impl(name, fn, "CPU")
-
-    from torch.nn.modules._functions import SyncBatchNorm as _Function
-
-    class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
-        """torch's SyncBatchNorm (its autograd function) without its GPU-only checks (DDP refuses
-        an ``nn.SyncBatchNorm`` in a CPU model)."""
-
-        def _check_input_dim(self, x):
-            pass
-
-        def forward(self, x):
-            if not self.training or dist.get_world_size() == 1:
-                return super().forward(x)
-            self.num_batches_tracked.add_(1)
-            return _Function.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                   self.eps, self.momentum, dist.group.WORLD, dist.get_world_size())
-
-    return lib, CPUSyncBatchNorm
-
-
-def _use_torch_syncbn(model, cls):
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    for name, child in model.named_children():
-        if isinstance(child, _BatchNorm):
-            bn = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            bn.load_state_dict(child.state_dict())
-            setattr(model, name, bn.train(child.training))
-        else:
-            _use_torch_syncbn(child, cls)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +240,7 @@ def tiny_batch(method: str, n: int, seed: int, k: int = 3) -> Dict:
     return {"images": images, "pairs": pairs, "flips": flips}
 
 
-def count_steps(method: str, steps: int = 2, torch_syncbn: bool = False) -> List[Dict]:
+def count_steps(method: str, steps: int = 2) -> List[Dict]:
     """Run ``steps`` training steps of ``method`` in this process (of a gloo group, or alone)
     and return the counts of each step."""
     from soco_d2.engine.trainer import PretrainTrainer
@@ -325,11 +254,6 @@ def count_steps(method: str, steps: int = 2, torch_syncbn: bool = False) -> List
         cfg = tiny_cfg(method, world, out if rank == 0 else os.path.join(out, f"rank{rank}"))
         torch.manual_seed(0)
         model = build_model(cfg)
-        keep = None
-        if torch_syncbn and world > 1 and getattr(model, "sync_batchnorm", True):
-            keep, cls = _enable_torch_syncbn_on_cpu()
-            model = _use_torch_syncbn(model, cls)
-            model.sync_batchnorm = False  # already converted
         trainer = PretrainTrainer(cfg, model=model, dataset=list(range(1000)))
         counter = StepCounter()
         if isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel):
@@ -345,30 +269,29 @@ def count_steps(method: str, steps: int = 2, torch_syncbn: bool = False) -> List
             with counter:
                 trainer.run_step(it)
             results.append(counter.summary())
-        del keep
     return results
 
 
-def _worker(out_file: str, methods, steps: int, torch_syncbn: bool):
+def _worker(out_file: str, methods, steps: int):
     from soco_d2.utils import comm
 
-    result = {m: count_steps(m, steps, torch_syncbn) for m in methods}
+    result = {m: count_steps(m, steps) for m in methods}
     if comm.get_rank() == 0:
         with open(out_file, "w") as f:
             json.dump(result, f)
 
 
-def run(world_size: int, methods=METHODS, steps: int = 2, torch_syncbn: bool = False) -> Dict:
+def run(world_size: int, methods=METHODS, steps: int = 2) -> Dict:
     """Counts per method and step on ``world_size`` gloo processes (rank 0's)."""
     from soco_d2.engine.launch import launch
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "counts.json")
         if world_size == 1:
-            _worker(out, methods, steps, torch_syncbn)
+            _worker(out, methods, steps)
         else:
             launch(_worker, num_gpus_per_machine=world_size, backend="gloo",
-                   args=(out, list(methods), steps, torch_syncbn))
+                   args=(out, list(methods), steps))
         with open(out) as f:
             return json.load(f)
 
@@ -378,8 +301,6 @@ def main():
     p.add_argument("--world-size", type=int, nargs="+", default=[1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--torch-syncbn", action="store_true",
-                   help="count torch's nn.SyncBatchNorm (the CUDA path) instead of the project's BN")
     p.add_argument("--sites", action="store_true", help="list the host syncs per call site")
     p.add_argument("--json", help="also write the counts here")
     args = p.parse_args()
@@ -388,11 +309,12 @@ def main():
     print(f"{'processes':>9} {'method':<14} {'step':>4} {'host syncs':>10} {'collectives':>11} "
           f"{'bytes':>10}  collectives by kind")
     for w in args.world_size:
-        counts = run(w, args.methods, args.steps, args.torch_syncbn)
+        counts = run(w, args.methods, args.steps)
         everything[w] = counts
         for m in args.methods:
             for i, c in enumerate(counts[m]):
-                kinds = ", ".join(f"{k} {v['calls']}" for k, v in c["collectives_by_kind"].items())
+                kinds = ", ".join(f"{k} {v['calls']} ({v['bytes'] / 1e6:.3g} MB)"
+                                  for k, v in c["collectives_by_kind"].items())
                 print(f"{w:>9} {m:<14} {i + 1:>4} {c['host_syncs']:>10} {c['collectives']:>11} "
                       f"{c['collective_bytes']:>10}  {kinds}")
                 if args.sites:

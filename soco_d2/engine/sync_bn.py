@@ -2,7 +2,7 @@
 
 :class:`AllReduceBatchNorm` computes the training statistics of all processes with one
 all-reduce of (sum, sum of squares, count) per call, and its backward with one all-reduce of
-(sum of dy, sum of dy * x_hat): the same numbers as ``torch.nn.SyncBatchNorm`` (forward,
+(sum of dy, sum of dy * (x - mean)): the same numbers as ``torch.nn.SyncBatchNorm`` (forward,
 gradients, running statistics), but no host sync. torch's SyncBatchNorm all-gathers
 (mean, invstd, count) and drops the statistics of processes with an empty batch through a
 boolean mask, which waits for the device on every call (three syncs per call), and it refuses
@@ -13,7 +13,8 @@ statistics in one call (one collective for all groups), as running the layer on 
 turn would: SoCo's faithful head normalises every (view, box set, level) group separately.
 
 Both keep the state-dict keys of ``BatchNorm``, so checkpoints move freely between world sizes.
-:func:`convert_sync_batchnorm` converts a model (on one process it stays as it is);
+:func:`convert_sync_batchnorm` converts a model (the engine does so on several processes; on
+one process the converted layers compute what ``BatchNorm`` does);
 :func:`sync_batchnorm_to_gloo` converts a model built with torch's SyncBatchNorm (detectron2's
 ``SyncBN``) that is to train on CPU processes.
 """
@@ -55,8 +56,9 @@ def _group_slices(views: List[torch.Tensor]) -> List[slice]:
 
 def _new_rows(like: torch.Tensor, sizes: Sequence[int], fill) -> torch.Tensor:
     """A new tensor like ``like`` whose group views ``(g, n, C, ...)`` are written by
-    ``fill(out_view, i, groups)`` (``i``: index of the view); not a view, since the output of an autograd function may be
-    modified in place (ReLU(inplace=True) follows most BN layers)."""
+    ``fill(out_view, i, groups)`` (``i``: index of the view). Not a view of another tensor: the
+    output of an autograd function may be modified in place (ReLU(inplace=True) follows most
+    BN layers)."""
     out = torch.empty_like(like)
     views = _views(out, sizes)
     for i, (o, g) in enumerate(zip(views, _group_slices(views))):

@@ -49,6 +49,8 @@ class FeatureQueue(nn.Module):
 
     ``queue`` (size, dim) and ``ptr`` are buffers, so they are saved in ``state_dict`` and a
     resumed run continues with the same negatives. Initialised with random unit vectors, as MoCo.
+    The pointer is also kept on the host (``position``), so that enqueueing never reads the
+    device; loading a state dict sets both.
     """
 
     def __init__(self, dim: int, size: int):
@@ -57,6 +59,7 @@ class FeatureQueue(nn.Module):
             raise ValueError(f"FeatureQueue needs size >= 1 and dim >= 1, got {size} x {dim}")
         self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.position = 0  # == int(self.ptr), on the host
 
     @property
     def size(self) -> int:
@@ -67,21 +70,26 @@ class FeatureQueue(nn.Module):
         return self.queue.detach().clone()
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Gather ``keys`` (B, dim) from every process (rank order; a no-op for one process),
-        write them at the pointer (wrapping around) and advance it. Collective: every process
-        must call it with the same B, so the queues stay identical across processes."""
-        keys = comm.all_gather(keys)
+    def enqueue(self, keys: torch.Tensor, gathered: bool = False) -> None:
+        """Gather ``keys`` (B, dim) from every process (rank order; a no-op for one process;
+        ``gathered``: they are the keys of all processes already), write them at the pointer
+        (wrapping around) and advance it. Collective unless ``gathered``: every process must call
+        it with the same B, so the queues stay identical across processes."""
+        if not gathered:
+            keys = comm.all_gather(keys)
         b = keys.shape[0]
         if b > self.size:
             raise ValueError(
                 f"Cannot enqueue {b} keys into a queue of {self.size} "
                 "(raise MODEL.DETCO.QUEUE_SIZE)"
             )
-        ptr = int(self.ptr)
-        idx = (ptr + torch.arange(b, device=self.queue.device)) % self.size
-        self.queue[idx] = keys.detach().to(self.queue.dtype)
-        self.ptr.fill_((ptr + b) % self.size)
+        ptr = self.position
+        first = min(b, self.size - ptr)  # the rest wraps around to the start
+        keys = keys.detach().to(self.queue.dtype)
+        self.queue[ptr:ptr + first] = keys[:first]
+        self.queue[: b - first] = keys[first:]
+        self.position = (ptr + b) % self.size
+        self.ptr.fill_(self.position)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "queue")
@@ -93,6 +101,7 @@ class FeatureQueue(nn.Module):
                 "or start a new run."
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.position = int(self.ptr)  # once per load, not per step
 
     def extra_repr(self) -> str:
         return f"size={self.queue.shape[0]}, dim={self.queue.shape[1]}"

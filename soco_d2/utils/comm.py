@@ -3,7 +3,7 @@
 Without an initialised process group every function behaves as for a world of one process.
 """
 import os
-from typing import Dict, Mapping, Union
+from typing import Dict, List, Mapping, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -79,6 +79,23 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t)
     return torch.cat(parts, dim=0).to(device)
+
+
+@torch.no_grad()
+def all_gather_tensors(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """:func:`all_gather` of several tensors with the same first dimension, in one collective
+    per dtype (the tensors are flattened per row and concatenated for the exchange)."""
+    if get_world_size() == 1:
+        return [t.detach().clone() for t in tensors]
+    n = tensors[0].shape[0]
+    out: List[torch.Tensor] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(n, -1) for i in idx], dim=1)
+        parts = all_gather(flat).split([tensors[i][:1].numel() for i in idx], dim=1)
+        for i, part in zip(idx, parts):
+            out[i] = part.reshape(-1, *tensors[i].shape[1:])
+    return out
 
 
 def all_reduce_mean(

@@ -45,6 +45,31 @@ def test_enqueue_advances_pointer_and_wraps_around():
         qu.enqueue(torch.zeros(6, 2))
 
 
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts tensor reads on the host (``int(t)``, ``.item()``: a device sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ == "_local_scalar_dense"
+        return func(*args, **(kwargs or {}))
+
+
+def test_enqueue_keeps_its_pointer_on_the_host_and_a_loaded_one_continues():
+    qu = FeatureQueue(dim=2, size=4)
+    with _ScalarReads() as reads:
+        for _ in range(3):
+            qu.enqueue(torch.ones(2, 2))
+    assert reads.count == 0 and int(qu.ptr) == 2
+    resumed = FeatureQueue(dim=2, size=4)
+    resumed.load_state_dict({"queue": torch.zeros(4, 2), "ptr": torch.tensor(3)})
+    resumed.enqueue(torch.full((2, 2), 5.0))  # at 3, then wraps to 0
+    assert resumed.queue[:, 0].tolist() == [5.0, 0.0, 0.0, 5.0] and int(resumed.ptr) == 1
+    assert set(resumed.state_dict()) == {"queue", "ptr"}
+
+
 def test_negatives_is_a_copy():
     qu = FeatureQueue(dim=2, size=2)
     neg = qu.negatives()

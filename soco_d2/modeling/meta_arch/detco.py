@@ -297,11 +297,11 @@ class DetCo(nn.Module):
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         device = self.pixel_mean.device
-        glob = self.normalize(batch["global"])
-        local = self.normalize(batch["local"])
+        glob = batch["global"].to(device, non_blocking=True)
+        local = batch["local"].to(device, non_blocking=True)
         perm = batch["local_perm"].to(device, non_blocking=True)
 
-        q_g, q_l = self.encoder_q(glob[:, 0], local[:, 0], perm[:, 0])
+        q_g, q_l = self.encoder_q(self.normalize(glob[:, 0]), self.normalize(local[:, 0]), perm[:, 0])
         with torch.no_grad():
             k_g, k_l = self._keys(glob[:, 1], local[:, 1], perm[:, 1])
 
@@ -321,21 +321,26 @@ class DetCo(nn.Module):
                 out[f"{kind}_{lvl}"] = value.detach()
         for kind, values in terms.items():
             out[f"loss_{kind}"] = torch.stack(values).sum()
-        for lvl in self.levels:
-            self.queues_global[lvl].enqueue(k_g[lvl])
-            self.queues_local[lvl].enqueue(k_l[lvl])
+        # The keys of all processes, gathered for every queue at once.
+        queues = [self.queues_global[lvl] for lvl in self.levels] + [self.queues_local[lvl] for lvl in self.levels]
+        keys = comm.all_gather_tensors([k_g[lvl] for lvl in self.levels] + [k_l[lvl] for lvl in self.levels])
+        for queue, gathered in zip(queues, keys):
+            queue.enqueue(gathered, gathered=True)
         return out
 
     @torch.no_grad()
     def _keys(self, images: torch.Tensor, patches: torch.Tensor, perm: torch.Tensor):
-        """Key features; with ``KEY_BN "shuffle"`` the samples are shuffled (across processes, or
-        across the BN sub-batches of one process) for the key encoder's BN and restored
-        afterwards (MoCo's shuffle-BN)."""
+        """Key features of uint8 ``images`` and ``patches``; with ``KEY_BN "shuffle"`` the
+        samples are shuffled (across processes, or across the BN sub-batches of one process) for
+        the key encoder's BN and restored afterwards (MoCo's shuffle-BN). Processes exchange the
+        uint8 pixels (a quarter of the bytes of normalised ones) and normalise afterwards."""
         if self.key_bn == "shuffle" and (comm.get_world_size() > 1 or self.bn_splits > 1):
             (images, patches, perm), restore = batch_shuffle((images, patches, perm))
-            k_g, k_l = self.encoder_k(images, patches, perm)
-            return restore(k_g), restore(k_l)
-        return self.encoder_k(images, patches, perm)
+            k_g, k_l = self.encoder_k(self.normalize(images), self.normalize(patches), perm)
+            both = restore({**{("g", k): v for k, v in k_g.items()}, **{("l", k): v for k, v in k_l.items()}})
+            return ({k: v for (kind, k), v in both.items() if kind == "g"},
+                    {k: v for (kind, k), v in both.items() if kind == "l"})
+        return self.encoder_k(self.normalize(images), self.normalize(patches), perm)
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
@@ -381,14 +386,15 @@ def batch_shuffle(tensors):
     rank 0's random permutation is broadcast, and each process takes its slice of the shuffled
     global batch. In one process: a random permutation of the batch. Returns the shuffled
     tensors and ``restore(dict_of_tensors)``, which brings per-sample outputs back to this
-    process's original samples. All processes must hold the same number of samples."""
+    process's original samples. All processes must hold the same number of samples. The
+    tensors are exchanged in one collective per dtype, the outputs in one."""
     world, rank = comm.get_world_size(), comm.get_rank()
     n = tensors[0].shape[0]
     if world == 1:
         order = torch.randperm(n, device=tensors[0].device)
         back = torch.argsort(order)
         return [t[order] for t in tensors], lambda outputs: {k: v[back] for k, v in outputs.items()}
-    gathered = [comm.all_gather(t) for t in tensors]
+    gathered = comm.all_gather_tensors(list(tensors))
     device = gathered[0].device
     comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     order = torch.randperm(n * world, device=comm_device)
@@ -398,6 +404,6 @@ def batch_shuffle(tensors):
     back = torch.argsort(order).view(world, n)[rank]
 
     def restore(outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {k: comm.all_gather(v)[back] for k, v in outputs.items()}
+        return {k: v[back] for k, v in zip(outputs, comm.all_gather_tensors(list(outputs.values())))}
 
     return [t[mine] for t in gathered], restore

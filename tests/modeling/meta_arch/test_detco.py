@@ -87,7 +87,7 @@ def test_losses_are_the_weighted_three_terms_per_level():
     with torch.no_grad():
         q_g, q_l = before.encoder_q(glob[:, 0], local[:, 0], perm[:, 0])
         torch.manual_seed(7)
-        k_g, k_l = before._keys(glob[:, 1], local[:, 1], perm[:, 1])
+        k_g, k_l = before._keys(batch["global"][:, 1], batch["local"][:, 1], perm[:, 1])
     w = dict(zip(LEVELS, (0.1, 0.4, 0.7, 1.0)))
     totals = {"global_global": 0.0, "local_local": 0.0, "local_global": 0.0}
     for lvl in LEVELS:
@@ -279,15 +279,16 @@ def _model_worker(rank, init_file, out_dir):
         m.encoder_k.eval()  # per-sample key features, so shuffling must not change them
         batch = _batch(n=2, seed=10 + rank)
         glob, local = m.normalize(batch["global"]), m.normalize(batch["local"])
+        key_pixels = (batch["global"][:, 1], batch["local"][:, 1])  # uint8: _keys normalises
         perm = batch["local_perm"]
         with torch.no_grad():
             direct = m.encoder_k(glob[:, 1], local[:, 1], perm[:, 1])
-            shuffled = m._keys(glob[:, 1], local[:, 1], perm[:, 1])
+            shuffled = m._keys(*key_pixels, perm[:, 1])
         m(batch)
         m.encoder_k.train()  # with batch statistics, the shuffle changes the keys
         with torch.no_grad():
             train_direct = m.encoder_k(glob[:, 1], local[:, 1], perm[:, 1])[0]["res2"]
-            train_shuffled = m._keys(glob[:, 1], local[:, 1], perm[:, 1])[0]["res2"]
+            train_shuffled = m._keys(*key_pixels, perm[:, 1])[0]["res2"]
         split = any(isinstance(mod, SplitBatchNorm2d) for mod in m.modules())
         torch.save({"direct": direct, "shuffled": shuffled, "split_bn": split,
                     "train_changed": not torch.allclose(train_direct, train_shuffled),
@@ -449,7 +450,7 @@ def test_one_process_shuffle_bn_normalises_keys_with_shuffled_sub_batches():
     for seed in range(6):
         torch.manual_seed(seed)
         with torch.no_grad():
-            keys = per_image(m._keys(glob, local, perm))
+            keys = per_image(m._keys(batch["global"][:, 1], batch["local"][:, 1], perm))
         match = [p for p in partitions if all(close(a, b) for a, b in zip(keys, expected[p]))]
         assert len(match) == 1, seed
         used.append(match[0])
