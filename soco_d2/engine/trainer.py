@@ -7,7 +7,7 @@ scheduled EMA momentum. Losses stay on the device and are checked / averaged ove
 per log period and before every checkpoint, so the loop does not wait for the GPU each step.
 
 After every step the loop asks the :class:`~soco_d2.engine.preemption.PreemptionWatcher`
-whether a process received SIGTERM / SIGUSR1; if so it writes a checkpoint and exits with
+whether a process received SIGTERM / SIGUSR1 / SIGINT; if so it writes a checkpoint and exits with
 ``PREEMPTED_EXIT_CODE`` (see :mod:`soco_d2.engine.preemption` and docs/TRAINING.md).
 """
 import collections

@@ -108,8 +108,9 @@ def _cli(out, image_dir, props, *extra):
     return [sys.executable, tool, "--config-file", SOCO_CONFIGS[0]], overrides
 
 
-def _run_until(cmd, out, iteration, sig, timeout=240):
-    """Start ``cmd``, send ``sig`` once ``metrics.json`` reaches ``iteration``; returns the process."""
+def _run_until(cmd, out, iteration, sig, timeout=240, group=False):
+    """Start ``cmd``, send ``sig`` once ``metrics.json`` reaches ``iteration``, to the trainer
+    or (``group``) to every process of the job; returns the process."""
     metrics = os.path.join(out, "metrics.json")
     rows_before = len(read_metrics(out)) if os.path.exists(metrics) else 0
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -121,13 +122,17 @@ def _run_until(cmd, out, iteration, sig, timeout=240):
         except json.JSONDecodeError:  # a line being written
             rows = []
         if rows and rows[-1]["iteration"] >= iteration:  # a row written by this run
-            if sig == signal.SIGKILL:
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole job: trainer and loader workers
+            if sig == signal.SIGKILL or group:
+                os.killpg(proc.pid, sig)  # the whole job: trainer and loader workers
             else:
                 os.kill(proc.pid, sig)  # the trainer only, as `kill` or a scheduler does
             break
         time.sleep(0.05)
-    proc.wait(timeout=timeout)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the run did not end within {timeout} s after {signal.Signals(sig).name}")
     return proc
 
 
@@ -224,3 +229,35 @@ def test_an_exception_in_a_loader_worker_ends_a_two_process_run(unlabeled, tmp_p
     run = _failing_run(unlabeled, tmp_path, "TypeError", 2)
     assert run.returncode == 1, run.stderr[-3000:]
     assert "TypeError" in run.stderr and "fault injected in a worker" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def reference_run(unlabeled, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref") / "ref")
+    cmd, overrides = _cli(out, *unlabeled)
+    run = run_bounded(cmd + overrides, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1],
+                         ids=lambda s: signal.Signals(s).name)
+def test_a_signal_to_the_whole_process_group_saves_and_resumes_exactly(unlabeled, reference_run,
+                                                                       tmp_path, sig):
+    """`timeout`, SLURM and Ctrl-C signal every process of the job, loader workers included,
+    at a random step: the run saves, exits with 75 and --resume ends with the same weights."""
+    import torch
+
+    out = str(tmp_path / "run")
+    cmd, overrides = _cli(out, *unlabeled)
+    step = random.Random().randint(1, 6)
+    stopped = _run_until(cmd + overrides, out, step, sig, group=True)
+    text = stopped.stdout.read()
+    assert stopped.returncode == 75, text[-3000:]
+    assert f"{signal.Signals(sig).name} received: stopped after iteration" in text
+    done = run_bounded(cmd + ["--resume"] + overrides, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _final_weights(reference_run), _final_weights(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs ({signal.Signals(sig).name} after {step})"
