@@ -99,6 +99,9 @@ def test_cli_trains_then_resumes_with_a_longer_schedule(unlabeled, tmp_path):
 sys.path.insert(0, os.path.join(REPO, "tests", "data"))
 from hostile_images import make_hostile_folder  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from faults import run_and_signal, run_bounded, worker_fault_env  # noqa: E402
+
 
 def _cli(out, image_dir, props, *extra):
     overrides = tiny_overrides(image_dir, props, out) + [
@@ -106,34 +109,6 @@ def _cli(out, image_dir, props, *extra):
         "SEED", "5", *extra]
     tool = os.path.join(REPO, "tools", "pretrain_net.py")
     return [sys.executable, tool, "--config-file", SOCO_CONFIGS[0]], overrides
-
-
-def _run_until(cmd, out, iteration, sig, timeout=240, group=False):
-    """Start ``cmd``, send ``sig`` once ``metrics.json`` reaches ``iteration``, to the trainer
-    or (``group``) to every process of the job; returns the process."""
-    metrics = os.path.join(out, "metrics.json")
-    rows_before = len(read_metrics(out)) if os.path.exists(metrics) else 0
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            rows = read_metrics(out)[rows_before:] if os.path.exists(metrics) else []
-        except json.JSONDecodeError:  # a line being written
-            rows = []
-        if rows and rows[-1]["iteration"] >= iteration:  # a row written by this run
-            if sig == signal.SIGKILL or group:
-                os.killpg(proc.pid, sig)  # the whole job: trainer and loader workers
-            else:
-                os.kill(proc.pid, sig)  # the trainer only, as `kill` or a scheduler does
-            break
-        time.sleep(0.05)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"the run did not end within {timeout} s after {signal.Signals(sig).name}")
-    return proc
 
 
 def _final_weights(out):
@@ -179,11 +154,11 @@ def test_cli_hostile_images_sigkill_and_sigterm_then_resume_match_an_uninterrupt
     out = str(tmp_path / "run")
     cmd, overrides = _cli(out, str(image_dir), props)
     step = random.Random().randint(1, 4)
-    killed = _run_until(cmd + overrides, out, step, signal.SIGKILL)
+    killed = run_and_signal(cmd + overrides, out, step, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL, f"SIGKILL after iteration {step}"
     assert not os.path.exists(os.path.join(out, "model_final.pth"))
 
-    stopped = _run_until(cmd + ["--resume"] + overrides, out, 5, signal.SIGTERM)
+    stopped = run_and_signal(cmd + ["--resume"] + overrides, out, 5, signal.SIGTERM)
     text = stopped.stdout.read()
     assert stopped.returncode == 75, text[-3000:]
     assert "SIGTERM received: stopped after iteration" in text and "--resume" in text
@@ -202,10 +177,6 @@ def test_cli_hostile_images_sigkill_and_sigterm_then_resume_match_an_uninterrupt
 # ------------------------------------------------------------------------------------------------
 # A failed run ends: any exception in a loader worker, 1 and 2 processes, under a hard timeout
 # ------------------------------------------------------------------------------------------------
-
-sys.path.insert(0, os.path.dirname(__file__))
-from faults import run_bounded, worker_fault_env  # noqa: E402
-
 
 def _failing_run(unlabeled, tmp_path, exception, processes):
     out = str(tmp_path / f"fail_{exception}_{processes}")
@@ -252,7 +223,7 @@ def test_a_signal_to_the_whole_process_group_saves_and_resumes_exactly(unlabeled
     out = str(tmp_path / "run")
     cmd, overrides = _cli(out, *unlabeled)
     step = random.Random().randint(1, 6)
-    stopped = _run_until(cmd + overrides, out, step, sig, group=True)
+    stopped = run_and_signal(cmd + overrides, out, step, sig, group=True)
     text = stopped.stdout.read()
     assert stopped.returncode == 75, text[-3000:]
     assert f"{signal.Signals(sig).name} received: stopped after iteration" in text

@@ -124,3 +124,34 @@ def test_an_exception_in_a_loader_worker_ends_a_two_process_run(data, tmp_path):
     run = _failing_finetune(data, tmp_path, 2)
     assert run.returncode == 1, run.stderr[-3000:]
     assert "TypeError" in run.stderr and "fault injected in a worker" in run.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_whole_process_group_saves_and_resumes_exactly(data, tmp_path):
+    """SIGINT to every process (a terminal's Ctrl-C), loader workers included, at a random step:
+    the run saves, exits with 75, and --resume ends with the same weights."""
+    import random
+    import signal
+
+    import torch
+
+    from faults import run_and_signal
+
+    def cmd(out):
+        return [sys.executable, TOOL, "--config-file", CONFIG] + TINY + data + [
+            "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "6", "DATASETS.TEST", "()",
+            "DATALOADER.NUM_WORKERS", "2"]
+
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    assert run_bounded(cmd(ref), timeout=300).returncode == 0
+    step = random.Random().randint(1, 4)
+    stopped = run_and_signal(cmd(out), out, step, signal.SIGINT, group=True)
+    text = stopped.stdout.read()
+    assert stopped.returncode == 75, text[-3000:]
+    assert "SIGINT received: stopped after iteration" in text
+    done = run_bounded(cmd(out)[:4] + ["--resume"] + cmd(out)[4:], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = torch.load(os.path.join(ref, "model_final.pth"), weights_only=True)["model"]
+    b = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs (SIGINT after iteration {step})"
