@@ -177,7 +177,9 @@ class DataLoaderWorkerDied(RuntimeError):
 def _is_worker_death(e: BaseException) -> bool:
     if isinstance(e, DataLoaderWorkerDied):
         return False
-    if isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
+    # "DataLoader worker (pid ...) is killed by signal / exited unexpectedly"; not "Caught
+    # ValueError in DataLoader worker process 0", an exception of the worker re-raised here.
+    if isinstance(e, RuntimeError) and "DataLoader worker (pid" in str(e):
         return True
     # Fetching a batch from a worker that is being killed can also fail with a broken
     # connection (shared-memory hand-over) before torch notices that the worker is gone.

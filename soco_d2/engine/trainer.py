@@ -32,6 +32,7 @@ from .checkpoint import Checkpointer, CheckpointWriteError, atomic_write_text
 from .monitors import Monitors
 from .preemption import Preempted, PreemptionWatcher, explain_worker_death, requeue_slurm_job
 from .optimizer import build_optimizer
+from .output_dir import lock_output_dir
 from .schedules import build_lr_schedule, build_momentum_schedule, max_iter_from_cfg
 from .sync_bn import convert_sync_batchnorm
 from .writers import build_writers, setup_logging
@@ -106,8 +107,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def setup_run(cfg) -> torch.device:
     """The start of every run (pretraining or fine-tuning) in each process: logging, seeds,
     device (cuDNN autotuning on GPU, torch threads on CPU), the AMP check and, on the main
-    process, ``OUTPUT_DIR/config.yaml``. Returns the device."""
+    process, ``OUTPUT_DIR/config.yaml``; the main process holds the lock of ``OUTPUT_DIR``
+    (one run per folder, :mod:`soco_d2.engine.output_dir`). Returns the device."""
     setup_logging(cfg.OUTPUT_DIR)
+    if comm.is_main_process():
+        lock_output_dir(cfg.OUTPUT_DIR)
     seed_all(cfg.SEED + comm.get_rank())
     device = resolve_device(cfg.MODEL.DEVICE)
     if device.type == "cuda":

@@ -85,11 +85,25 @@ def test_cli_trains_then_resumes_with_a_longer_schedule(unlabeled, tmp_path):
     subprocess.run(base + overrides, check=True, capture_output=True, text=True, timeout=300)
     assert [r["iteration"] for r in read_metrics(out)] == [1, 2]
 
-    longer = overrides + ["SOLVER.MAX_ITER", "3"]
+    longer = overrides + ["SOLVER.MAX_ITER", "3", "SOLVER.WEIGHT_DECAY", "0.001",
+                          "LOG_PERIOD", "2"]
     run = subprocess.run(base + ["--resume"] + longer, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "Continuing at iteration 2 of 3" in run.stdout + run.stderr
+    log = run.stdout + run.stderr
+    assert "Continuing at iteration 2 of 3" in log
     assert [r["iteration"] for r in read_metrics(out)] == [1, 2, 3]
+    # Every changed key is listed, with what it changes, and the new weight decay is used
+    # (the optimizer state loaded from the checkpoint used to bring back the old one).
+    assert "differs from the one it was written with in 3 key(s)" in log
+    training, bookkeeping = log.split("2 change(s) the training itself")[1].split(
+        "1 change(s) only logging")
+    assert "SOLVER.MAX_ITER: 2 -> 3" in training and "SOLVER.WEIGHT_DECAY: 1e-05 -> 0.001" in training
+    assert "LOG_PERIOD: 1 -> 2" in bookkeeping
+    import torch
+
+    final = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)
+    assert {g["weight_decay"] for g in final["optimizer"]["param_groups"]} <= {0.001, 0.0}
+    assert 0.001 in {g["weight_decay"] for g in final["optimizer"]["param_groups"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,3 +246,65 @@ def test_a_signal_to_the_whole_process_group_saves_and_resumes_exactly(unlabeled
     a, b = _final_weights(reference_run), _final_weights(out)
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs ({signal.Signals(sig).name} after {step})"
+
+
+def test_one_run_per_output_dir(unlabeled, tmp_path):
+    """A second run on the OUTPUT_DIR of a running one is refused, naming the first's host and
+    process; the first is not disturbed. A lock file left by a killed run is taken over."""
+    import socket
+
+    out = str(tmp_path / "shared")
+    cmd, overrides = _cli(out, *unlabeled)
+    first = subprocess.Popen(cmd + overrides, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (os.path.exists(os.path.join(out, "metrics.json")) or first.poll() is not None
+                   or time.time() > deadline):
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before the second could start"
+        second = run_bounded(cmd + overrides, timeout=120)
+        assert second.returncode != 0
+        assert (f"OUTPUT_DIR {out!r} is in use by another run: process {first.pid} on host "
+                f"{socket.gethostname()}") in second.stderr
+        assert "Traceback" not in second.stderr
+        text, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, text[-3000:]
+    assert [r["iteration"] for r in read_metrics(out)] == list(range(1, 9))
+
+    # A killed run leaves its record in the lock file, but the kernel released its lock.
+    with open(os.path.join(out, "run.lock"), "w") as f:
+        f.write("host=node7\npid=4242\nstarted=yesterday\n")
+    again = run_bounded(cmd + ["--resume"] + overrides, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "left by process 4242 on host node7 (started yesterday)" in again.stdout
+
+
+def test_output_dir_that_is_a_file_is_named_before_anything_starts(unlabeled, tmp_path):
+    out = tmp_path / "a_file"
+    out.write_text("x")
+    cmd, overrides = _cli(str(out), *unlabeled)
+    run = run_bounded(cmd + overrides, timeout=120)
+    assert run.returncode != 0
+    assert f"OUTPUT_DIR {str(out)!r} exists and is not a folder" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_all_images_unreadable_is_said_as_such(tmp_path):
+    """Every image turned unreadable after its proposals were made: the run ends with the
+    dataset's own message, not as a loader worker "killed by the out-of-memory killer"."""
+    _, image_dir = make_synthetic_coco(str(tmp_path / "data"), num_images=4, image_size=96, seed=0)
+    props = str(tmp_path / "props.socoprop")
+    run_generation(list_images(image_dir), props, workers=1, progress=False)
+    for name in os.listdir(image_dir):
+        with open(os.path.join(image_dir, name), "wb") as f:
+            f.write(b"no longer an image")
+    out = str(tmp_path / "out")
+    cmd, overrides = _cli(out, image_dir, props)
+    run = run_bounded(cmd + overrides + ["DATALOADER.NUM_WORKERS", "1"], timeout=240)
+    assert run.returncode == 1
+    assert "consecutive images could not be read" in run.stderr
+    assert "out-of-memory" not in run.stderr and "A data-loader worker died" not in run.stderr

@@ -8,6 +8,9 @@ import pytest
 
 from soco_d2.data.synthetic import make_synthetic_coco
 
+sys.path.insert(0, os.path.dirname(__file__))
+from faults import run_and_signal, run_bounded, worker_fault_env  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "train_net.py")
 CONFIG = os.path.join(REPO, "configs", "finetune", "mask_rcnn_R50_FPN_1x.yaml")
@@ -85,6 +88,22 @@ def test_unknown_key_fails_before_launch(tmp_path):
     assert proc.returncode != 0 and "SOLVER.NO_SUCH" in proc.stderr
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["SOLVER.MAX_ITERS", "3"], "Non-existent key: SOLVER.MAX_ITERS (no such key; did you mean "
+                                "SOLVER.MAX_ITER?)"),
+    (["SOLVER.IMS_PER_BATCH", "3"], "SOLVER.IMS_PER_BATCH=3 must be divisible by the number of "
+                                    "processes (2)"),
+])
+def test_user_errors_are_one_message_before_any_process_starts(tmp_path, overrides, message):
+    run = run_bounded([sys.executable, TOOL, "--num-gpus", "2", "--config-file", CONFIG,
+                       "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "o")] + overrides,
+                      timeout=120)
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr and "Process 0" not in run.stderr
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
 @pytest.mark.slow
 def test_two_processes_syncbn_ddp_and_gathered_evaluation(data, tmp_path):
     out = str(tmp_path / "ddp")
@@ -97,10 +116,6 @@ def test_two_processes_syncbn_ddp_and_gathered_evaluation(data, tmp_path):
     evals = [r for r in _metrics(out) if "bbox/AP" in r]
     assert len(evals) == 1 and "segm/AP" in evals[0]
     assert "Evaluation of 2 images" in proc.stdout  # one per process, gathered on rank 0
-
-
-sys.path.insert(0, os.path.dirname(__file__))
-from faults import run_bounded, worker_fault_env  # noqa: E402
 
 
 def _failing_finetune(data, tmp_path, processes):
@@ -134,8 +149,6 @@ def test_ctrl_c_to_the_whole_process_group_saves_and_resumes_exactly(data, tmp_p
     import signal
 
     import torch
-
-    from faults import run_and_signal
 
     def cmd(out):
         return [sys.executable, TOOL, "--config-file", CONFIG] + TINY + data + [
