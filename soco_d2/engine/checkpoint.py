@@ -39,6 +39,7 @@ __all__ = [
     "set_rng_state",
     "check_state_dict_matches",
     "list_periodic_checkpoints",
+    "write_failure_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,22 @@ class CheckpointMismatchError(RuntimeError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the previous one and ``last_checkpoint`` are intact."""
+
+
+def write_failure_reason(e: BaseException) -> Optional[str]:
+    """Why a file write failed, or ``None`` when ``e`` is not a failed write: an ``OSError``
+    (ENOSPC, EDQUOT, EIO, ...), or torch's ``RuntimeError`` from its zip writer, which reports
+    the ``OSError`` of the file it writes to (a full disk) as ``[enforce fail at
+    inline_container.cc...]`` with the ``OSError`` as its context."""
+    seen, depth = e, 0
+    while seen is not None and depth < 8:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
+    text = str(e)
+    if isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return f"torch could not write the file ({text.strip().splitlines()[0]})"
+    return None
 
 
 def atomic_save(obj, path: str) -> None:
@@ -231,10 +248,13 @@ class Checkpointer:
             try:
                 atomic_save(data, path)
                 atomic_write_text(os.path.join(self.output_dir, LAST_CHECKPOINT), name)
-            except OSError as e:
+            except Exception as e:
+                reason = write_failure_reason(e)
+                if reason is None:
+                    raise
                 error = (
                     f"Could not write checkpoint {path} (iteration {iteration}): "
-                    f"{e.strerror or e}. Nothing was replaced: last_checkpoint still names "
+                    f"{reason}. Nothing was replaced: last_checkpoint still names "
                     f"{previous or 'no checkpoint (none written yet)'}. Free space in "
                     f"{self.output_dir} (or fix the disk), then continue with --resume."
                 )

@@ -241,7 +241,8 @@ class PretrainTrainer:
         logger.info("Training %d iterations from iteration %d, %d process(es), %d images per step.",
                     self.max_iter, self.start_iter, self.world_size, cfg.SOLVER.IMS_PER_BATCH)
         self._data = build_pretrain_loader(cfg, self.dataset, self.start_iter)
-        self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter)
+        self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter,
+                                     cfg.SOLVER.ON_CHECKPOINT_ERROR)
         self.model.train()
         try:
             self.monitors.before_train()

@@ -11,8 +11,8 @@ from typing import Dict, List
 
 from soco_d2.utils import comm
 
-__all__ = ["JSONWriter", "TensorboardWriter", "ConsolePrinter", "build_writers", "setup_logging",
-           "format_progress_line", "read_metrics"]
+__all__ = ["JSONWriter", "TensorboardWriter", "ConsolePrinter", "GuardedWriter", "MetricsWriteError",
+           "build_writers", "setup_logging", "format_progress_line", "read_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +50,25 @@ def read_metrics(path: str) -> List[Dict]:
 
 
 class JSONWriter:
-    """Appends one JSON object per line to ``path``."""
+    """Appends one JSON object per line to ``path``. A write that fails (a full disk) leaves no
+    partial line: the file is cut back to its last complete row."""
 
     def __init__(self, path: str):
-        self._file = open(path, "a")
+        self._file = open(path, "ab", buffering=0)
 
     def write(self, iteration: int, metrics: Dict[str, float]) -> None:
-        self._file.write(json.dumps({"iteration": iteration, **metrics}, sort_keys=False) + "\n")
-        self._file.flush()
+        line = (json.dumps({"iteration": iteration, **metrics}, sort_keys=False) + "\n").encode()
+        start = self._file.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[self._file.write(view):]
+        except OSError:
+            try:
+                self._file.truncate(start)
+            except OSError:
+                pass
+            raise
 
     def close(self) -> None:
         self._file.close()
@@ -130,10 +141,61 @@ class ConsolePrinter:
         pass
 
 
-def build_writers(output_dir: str, max_iter: int) -> List:
-    """Console, ``metrics.json`` and TensorBoard writers on the main process; none elsewhere."""
+class MetricsWriteError(OSError):
+    """Metrics could not be written and ``SOLVER.ON_CHECKPOINT_ERROR`` is ``stop``."""
+
+
+class GuardedWriter:
+    """A writer whose failed writes (a full disk, a quota, an I/O error) follow
+    ``SOLVER.ON_CHECKPOINT_ERROR``: ``continue`` logs the first failure (and the recovery, with
+    the number of rows lost) and trains on; ``stop`` raises :class:`MetricsWriteError`."""
+
+    def __init__(self, writer, name: str, on_error: str = "continue"):
+        self.writer, self.name, self.on_error = writer, name, on_error
+        self._missed = 0
+
+    def _failed(self, e: Exception, what: str) -> None:
+        from .checkpoint import write_failure_reason  # (checkpoint imports nothing from here)
+
+        reason = write_failure_reason(e)
+        if reason is None:
+            raise e
+        message = f"Could not write {self.name} ({what}): {reason}."
+        if self.on_error == "stop":
+            raise MetricsWriteError(f"{message} Stopping (SOLVER.ON_CHECKPOINT_ERROR stop); free "
+                                    "space, then continue with --resume.") from None
+        if not self._missed:
+            logger.error("%s Training continues (SOLVER.ON_CHECKPOINT_ERROR continue); its rows "
+                         "are missing until it can be written again.", message)
+        self._missed += 1
+
+    def write(self, iteration: int, metrics: Dict[str, float]) -> None:
+        try:
+            self.writer.write(iteration, metrics)
+        except Exception as e:
+            self._failed(e, f"iteration {iteration}")
+            return
+        if self._missed:
+            logger.warning("%s is written again from iteration %d; %d row(s) before it are "
+                           "missing.", self.name, iteration, self._missed)
+            self._missed = 0
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except Exception as e:
+            self._failed(e, "closing it")
+
+
+def build_writers(output_dir: str, max_iter: int, on_error: str = "continue") -> List:
+    """Console, ``metrics.json`` and TensorBoard writers on the main process; none elsewhere.
+    Failed writes of the files follow ``on_error`` (``SOLVER.ON_CHECKPOINT_ERROR``; see
+    :class:`GuardedWriter`)."""
     if not comm.is_main_process():
         return []
     os.makedirs(output_dir, exist_ok=True)
-    return [ConsolePrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
-            TensorboardWriter(output_dir)]
+    return [ConsolePrinter(max_iter),
+            GuardedWriter(JSONWriter(os.path.join(output_dir, "metrics.json")),
+                          os.path.join(output_dir, "metrics.json"), on_error),
+            GuardedWriter(TensorboardWriter(output_dir), f"the TensorBoard events in {output_dir}",
+                          on_error)]

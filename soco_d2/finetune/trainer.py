@@ -412,7 +412,8 @@ class FinetuneTrainer:
                     self.start_iter, self.world_size, cfg.SOLVER.IMS_PER_BATCH,
                     self.scheduler.base_lr)
         self._data = build_train_loader(cfg, self.train_dataset, self.start_iter)
-        self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter)
+        self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter,
+                                     cfg.SOLVER.ON_CHECKPOINT_ERROR)
         self._reset_window()
         results = {}
         self.model.train()
@@ -548,7 +549,8 @@ class FinetuneTrainer:
         if comm.is_main_process():
             flat = flatten_results(results) if len(cfg.DATASETS.TEST) == 1 else {
                 f"{n}/{k}": v for n, r in results.items() for k, v in flatten_results(r).items()}
-            writers = getattr(self, "writers", None) or build_writers(cfg.OUTPUT_DIR, self.max_iter)
+            writers = getattr(self, "writers", None) or build_writers(
+                cfg.OUTPUT_DIR, self.max_iter, cfg.SOLVER.ON_CHECKPOINT_ERROR)
             for w in writers:
                 if not isinstance(w, ConsolePrinter):
                     w.write(iteration, flat)

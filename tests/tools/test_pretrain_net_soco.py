@@ -308,3 +308,33 @@ def test_all_images_unreadable_is_said_as_such(tmp_path):
     assert run.returncode == 1
     assert "consecutive images could not be read" in run.stderr
     assert "out-of-memory" not in run.stderr and "A data-loader worker died" not in run.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (needs the right to mount, as root in a container: skipped otherwise)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here ({made.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_follows_on_checkpoint_error(unlabeled, small_disk):
+    """OUTPUT_DIR on a real full disk: torch reports it as a RuntimeError, which the periodic
+    checkpoints survive with SOLVER.ON_CHECKPOINT_ERROR continue; the final one ends the run
+    (exit 1) naming the file and the reason."""
+    out = str(small_disk / "out")
+    cmd, overrides = _cli(out, *unlabeled)
+    run = run_bounded(cmd + overrides + ["SOLVER.MAX_ITER", "4", "DATALOADER.NUM_WORKERS", "0"],
+                      timeout=300)
+    log = run.stdout + run.stderr
+    assert run.returncode == 1, log[-3000:]
+    assert "Could not write checkpoint" in log and "model_0000002.pth" in log
+    assert "No space left on device" in log and "Training continues" in log
+    assert f"Could not write checkpoint {out}/model_final.pth" in log
+    assert [r["iteration"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # no partial file left
