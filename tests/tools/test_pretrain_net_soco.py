@@ -338,3 +338,28 @@ def test_a_full_disk_follows_on_checkpoint_error(unlabeled, small_disk):
     assert f"Could not write checkpoint {out}/model_final.pth" in log
     assert [r["iteration"] for r in read_metrics(out)] == [1, 2, 3, 4]
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # no partial file left
+
+
+def test_a_damaged_proposals_file_ends_the_run_naming_it(unlabeled, tmp_path):
+    """Flipped bits in the boxes of a proposals file: the run ends (exit 1) with the file, the
+    image and the fix, instead of training on wrong boxes."""
+    import shutil
+
+    image_dir, props = unlabeled
+    damaged = str(tmp_path / "damaged.socoprop")
+    shutil.copy(props, damaged)
+    raw = open(damaged, "rb").read()
+    length = int.from_bytes(raw[12:16], "little")
+    header = json.loads(raw[20:20 + length])
+    boxes = (20 + length + 63) // 64 * 64 + header["arrays"]["boxes"]["offset"]
+    with open(damaged, "r+b") as f:  # one bit in each of the first 40 boxes: every image's
+        for i in range(0, 8 * header["num_boxes"], 8 * max(1, header["num_boxes"] // 40)):
+            f.seek(boxes + i)
+            byte = f.read(1)[0]
+            f.seek(boxes + i)
+            f.write(bytes([byte ^ 1]))
+    cmd, overrides = _cli(str(tmp_path / "out"), image_dir, damaged)
+    run = run_bounded(cmd + overrides, timeout=240)
+    assert run.returncode == 1
+    assert "damaged.socoprop" in run.stderr and "do not match their checksum" in run.stderr
+    assert "regenerate it with tools/generate_proposals.py" in run.stderr
