@@ -17,7 +17,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from soco_d2.config import load_config  # noqa: E402
-from soco_d2.engine.arguments import default_argument_parser  # noqa: E402
+from soco_d2.engine.arguments import (  # noqa: E402
+    check_before_launch, default_argument_parser, run_tool)
 from soco_d2.engine.launch import launch_from_args  # noqa: E402
 from soco_d2.engine.trainer import check_cpu_run  # noqa: E402
 
@@ -44,9 +45,10 @@ def cli(argv=None):
         from soco_d2.detectron2 import pretrain_d2_config
 
         pretrain_d2_config(cfg)
-    check_cpu_run(cfg)
+    check_cpu_run(cfg)  # before anything touches OUTPUT_DIR
+    check_before_launch(cfg, args)
     return launch_from_args(main, args, cfg.MODEL.DEVICE)
 
 
 if __name__ == "__main__":
-    cli()
+    run_tool(cli)

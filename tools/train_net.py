@@ -20,8 +20,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from soco_d2.config import is_detectron2_config, load_config  # noqa: E402
+from soco_d2.engine.arguments import (  # noqa: E402
+    check_before_launch, default_argument_parser, run_tool)
 from soco_d2.engine.trainer import check_cpu_run  # noqa: E402
-from soco_d2.engine.arguments import default_argument_parser  # noqa: E402
 from soco_d2.engine.launch import launch_from_args  # noqa: E402
 
 
@@ -53,9 +54,10 @@ def cli(argv=None):
 
         return launch_finetune(args)
     cfg = load_config(args.config_file, args.opts)  # fail early, before spawning processes
-    check_cpu_run(cfg)
+    check_cpu_run(cfg)  # before anything touches OUTPUT_DIR
+    check_before_launch(cfg, args)
     return launch_from_args(main, args, cfg.MODEL.DEVICE)
 
 
 if __name__ == "__main__":
-    cli()
+    run_tool(cli)

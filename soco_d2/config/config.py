@@ -1,5 +1,7 @@
 """Building, loading and validating configs."""
+import difflib
 import os
+from typing import List
 
 import yaml
 from fvcore.common.config import CfgNode
@@ -38,7 +40,7 @@ def load_config(config_file: str = "", overrides=(), freeze: bool = True) -> Cfg
         try:
             cfg.merge_from_file(config_file)
         except (KeyError, ValueError, AssertionError, TypeError) as e:
-            raise ConfigError(f"In config file {config_file!r}: {_explain(e)}") from e
+            raise ConfigError(f"In config file {config_file!r}: {_explain(e)}") from None
     overrides = list(overrides)
     if overrides:
         if len(overrides) % 2:
@@ -49,7 +51,7 @@ def load_config(config_file: str = "", overrides=(), freeze: bool = True) -> Cfg
         try:
             cfg.merge_from_list(overrides)
         except (KeyError, ValueError, AssertionError, TypeError) as e:
-            raise ConfigError(f"In command-line overrides: {_explain(e)}") from e
+            raise ConfigError(f"In command-line overrides: {_explain(e)}") from None
     validate_config(cfg)
     if freeze:
         cfg.freeze()
@@ -79,11 +81,23 @@ def validate_config(cfg: CfgNode) -> None:
         )
 
 
+def _all_keys(node: CfgNode, prefix: str = "") -> List[str]:
+    keys = []
+    for k, v in node.items():
+        keys += _all_keys(v, f"{prefix}{k}.") if isinstance(v, CfgNode) else [f"{prefix}{k}"]
+    return keys
+
+
 def _explain(e: Exception) -> str:
     msg = e.args[0] if e.args else str(e)
     msg = str(msg)
     if "Non-existent" in msg:
-        msg += " (no such key: see soco_d2/config/ for the valid keys, or check its spelling)"
+        key = msg.rsplit(":", 1)[-1].strip()
+        close = difflib.get_close_matches(key, _all_keys(get_cfg()), n=3, cutoff=0.85)
+        if close:
+            msg += f" (no such key; did you mean {' or '.join(close)}?)"
+        else:
+            msg += " (no such key: see soco_d2/config/ for the valid keys, or check its spelling)"
     elif "Type mismatch" in msg:
         msg += " (give a value of the key's default type)"
     return msg

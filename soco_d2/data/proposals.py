@@ -10,13 +10,23 @@ array           dtype, shape             content
 ``image_hw``     uint32 (N, 2)           original image height, width
 ``box_offsets``  int64 (N+1,)            image i owns ``boxes[box_offsets[i]:box_offsets[i+1]]``
 ``boxes``        uint16 (M, 4)           x1, y1, x2, y2 in original-image pixels (8 bytes/box)
+
+``box_crc``      uint32 (N,)             CRC-32 of the bytes of each image's boxes
 ==============  =======================  ====================================================
 
-Layout: ``b"SOCOPROP"``, uint32 format version, uint32 header length L, a UTF-8 JSON header of L
-bytes (array offsets relative to the data section, counts, file size, generation metadata), then
-the data section at the next 64-byte boundary with every array 64-byte aligned. The file is
-opened with one read-only ``mmap``; lookups binary-search the sorted keys in place, so
-DataLoader workers share the page cache and copy nothing (pickling reopens by path).
+Layout: ``b"SOCOPROP"``, uint32 format version, uint32 header length L, uint32 CRC-32 of the
+header, a UTF-8 JSON header of L bytes (array offsets relative to the data section, counts, file
+size, the CRC-32 of the index arrays, generation metadata), then the data section at the next
+64-byte boundary with every array 64-byte aligned. The file is opened with one read-only
+``mmap``; lookups binary-search the sorted keys in place, so DataLoader workers share the page
+cache and copy nothing (pickling reopens by path).
+
+Integrity: opening a file checks the header's and the index's checksums (everything but the
+boxes: a few bytes per image), and reading the boxes of an image checks that image's checksum,
+so flipped bits (a bad disk, a damaged copy) raise an error naming the file and the image
+instead of feeding wrong boxes to training. Files of format version 1 (without checksums) are
+still read, unverified, with a warning; ``tools/generate_proposals.py --merge NEW OLD`` rewrites
+one with checksums.
 
 Keys are image paths relative to the image root (see :mod:`soco_d2.data.image_list`).
 
@@ -28,19 +38,24 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import os
 import struct
+import zlib
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from soco_d2.utils.fileio import atomic_write
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["ProposalStore", "ProposalWriter", "merge_proposals", "write_proposals", "FORMAT_VERSION"]
 
 MAGIC = b"SOCOPROP"
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sII")
+FORMAT_VERSION = 2
+_PREFIX = struct.Struct("<8sII")  # magic, version, header length
+_HEADER_CRC = struct.Struct("<I")  # version 2: follows the prefix
 _ALIGN = 64
 _ARRAYS = (  # name, dtype, trailing shape
     ("key_offsets", np.int64, ()),
@@ -48,7 +63,12 @@ _ARRAYS = (  # name, dtype, trailing shape
     ("image_hw", np.uint32, (2,)),
     ("box_offsets", np.int64, ()),
     ("boxes", np.uint16, (4,)),
+    ("box_crc", np.uint32, ()),
 )
+_INDEX = ("key_offsets", "key_blob", "image_hw", "box_offsets", "box_crc")  # checked on open
+_REGENERATE = ("regenerate it with tools/generate_proposals.py (or copy it again from a good "
+               "source)")
+_warned_unverified = set()
 MAX_COORD = 65535
 
 
@@ -82,8 +102,11 @@ def _write_file(
     box_blocks: Iterable[np.ndarray],
     metadata: Optional[dict],
     unreadable: Optional[Dict[str, str]] = None,
+    expected_crc: Optional[np.ndarray] = None,
 ) -> None:
-    """Write a proposals file atomically; ``keys`` sorted; ``box_blocks`` yields uint16 (k, 4) in order."""
+    """Write a proposals file atomically; ``keys`` sorted; ``box_blocks`` yields uint16 (k, 4) in
+    order (any number of images per block). ``expected_crc`` (optional, per image, -1 for
+    unknown): the checksums the boxes had in the files they come from; a mismatch raises."""
     n = len(keys)
     key_offsets = np.zeros(n + 1, np.int64)
     np.cumsum([len(k) for k in keys], out=key_offsets[1:])
@@ -95,6 +118,7 @@ def _write_file(
         "image_hw": n,
         "box_offsets": n + 1,
         "boxes": int(box_offsets[-1]),
+        "box_crc": n,
     }
     arrays, pos = {}, 0
     for name, dtype, tail in _ARRAYS:
@@ -109,33 +133,51 @@ def _write_file(
         "metadata": metadata or {},
         "unreadable": dict(sorted((unreadable or {}).items())),
     }
-    # Reserve room for the largest possible "file_size", then pad the real header with spaces.
-    header["file_size"] = 10**19
-    data_start = _align(_PREFIX.size + len(json.dumps(header, sort_keys=True).encode("utf-8")))
+    # Reserve room for the largest possible "file_size" and checksum, then pad the real header.
+    header["file_size"], header["index_crc32"] = 10**19, 2**32 - 1
+    prefix_size = _PREFIX.size + _HEADER_CRC.size
+    data_start = _align(prefix_size + len(json.dumps(header, sort_keys=True).encode("utf-8")))
     header["file_size"] = data_start + pos
-    body = json.dumps(header, sort_keys=True).encode("utf-8")
-    body += b" " * (data_start - _PREFIX.size - len(body))
+    index = {"key_offsets": key_offsets, "key_blob": np.frombuffer(b"".join(keys), np.uint8),
+             "image_hw": np.ascontiguousarray(image_hw, np.uint32).reshape(n, 2),
+             "box_offsets": box_offsets, "box_crc": np.zeros(n, np.uint32)}
 
     def write(f) -> None:
-        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)))
-        f.write(body)
-
         def put(name: str, array: np.ndarray) -> None:
             f.seek(data_start + arrays[name]["offset"])
             f.write(np.ascontiguousarray(array).tobytes())
 
-        put("key_offsets", key_offsets)
-        put("key_blob", np.frombuffer(b"".join(keys), np.uint8))
-        put("image_hw", np.asarray(image_hw, np.uint32).reshape(n, 2))
-        put("box_offsets", box_offsets)
         f.seek(data_start + arrays["boxes"]["offset"])
-        written = 0
+        written, image, crc, left = 0, 0, 0, int(counts[0]) if n else 0
         for block in box_blocks:
             block = np.ascontiguousarray(block, dtype=np.uint16).reshape(-1, 4)
             f.write(block.tobytes())
             written += len(block)
+            row = 0
+            while image < n:  # per-image checksums, as the boxes stream by
+                take = min(left, len(block) - row)
+                crc = zlib.crc32(block[row:row + take].tobytes(), crc)
+                row, left = row + take, left - take
+                if left:
+                    break
+                index["box_crc"][image] = crc
+                if expected_crc is not None and 0 <= expected_crc[image] != crc:
+                    raise ValueError(f"the boxes of image {keys[image].decode('utf-8')!r} do not "
+                                     "match their checksum in the file they come from")
+                image, crc = image + 1, 0
+                left = int(counts[image]) if image < n else 0
         if written != lengths["boxes"]:
             raise RuntimeError(f"wrote {written} boxes, expected {lengths['boxes']}")
+        crc = 0
+        for name in _INDEX:
+            put(name, index[name])
+            crc = zlib.crc32(np.ascontiguousarray(index[name]).tobytes(), crc)
+        header["index_crc32"] = crc
+        body = json.dumps(header, sort_keys=True).encode("utf-8")
+        body += b" " * (data_start - prefix_size - len(body))
+        f.seek(0)
+        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + _HEADER_CRC.pack(zlib.crc32(body)))
+        f.write(body)
         f.truncate(header["file_size"])
 
     atomic_write(path, write)
@@ -202,9 +244,16 @@ class ProposalStore:
             if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
                 self._fail("it does not start with the SOCOPROP signature (write one with tools/generate_proposals.py)")
             _, version, header_len = _PREFIX.unpack(prefix)
-            if version != FORMAT_VERSION:
-                self._fail(f"format version {version}; this soco_d2 reads version {FORMAT_VERSION}")
+            if version not in (1, FORMAT_VERSION):
+                self._fail(f"format version {version}; this soco_d2 reads versions 1 and "
+                           f"{FORMAT_VERSION} (a newer soco_d2 wrote it, or the version is damaged)")
+            header_crc = None
+            if version >= 2:
+                stored = f.read(_HEADER_CRC.size)
+                header_crc = _HEADER_CRC.unpack(stored)[0] if len(stored) == _HEADER_CRC.size else -1
             body = f.read(header_len)
+        if header_crc is not None and zlib.crc32(body) != header_crc:
+            self._fail(f"its header is damaged or truncated (its checksum does not match); {_REGENERATE}")
         try:
             header = json.loads(body.decode("utf-8"))
             arrays = header["arrays"]
@@ -213,10 +262,13 @@ class ProposalStore:
             self._fail("its header is damaged or truncated")
         if size != expected:
             self._fail(f"it has {size} bytes but its header says {expected} (truncated or incompletely copied)")
-        data_start = _align(_PREFIX.size + header_len)
+        self.version = version
+        data_start = _align(_PREFIX.size + (_HEADER_CRC.size if version >= 2 else 0) + header_len)
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         views = {}
         for name, dtype, tail in _ARRAYS:
+            if name not in arrays and version == 1 and name == "box_crc":
+                continue
             spec = arrays[name]
             count = int(np.prod(spec["shape"]))
             start = data_start + int(spec["offset"])
@@ -231,6 +283,19 @@ class ProposalStore:
         self._box_offsets = views["box_offsets"]
         self._boxes = views["boxes"]
         self._keys = _KeyBytes(views["key_blob"], self._key_offsets)
+        self._box_crc = views.get("box_crc")
+        if version >= 2:
+            crc = 0
+            for name in _INDEX:
+                crc = zlib.crc32(views[name], crc)
+            if crc != header.get("index_crc32"):
+                self._fail("its index (keys, image sizes, box counts) does not match its "
+                           f"checksum: the file is damaged; {_REGENERATE}")
+        elif self.path not in _warned_unverified:
+            _warned_unverified.add(self.path)
+            logger.warning("%s is a proposals file of format version 1, without checksums: it is "
+                           "read unverified. 'tools/generate_proposals.py --merge NEW %s' writes a "
+                           "copy with checksums.", self.path, self.path)
         n = len(self._image_hw)
         if len(self._box_offsets) != n + 1 or self._box_offsets[-1] != len(self._boxes):
             self._fail("its box offsets do not match its box count")
@@ -273,7 +338,12 @@ class ProposalStore:
         return None if i < 0 else self.boxes_at(i)
 
     def boxes_at(self, i: int) -> np.ndarray:
-        return self._boxes[self._box_offsets[i] : self._box_offsets[i + 1]].astype(np.float32)
+        """float32 (N, 4) boxes of row ``i``, checked against their checksum."""
+        boxes = self._boxes[self._box_offsets[i] : self._box_offsets[i + 1]]
+        if self._box_crc is not None and zlib.crc32(boxes.tobytes()) != self._box_crc[i]:
+            self._fail(f"the boxes of image {self.key_at(i)!r} do not match their checksum: the "
+                       f"file is damaged; {_REGENERATE}")
+        return boxes.astype(np.float32)
 
     def key_at(self, i: int) -> str:
         return self._keys[i].decode("utf-8")
@@ -360,7 +430,16 @@ def _merge_stores(stores: Sequence[ProposalStore], output: str, metadata, block:
     for k in list(unreadable):
         if any(s.index(k) >= 0 for s in stores):
             del unreadable[k]
-    _write_file(output, [keys[i] for i in keep], hw, counts, blocks(), metadata, unreadable)
+    expected = np.full(len(keep), -1, np.int64)  # the inputs' checksums, where they have them
+    for s_id, store in enumerate(stores):
+        sel = out_store == s_id
+        if store._box_crc is not None:
+            expected[sel] = store._box_crc[out_row[sel]]
+    try:
+        _write_file(output, [keys[i] for i in keep], hw, counts, blocks(), metadata, unreadable,
+                    expected)
+    except ValueError as e:
+        raise ValueError(f"cannot merge {[s.path for s in stores]}: {e}; {_REGENERATE}") from None
 
 
 def _merged_metadata(stores: Sequence[ProposalStore]) -> dict:

@@ -333,7 +333,8 @@ def run_generation(
     """Compute the proposals of ``images`` (shard ``(i, n)``: every n-th image from the i-th) into
     the proposals file ``output``, with a pool of ``workers`` processes (default: all cores).
 
-    SIGTERM or SIGUSR1 stops the run: what is finished is written (``output.parts/``) and
+    SIGTERM, SIGUSR1 or SIGINT (to this process or its whole group) stops the run: what is
+    finished is written (``output.parts/``) and
     :class:`~soco_d2.engine.preemption.Preempted` is raised (exit code 75); ``resume``
     continues. Unreadable images (see :func:`~soco_d2.data.image_list.read_image`; ``max_pixels`` is its
     header-checked pixel limit) are logged, counted and recorded in the file's ``unreadable``

@@ -1,5 +1,6 @@
 """Command-line arguments shared by the ``tools/`` entry points (detectron2's surface)."""
 import argparse
+import os
 import sys
 
 
@@ -74,3 +75,42 @@ On a machine without GPUs (MODEL.DEVICE cpu), --num-gpus N starts N CPU processe
         nargs=argparse.REMAINDER,
     )
     return parser
+
+
+def check_before_launch(cfg, args) -> None:
+    """Checks of a training tool's command line that need the process layout, run before any
+    process starts: ``OUTPUT_DIR`` (a folder, writable, not in use by another run; see
+    :mod:`soco_d2.engine.output_dir`) and ``SOLVER.IMS_PER_BATCH`` divisible by the number of
+    processes times ``SOLVER.GRAD_ACCUM_STEPS``. Raise :class:`~soco_d2.config.ConfigError` /
+    :class:`~soco_d2.engine.output_dir.OutputDirError` naming the key."""
+    from soco_d2.config import ConfigError
+    from soco_d2.data.loader import per_process_batch_size
+
+    from .launch import dist_env_from_environ
+    from .output_dir import check_output_dir
+
+    env = dist_env_from_environ()
+    world = env.world_size if env is not None else args.num_gpus * args.num_machines
+    try:
+        per_process_batch_size(cfg, world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # The lock is tested only where the job's main process runs (machine rank 0, rank 0 of a
+    # job started by torchrun or SLURM): other machines may share the folder.
+    main = args.machine_rank == 0 if env is None else env.rank == 0
+    check_output_dir(cfg.OUTPUT_DIR, lock=main)
+
+
+def run_tool(cli) -> None:
+    """Run a tool's ``cli()`` and exit with its code; an error in the command line, the config
+    or ``OUTPUT_DIR`` is printed as one message (no traceback) and exits with 2."""
+    from soco_d2.config import ConfigError
+
+    from .output_dir import OutputDirError
+
+    try:
+        code = cli()
+    except (ConfigError, OutputDirError) as e:
+        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {e}\n")
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
@@ -41,6 +41,7 @@ __all__ = [
     "set_rng_state",
     "check_state_dict_matches",
     "list_periodic_checkpoints",
+    "write_failure_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,22 @@ class CheckpointMismatchError(RuntimeError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the previous one and ``last_checkpoint`` are intact."""
+
+
+def write_failure_reason(e: BaseException) -> Optional[str]:
+    """Why a file write failed, or ``None`` when ``e`` is not a failed write: an ``OSError``
+    (ENOSPC, EDQUOT, EIO, ...), or torch's ``RuntimeError`` from its zip writer, which reports
+    the ``OSError`` of the file it writes to (a full disk) as ``[enforce fail at
+    inline_container.cc...]`` with the ``OSError`` as its context."""
+    seen, depth = e, 0
+    while seen is not None and depth < 8:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
+    text = str(e)
+    if isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return f"torch could not write the file ({text.strip().splitlines()[0]})"
+    return None
 
 
 def atomic_save(obj, path: str) -> None:
@@ -104,20 +121,60 @@ def _flatten(tree, prefix: str = "") -> Dict[str, object]:
     return out
 
 
-def config_differences(saved: str, current: str, limit: int = 12) -> List[str]:
-    """``KEY: checkpoint value vs this config value`` for the config keys that differ between
-    two config dumps (YAML text), model keys first; ``OUTPUT_DIR`` is left out."""
+def _changed_keys(saved: str, current: str) -> List[Tuple[str, object, object]]:
+    """``(key, checkpoint value, config value)`` of every config key that differs between two
+    config dumps (YAML text), model keys first; ``OUTPUT_DIR`` is left out."""
     try:
         a, b = _flatten(yaml.safe_load(saved)), _flatten(yaml.safe_load(current))
     except yaml.YAMLError:
         return []
     keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "OUTPUT_DIR"]
     keys.sort(key=lambda k: (not k.startswith("MODEL."), k))
-    lines = [f"{k}: checkpoint {a.get(k, '(absent)')!r} vs config {b.get(k, '(absent)')!r}"
-             for k in keys[:limit]]
-    if len(keys) > limit:
-        lines.append(f"... and {len(keys) - limit} more")
+    return [(k, a.get(k, "(absent)"), b.get(k, "(absent)")) for k in keys]
+
+
+def config_differences(saved: str, current: str, limit: int = 12) -> List[str]:
+    """``KEY: checkpoint value vs this config value`` for the config keys that differ between
+    two config dumps (YAML text), model keys first; ``OUTPUT_DIR`` is left out."""
+    changed = _changed_keys(saved, current)
+    lines = [f"{k}: checkpoint {a!r} vs config {b!r}" for k, a, b in changed[:limit]]
+    if len(changed) > limit:
+        lines.append(f"... and {len(changed) - limit} more")
     return lines
+
+
+# Config keys that change how a run is carried out (logging, checkpoints, monitors, workers,
+# when to give up), not the weights it computes.
+_BOOKKEEPING = ("DATALOADER.NUM_WORKERS", "DATALOADER.BAD_IMAGE_MIN_SAMPLES",
+                "DATALOADER.MAX_BAD_IMAGE_FRACTION", "LOG_PERIOD", "SOLVER.CHECKPOINT_PERIOD",
+                "SOLVER.MAX_TO_KEEP", "SOLVER.ON_CHECKPOINT_ERROR", "REQUEUE_ON_PREEMPTION",
+                "TEST.EVAL_PERIOD", "WATCHDOG.", "MONITOR.")
+
+
+def resume_changes(saved: str, current: str, path: str, iteration: int) -> str:
+    """The log message for a resume whose config differs from the checkpoint's: every changed
+    key, and which of them change the training from ``iteration`` on (every key takes effect:
+    the schedules are recomputed from the config, and the optimizer's hyperparameters are set
+    from it over the restored state) and which only the bookkeeping. Empty when none changed."""
+    changed = _changed_keys(saved, current)
+    if not changed:
+        return ""
+
+    def is_bookkeeping(key):
+        return any(key == b or (b.endswith(".") and key.startswith(b)) for b in _BOOKKEEPING)
+    training = [c for c in changed if not is_bookkeeping(c[0])]
+    other = [c for c in changed if is_bookkeeping(c[0])]
+    lines = [f"Resuming from {path} (iteration {iteration}) with a config that differs from the "
+             f"one it was written with in {len(changed)} key(s); every one takes effect from "
+             f"iteration {iteration} on."]
+    if training:
+        lines.append(f"{len(training)} change(s) the training itself (the result will differ "
+                     "from an uninterrupted run with either config):")
+        lines += [f"  {k}: {a!r} -> {b!r}" for k, a, b in training]
+    if other:
+        lines.append(f"{len(other)} change(s) only logging, checkpoints, monitors or workers:")
+        lines += [f"  {k}: {a!r} -> {b!r}" for k, a, b in other]
+    return "\n".join(lines)
 
 
 def check_state_dict_matches(expected: Dict[str, torch.Tensor], loaded: Dict[str, torch.Tensor],
@@ -193,10 +250,13 @@ class Checkpointer:
             try:
                 atomic_save(data, path)
                 atomic_write_text(os.path.join(self.output_dir, LAST_CHECKPOINT), name)
-            except OSError as e:
+            except Exception as e:
+                reason = write_failure_reason(e)
+                if reason is None:
+                    raise
                 error = (
                     f"Could not write checkpoint {path} (iteration {iteration}): "
-                    f"{e.strerror or e}. Nothing was replaced: last_checkpoint still names "
+                    f"{reason}. Nothing was replaced: last_checkpoint still names "
                     f"{previous or 'no checkpoint (none written yet)'}. Free space in "
                     f"{self.output_dir} (or fix the disk), then continue with --resume."
                 )
@@ -248,8 +308,19 @@ class Checkpointer:
         self.model.load_state_dict(state)
         if model_only:
             return {}
+        if isinstance(saved_config, str) and saved_config and self.config:
+            message = resume_changes(saved_config, self.config, path, int(data.get("iteration", 0)))
+            if message:
+                logger.warning(message)
         if self.optimizer is not None and "optimizer" in data:
+            # The optimizer's state (momentum buffers) comes from the checkpoint, its
+            # hyperparameters (weight decay, momentum, ...) from this run's config: loading
+            # the state dict alone would silently keep the checkpoint's.
+            configured = [{k: v for k, v in g.items() if k != "params"}
+                          for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(data.pop("optimizer"))
+            for group, values in zip(self.optimizer.param_groups, configured):
+                group.update(values)
         if self.scaler is not None and "scaler" in data:
             self.scaler.load_state_dict(data.pop("scaler"))
         rng_states = data.pop("rng_states", None)

@@ -1,7 +1,8 @@
 """Stopping cleanly when the job is preempted, and the faults a long run must survive.
 
-``SIGTERM`` (sent by schedulers and ``kill``) and ``SIGUSR1`` (SLURM's ``--signal=USR1@90``)
-do not kill a training process that watches for them with :class:`PreemptionWatcher`: the
+``SIGTERM`` (sent by schedulers and ``kill``), ``SIGUSR1`` (SLURM's ``--signal=USR1@90``) and
+``SIGINT`` (Ctrl-C) do not kill a training process that watches for them with
+:class:`PreemptionWatcher`: the
 current step finishes, every process agrees to stop after the same step, the trainer writes a
 checkpoint (atomically) and raises :class:`Preempted`, which ends the process with
 :data:`PREEMPTED_EXIT_CODE` (75, ``EX_TEMPFAIL``: "try again later"), distinct from a failure
@@ -9,7 +10,7 @@ checkpoint (atomically) and raises :class:`Preempted`, which ends the process wi
 weights as an uninterrupted run). With ``requeue``, the main process first asks SLURM to
 put the job back in the queue (``scontrol requeue $SLURM_JOB_ID``).
 
-Loader workers ignore both signals when the job sends them (:func:`ignore_preemption_signals`,
+Loader workers ignore these signals when the job sends them (:func:`ignore_preemption_signals`,
 their ``worker_init_fn``): a scheduler that signals every process of the job must not kill the
 workers under the step that is still finishing. A SIGTERM from the worker's own parent (torch's
 loader shutdown, Python's exit handlers) still ends it, so a failed run never waits on them.
@@ -44,7 +45,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT too: Ctrl-C reaches every process of the terminal's group, loader workers included.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(SystemExit):
@@ -61,8 +63,9 @@ class Preempted(SystemExit):
 
 def ignore_preemption_signals(worker_id: int = 0) -> None:
     """``worker_init_fn`` of the data loaders (and initializer of other worker processes):
-    SIGTERM / SIGUSR1 from the job (a scheduler signalling every process) are left to the
-    training process, while a SIGTERM from this worker's parent still ends the worker.
+    SIGTERM / SIGUSR1 / SIGINT from the job (a scheduler or Ctrl-C signalling every process)
+    are left to the training process, while a SIGTERM from this worker's parent still ends the
+    worker.
 
     A worker that ignored SIGTERM outright could never be stopped by its parent: torch's loader
     shutdown and Python's exit handlers end daemon workers with SIGTERM and then wait for them,
@@ -93,7 +96,8 @@ def _obey_parent_only(parent: int) -> None:
 
 
 class PreemptionWatcher:
-    """Records SIGTERM / SIGUSR1 in this process; :meth:`should_stop` makes all processes agree.
+    """Records SIGTERM / SIGUSR1 / SIGINT in this process; :meth:`should_stop` makes all
+    processes agree.
 
     Use as a context manager around the training loop; the previous handlers come back on exit.
     Handlers can only be installed from the main thread; elsewhere the watcher stays inactive
@@ -108,7 +112,8 @@ class PreemptionWatcher:
 
     def __enter__(self) -> "PreemptionWatcher":
         if threading.current_thread() is not threading.main_thread():
-            logger.warning("Not in the main thread: SIGTERM / SIGUSR1 will not stop the run cleanly.")
+            logger.warning("Not in the main thread: SIGTERM / SIGUSR1 / SIGINT will not stop the "
+                           "run cleanly.")
             return self
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -175,7 +180,9 @@ class DataLoaderWorkerDied(RuntimeError):
 def _is_worker_death(e: BaseException) -> bool:
     if isinstance(e, DataLoaderWorkerDied):
         return False
-    if isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
+    # "DataLoader worker (pid ...) is killed by signal / exited unexpectedly"; not "Caught
+    # ValueError in DataLoader worker process 0", an exception of the worker re-raised here.
+    if isinstance(e, RuntimeError) and "DataLoader worker (pid" in str(e):
         return True
     # Fetching a batch from a worker that is being killed can also fail with a broken
     # connection (shared-memory hand-over) before torch notices that the worker is gone.

@@ -9,7 +9,7 @@ scheduled EMA momentum. Losses stay on the device and are checked / averaged ove
 per log period and before every checkpoint, so the loop does not wait for the GPU each step.
 
 After every step the loop asks the :class:`~soco_d2.engine.preemption.PreemptionWatcher`
-whether a process received SIGTERM / SIGUSR1; if so it writes a checkpoint and exits with
+whether a process received SIGTERM / SIGUSR1 / SIGINT; if so it writes a checkpoint and exits with
 ``PREEMPTED_EXIT_CODE`` (see :mod:`soco_d2.engine.preemption` and docs/TRAINING.md).
 """
 import collections
@@ -37,6 +37,7 @@ from .launch import cuda_device_index
 from .monitors import Monitors
 from .preemption import Preempted, PreemptionWatcher, explain_worker_death, requeue_slurm_job
 from .optimizer import build_optimizer
+from .output_dir import lock_output_dir
 from .schedules import build_lr_schedule, build_momentum_schedule, max_iter_from_cfg
 from .sync_bn import convert_sync_batchnorm
 from .writers import build_writers, check_writers, setup_logging, writers_state
@@ -134,9 +135,12 @@ def setup_run(cfg) -> torch.device:
     """The start of every run (pretraining or fine-tuning) in each process: logging, seeds,
     device (cuDNN autotuning on GPU, torch threads on CPU), the AMP check and, on the main
     process, ``OUTPUT_DIR/config.yaml`` and ``OUTPUT_DIR/env.json`` (see
-    :func:`~soco_d2.utils.env.write_run_record`). Returns the device."""
+    :func:`~soco_d2.utils.env.write_run_record`); the main process holds the lock of
+    ``OUTPUT_DIR`` (one run per folder, :mod:`soco_d2.engine.output_dir`). Returns the device."""
     setup_logging(cfg.OUTPUT_DIR)
     check_writers(cfg)  # an optional writer enabled without its package: fail now, not later
+    if comm.is_main_process():
+        lock_output_dir(cfg.OUTPUT_DIR)
     seed_all(cfg.SEED + comm.get_rank())
     check_cpu_run(cfg)
     device = resolve_device(cfg.MODEL.DEVICE)

@@ -14,8 +14,9 @@ from typing import Dict, List
 
 from soco_d2.utils import comm
 
-__all__ = ["JSONWriter", "TensorboardWriter", "ConsolePrinter", "WandbWriter", "build_writers",
-           "check_writers", "writers_state", "setup_logging", "format_progress_line", "read_metrics"]
+__all__ = ["JSONWriter", "TensorboardWriter", "ConsolePrinter", "WandbWriter", "GuardedWriter",
+           "MetricsWriteError", "build_writers", "check_writers", "writers_state", "setup_logging",
+           "format_progress_line", "read_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +58,25 @@ def read_metrics(path: str) -> List[Dict]:
 
 
 class JSONWriter:
-    """Appends one JSON object per line to ``path``."""
+    """Appends one JSON object per line to ``path``. A write that fails (a full disk) leaves no
+    partial line: the file is cut back to its last complete row."""
 
     def __init__(self, path: str):
-        self._file = open(path, "a")
+        self._file = open(path, "ab", buffering=0)
 
     def write(self, iteration: int, metrics: Dict[str, float]) -> None:
-        self._file.write(json.dumps({"iteration": iteration, **metrics}, sort_keys=False) + "\n")
-        self._file.flush()
+        line = (json.dumps({"iteration": iteration, **metrics}, sort_keys=False) + "\n").encode()
+        start = self._file.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[self._file.write(view):]
+        except OSError:
+            try:
+                self._file.truncate(start)
+            except OSError:
+                pass
+            raise
 
     def close(self) -> None:
         self._file.close()
@@ -137,6 +149,52 @@ class ConsolePrinter:
         pass
 
 
+class MetricsWriteError(OSError):
+    """Metrics could not be written and ``SOLVER.ON_CHECKPOINT_ERROR`` is ``stop``."""
+
+
+class GuardedWriter:
+    """A writer whose failed writes (a full disk, a quota, an I/O error) follow
+    ``SOLVER.ON_CHECKPOINT_ERROR``: ``continue`` logs the first failure (and the recovery, with
+    the number of rows lost) and trains on; ``stop`` raises :class:`MetricsWriteError`."""
+
+    def __init__(self, writer, name: str, on_error: str = "continue"):
+        self.writer, self.name, self.on_error = writer, name, on_error
+        self._missed = 0
+
+    def _failed(self, e: Exception, what: str) -> None:
+        from .checkpoint import write_failure_reason  # (checkpoint imports nothing from here)
+
+        reason = write_failure_reason(e)
+        if reason is None:
+            raise e
+        message = f"Could not write {self.name} ({what}): {reason}."
+        if self.on_error == "stop":
+            raise MetricsWriteError(f"{message} Stopping (SOLVER.ON_CHECKPOINT_ERROR stop); free "
+                                    "space, then continue with --resume.") from None
+        if not self._missed:
+            logger.error("%s Training continues (SOLVER.ON_CHECKPOINT_ERROR continue); its rows "
+                         "are missing until it can be written again.", message)
+        self._missed += 1
+
+    def write(self, iteration: int, metrics: Dict[str, float]) -> None:
+        try:
+            self.writer.write(iteration, metrics)
+        except Exception as e:
+            self._failed(e, f"iteration {iteration}")
+            return
+        if self._missed:
+            logger.warning("%s is written again from iteration %d; %d row(s) before it are "
+                           "missing.", self.name, iteration, self._missed)
+            self._missed = 0
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except Exception as e:
+            self._failed(e, "closing it")
+
+
 _WANDB_MISSING = ("WANDB.ENABLED is True but the wandb package is not installed: install the extra "
                   "with pip install -e \".[wandb]\" (or pip install wandb), or set WANDB.ENABLED "
                   "False.")
@@ -207,12 +265,17 @@ def writers_state(writers: List) -> Dict[str, Dict]:
 def build_writers(output_dir: str, max_iter: int, cfg=None, state: Dict[str, Dict] = None) -> List:
     """Console, ``metrics.json`` and TensorBoard writers on the main process, and W&B when
     ``cfg.WANDB.ENABLED`` (continuing the run of ``state``, a checkpoint's
-    :func:`writers_state`); none elsewhere."""
+    :func:`writers_state`); none elsewhere. Failed writes of the files follow
+    ``cfg.SOLVER.ON_CHECKPOINT_ERROR`` (default ``continue``; see :class:`GuardedWriter`)."""
     if not comm.is_main_process():
         return []
+    on_error = cfg.SOLVER.ON_CHECKPOINT_ERROR if cfg is not None else "continue"
     os.makedirs(output_dir, exist_ok=True)
-    writers = [ConsolePrinter(max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
-               TensorboardWriter(output_dir)]
+    writers = [ConsolePrinter(max_iter),
+               GuardedWriter(JSONWriter(os.path.join(output_dir, "metrics.json")),
+                             os.path.join(output_dir, "metrics.json"), on_error),
+               GuardedWriter(TensorboardWriter(output_dir), f"the TensorBoard events in {output_dir}",
+                             on_error)]
     if cfg is not None and cfg.WANDB.ENABLED:
         run_id = ((state or {}).get("WandbWriter") or {}).get("run_id", "")
         writers.append(WandbWriter(cfg, output_dir, run_id))

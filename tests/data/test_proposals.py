@@ -1,5 +1,8 @@
+import json
+import logging
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -192,3 +195,81 @@ def test_unreadable_images_are_recorded_merged_and_resumed(tmp_path):
     writer.close()
     final = ProposalStore.open(out)
     assert final.keys == ["k1.jpg"] and final.unreadable == {"k2.jpg": "truncated", "k3.jpg": "bomb"}
+
+
+def _offsets(path):
+    """(data start, header) of a proposals file."""
+    raw = open(path, "rb").read()
+    length = struct.unpack("<8sII", raw[:16])[2]
+    header = json.loads(raw[20:20 + length])
+    return (20 + length + 63) // 64 * 64, header
+
+
+def _flip(path, position):
+    with open(path, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)
+        f.seek(position)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("where", ["header", "box_offsets", "image_hw", "key_blob"])
+def test_a_flipped_bit_in_the_header_or_index_is_found_on_open(tmp_path, where):
+    path = tmp_path / "p.socoprop"
+    write_proposals(path, _entries())
+    start, header = _offsets(path)
+    if where == "header":  # inside the array offsets of the JSON header
+        raw = open(path, "rb").read()
+        position = raw.index(b'"offset"', 20) + len(b'"offset": ')
+    else:
+        position = start + header["arrays"][where]["offset"] + 1
+    _flip(path, position)
+    with pytest.raises(ValueError, match=r"p\.socoprop.*(checksum).*regenerate it with "
+                                         r"tools/generate_proposals\.py"):
+        ProposalStore.open(path)
+
+
+def test_a_flipped_bit_in_the_boxes_is_found_when_they_are_read(tmp_path):
+    entries = _entries()
+    path = tmp_path / "p.socoprop"
+    write_proposals(path, entries)
+    start, header = _offsets(path)
+    first = next(k for k in sorted(entries, key=str.encode) if len(entries[k][0]))
+    _flip(path, start + header["arrays"]["boxes"]["offset"] + 2)  # a box of the first image
+    store = ProposalStore.open(path)  # the index is intact
+    with pytest.raises(ValueError, match=f"boxes of image {first!r} do not match their checksum"):
+        store.get(first)
+    for key in set(entries) - {first}:
+        store.get(key)  # the other images are fine
+    with pytest.raises(ValueError, match="cannot merge.*do not match their checksum"):
+        merge_proposals([str(path)], str(tmp_path / "merged.socoprop"))
+
+
+def _as_version_1(v2, v1):
+    """The file a version-1 writer made of the same entries (no checksums)."""
+    start, header = _offsets(v2)
+    raw = open(v2, "rb").read()
+    data = raw[start:start + header["arrays"]["box_crc"]["offset"]]
+    del header["arrays"]["box_crc"], header["index_crc32"]
+    header["file_size"] = 10**19
+    data_start = (16 + len(json.dumps(header, sort_keys=True)) + 63) // 64 * 64
+    header["file_size"] = data_start + len(data)
+    body = json.dumps(header, sort_keys=True).encode()
+    body += b" " * (data_start - 16 - len(body))
+    with open(v1, "wb") as f:
+        f.write(struct.pack("<8sII", b"SOCOPROP", 1, len(body)) + body + data)
+
+
+def test_version_1_files_without_checksums_are_still_read_with_a_warning(tmp_path, caplog):
+    entries = _entries()
+    write_proposals(tmp_path / "v2.socoprop", entries)
+    _as_version_1(tmp_path / "v2.socoprop", tmp_path / "v1.socoprop")
+    with caplog.at_level(logging.WARNING):
+        store = ProposalStore.open(tmp_path / "v1.socoprop")
+    assert store.version == 1 and "without checksums" in caplog.text and "--merge" in caplog.text
+    v2 = ProposalStore.open(tmp_path / "v2.socoprop")
+    for key in entries:
+        np.testing.assert_array_equal(store.get(key), v2.get(key))
+        assert store.image_size(key) == v2.image_size(key)
+    merge_proposals([str(tmp_path / "v1.socoprop")], str(tmp_path / "again.socoprop"))
+    assert (tmp_path / "again.socoprop").read_bytes() == (tmp_path / "v2.socoprop").read_bytes()

@@ -86,17 +86,86 @@ def test_watcher_restores_handlers_and_records_the_first_signal():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
-def _failing_save(iteration_to_fail):
-    """``torch.save`` that runs out of disk space for the checkpoint of one iteration."""
+def _failing_save(iteration_to_fail, code=errno.ENOSPC, as_torch=False):
+    """``torch.save`` that fails with ``code`` (ENOSPC, EDQUOT, EIO) for the checkpoint of one
+    iteration: as an ``OSError``, or (``as_torch``) as torch's zip writer reports it, a
+    ``RuntimeError`` with the ``OSError`` of the file as its context."""
     real_save = torch.save
 
     def save(obj, f):
         if obj.get("iteration") == iteration_to_fail:
             f.write(b"the first bytes of a checkpoint")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if not as_torch:
+                raise OSError(code, os.strerror(code))
+            try:
+                raise OSError(code, os.strerror(code))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                   "704 vs 598")
         return real_save(obj, f)
 
     return save
+
+
+@pytest.mark.parametrize("code, as_torch", [(errno.ENOSPC, False), (errno.ENOSPC, True),
+                                            (errno.EDQUOT, True), (errno.EIO, False)],
+                         ids=["ENOSPC", "ENOSPC-torch", "EDQUOT-torch", "EIO"])
+def test_failed_checkpoint_write_keeps_the_last_good_one_and_follows_the_policy(
+        tmp_path, monkeypatch, soco_log, code, as_torch):
+    """Whatever the failed write raises (torch reports a full disk as a RuntimeError from
+    inline_container), SOLVER.ON_CHECKPOINT_ERROR decides: continue or stop."""
+    monkeypatch.setattr(ckpt_mod.torch, "save", _failing_save(4, code, as_torch))
+    reason = os.strerror(code)
+    _trainer(toy.toy_cfg(tmp_path / "go", **{"SOLVER.CHECKPOINT_PERIOD": 2})).train()
+    out = "\n".join(soco_log)
+    assert "Could not write checkpoint" in out and reason in out and "Training continues" in out
+    assert (tmp_path / "go" / "last_checkpoint").read_text() == "model_final.pth"
+    with pytest.raises(CheckpointWriteError, match=reason):
+        _trainer(toy.toy_cfg(tmp_path / "stop", **{"SOLVER.CHECKPOINT_PERIOD": 2,
+                                                   "SOLVER.ON_CHECKPOINT_ERROR": "stop"})).train()
+    assert (tmp_path / "stop" / "last_checkpoint").read_text() == "model_0000002.pth"
+
+
+@pytest.mark.parametrize("policy", ["continue", "stop"])
+def test_failed_metrics_write_follows_the_policy(tmp_path, monkeypatch, soco_log, policy):
+    """metrics.json on a full disk or over quota: the run trains on without the rows it could
+    not write (never a half-written line), or stops, as SOLVER.ON_CHECKPOINT_ERROR says."""
+    from soco_d2.engine import writers
+
+    class OverQuota:
+        """The file of metrics.json; the rows of iterations 2 and 3 reach the disk in part."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if bytes(data).startswith((b'{"iteration": 2,', b'{"iteration": 3,')):
+                self.f.write(bytes(data)[:7])
+                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real_init = writers.JSONWriter.__init__
+
+    def init(self, path):
+        real_init(self, path)
+        self._file = OverQuota(self._file)
+
+    monkeypatch.setattr(writers.JSONWriter, "__init__", init)
+    cfg = toy.toy_cfg(tmp_path / policy, **{"SOLVER.ON_CHECKPOINT_ERROR": policy, "LOG_PERIOD": 1})
+    metrics = tmp_path / policy / "metrics.json"
+    if policy == "stop":
+        with pytest.raises(writers.MetricsWriteError, match=f"{metrics}.*Disk quota exceeded"):
+            _trainer(cfg).train()
+        return
+    _trainer(cfg).train()
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 4, 5, 6]
+    out = "\n".join(soco_log)
+    assert out.count("Could not write") == 1 and "Disk quota exceeded" in out
+    assert "written again from iteration 4; 2 row(s) before it are missing" in out
 
 
 def test_disk_full_keeps_the_last_good_checkpoint_and_continues_or_stops(tmp_path, monkeypatch,

@@ -1,6 +1,7 @@
 """Running a tool as a subprocess under a hard timeout, and injecting faults into its workers.
 
-``run_bounded`` starts the tool in a session of its own and kills the whole session when the
+``run_and_signal`` starts a training tool and signals it (or its whole process group) once its
+``metrics.json`` reaches an iteration. ``run_bounded`` starts the tool in a session of its own and kills the whole session when the
 timeout passes, so a hang (of the tool or of one of its workers, which would keep the output
 pipes open) fails the test instead of blocking it.
 
@@ -9,10 +10,11 @@ its process) inside the tool's worker processes only (torch data-loader workers,
 processes): a ``sitecustomize`` module, which Python imports at start-up in every process the
 tool starts (spawned ranks included), applies the patch.
 """
+import json
 import os
 import signal
 import subprocess
-import sys
+import time
 
 import pytest
 
@@ -83,4 +85,34 @@ def run_bounded(cmd, timeout: float, env=None, cwd=REPO) -> subprocess.Completed
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-PYTHON = sys.executable
+def _read_metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_and_signal(cmd, out, iteration, sig, timeout=240, group=False):
+    """Start ``cmd``, send ``sig`` once ``metrics.json`` reaches ``iteration``, to the trainer
+    or (``group``) to every process of the job; returns the process."""
+    metrics = os.path.join(out, "metrics.json")
+    rows_before = len(_read_metrics(out)) if os.path.exists(metrics) else 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            rows = _read_metrics(out)[rows_before:] if os.path.exists(metrics) else []
+        except json.JSONDecodeError:  # a line being written
+            rows = []
+        if rows and rows[-1]["iteration"] >= iteration:  # a row written by this run
+            if sig == signal.SIGKILL or group:
+                os.killpg(proc.pid, sig)  # the whole job: trainer and loader workers
+            else:
+                os.kill(proc.pid, sig)  # the trainer only, as `kill` or a scheduler does
+            break
+        time.sleep(0.05)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the run did not end within {timeout} s after {signal.Signals(sig).name}")
+    return proc

@@ -201,3 +201,48 @@ def test_special_files_and_link_loops_are_never_read_nor_multiplied(tmp_path, wo
     assert "1 folder(s) reached again through a link" in line
     assert "1 file(s) listed already under another name" in line
     assert "1 with another extension: .txt (1)" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1],
+                         ids=lambda s: signal.Signals(s).name)
+def test_a_signal_to_the_whole_process_group_stops_saves_and_resumes_exactly(tmp_path, sig):
+    """What `timeout`, SLURM or Ctrl-C do: every process of the group, pool workers included,
+    gets the signal, at a random moment. The tool saves what is finished and exits with 75
+    (a pool worker killed under a lock of the task queue made it wait forever), and --resume
+    ends with the same file as an uninterrupted run."""
+    import random
+    import time
+
+    _images(tmp_path / "img")
+    for i in range(4, 16):
+        Image.fromarray(np.full((60, 90, 3), 15 * i, np.uint8)).save(tmp_path / "img" / f"x{i}.png")
+    ref = tmp_path / "ref.socoprop"
+    assert _main("--images", tmp_path / "img", "--output", ref, "--workers", 1, "--no-progress") == 0
+
+    out = tmp_path / "p.socoprop"
+    cmd = [sys.executable, TOOL, "--images", str(tmp_path / "img"), "--output", str(out),
+           "--workers", "2", "--chunk-size", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    parts, wanted = str(out) + ".parts", random.Random().randint(0, 3)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(parts) and len(os.listdir(parts)) >= wanted:
+            break
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+    try:
+        text, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"{signal.Signals(sig).name} to the group: the tool hung\n{proc.communicate()[0]}")
+    if proc.returncode == 0:  # the run was already finishing: nothing to resume
+        assert out.read_bytes() == ref.read_bytes()
+        return
+    assert proc.returncode == 75, text[-3000:]
+    assert f"{signal.Signals(sig).name} received: stopped" in text and "--resume" in text
+    run = run_bounded(cmd + ["--resume"], timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert out.read_bytes() == ref.read_bytes()

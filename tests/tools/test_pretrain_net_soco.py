@@ -85,11 +85,25 @@ def test_cli_trains_then_resumes_with_a_longer_schedule(unlabeled, tmp_path):
     subprocess.run(base + overrides, check=True, capture_output=True, text=True, timeout=300)
     assert [r["iteration"] for r in read_metrics(out)] == [1, 2]
 
-    longer = overrides + ["SOLVER.MAX_ITER", "3"]
+    longer = overrides + ["SOLVER.MAX_ITER", "3", "SOLVER.WEIGHT_DECAY", "0.001",
+                          "LOG_PERIOD", "2"]
     run = subprocess.run(base + ["--resume"] + longer, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "Continuing at iteration 2 of 3" in run.stdout + run.stderr
+    log = run.stdout + run.stderr
+    assert "Continuing at iteration 2 of 3" in log
     assert [r["iteration"] for r in read_metrics(out)] == [1, 2, 3]
+    # Every changed key is listed, with what it changes, and the new weight decay is used
+    # (the optimizer state loaded from the checkpoint used to bring back the old one).
+    assert "differs from the one it was written with in 3 key(s)" in log
+    training, bookkeeping = log.split("2 change(s) the training itself")[1].split(
+        "1 change(s) only logging")
+    assert "SOLVER.MAX_ITER: 2 -> 3" in training and "SOLVER.WEIGHT_DECAY: 1e-05 -> 0.001" in training
+    assert "LOG_PERIOD: 1 -> 2" in bookkeeping
+    import torch
+
+    final = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)
+    assert {g["weight_decay"] for g in final["optimizer"]["param_groups"]} <= {0.001, 0.0}
+    assert 0.001 in {g["weight_decay"] for g in final["optimizer"]["param_groups"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,6 +113,9 @@ def test_cli_trains_then_resumes_with_a_longer_schedule(unlabeled, tmp_path):
 sys.path.insert(0, os.path.join(REPO, "tests", "data"))
 from hostile_images import make_hostile_folder  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from faults import run_and_signal, run_bounded, worker_fault_env  # noqa: E402
+
 
 def _cli(out, image_dir, props, *extra):
     overrides = tiny_overrides(image_dir, props, out) + [
@@ -106,29 +123,6 @@ def _cli(out, image_dir, props, *extra):
         "SEED", "5", *extra]
     tool = os.path.join(REPO, "tools", "pretrain_net.py")
     return [sys.executable, tool, "--config-file", SOCO_CONFIGS[0]], overrides
-
-
-def _run_until(cmd, out, iteration, sig, timeout=240):
-    """Start ``cmd``, send ``sig`` once ``metrics.json`` reaches ``iteration``; returns the process."""
-    metrics = os.path.join(out, "metrics.json")
-    rows_before = len(read_metrics(out)) if os.path.exists(metrics) else 0
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            rows = read_metrics(out)[rows_before:] if os.path.exists(metrics) else []
-        except json.JSONDecodeError:  # a line being written
-            rows = []
-        if rows and rows[-1]["iteration"] >= iteration:  # a row written by this run
-            if sig == signal.SIGKILL:
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole job: trainer and loader workers
-            else:
-                os.kill(proc.pid, sig)  # the trainer only, as `kill` or a scheduler does
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=timeout)
-    return proc
 
 
 def _final_weights(out):
@@ -174,11 +168,11 @@ def test_cli_hostile_images_sigkill_and_sigterm_then_resume_match_an_uninterrupt
     out = str(tmp_path / "run")
     cmd, overrides = _cli(out, str(image_dir), props)
     step = random.Random().randint(1, 4)
-    killed = _run_until(cmd + overrides, out, step, signal.SIGKILL)
+    killed = run_and_signal(cmd + overrides, out, step, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL, f"SIGKILL after iteration {step}"
     assert not os.path.exists(os.path.join(out, "model_final.pth"))
 
-    stopped = _run_until(cmd + ["--resume"] + overrides, out, 5, signal.SIGTERM)
+    stopped = run_and_signal(cmd + ["--resume"] + overrides, out, 5, signal.SIGTERM)
     text = stopped.stdout.read()
     assert stopped.returncode == 75, text[-3000:]
     assert "SIGTERM received: stopped after iteration" in text and "--resume" in text
@@ -197,10 +191,6 @@ def test_cli_hostile_images_sigkill_and_sigterm_then_resume_match_an_uninterrupt
 # ------------------------------------------------------------------------------------------------
 # A failed run ends: any exception in a loader worker, 1 and 2 processes, under a hard timeout
 # ------------------------------------------------------------------------------------------------
-
-sys.path.insert(0, os.path.dirname(__file__))
-from faults import run_bounded, worker_fault_env  # noqa: E402
-
 
 def _failing_run(unlabeled, tmp_path, exception, processes):
     out = str(tmp_path / f"fail_{exception}_{processes}")
@@ -224,3 +214,152 @@ def test_an_exception_in_a_loader_worker_ends_a_two_process_run(unlabeled, tmp_p
     run = _failing_run(unlabeled, tmp_path, "TypeError", 2)
     assert run.returncode == 1, run.stderr[-3000:]
     assert "TypeError" in run.stderr and "fault injected in a worker" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def reference_run(unlabeled, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref") / "ref")
+    cmd, overrides = _cli(out, *unlabeled)
+    run = run_bounded(cmd + overrides, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1],
+                         ids=lambda s: signal.Signals(s).name)
+def test_a_signal_to_the_whole_process_group_saves_and_resumes_exactly(unlabeled, reference_run,
+                                                                       tmp_path, sig):
+    """`timeout`, SLURM and Ctrl-C signal every process of the job, loader workers included,
+    at a random step: the run saves, exits with 75 and --resume ends with the same weights."""
+    import torch
+
+    out = str(tmp_path / "run")
+    cmd, overrides = _cli(out, *unlabeled)
+    step = random.Random().randint(1, 6)
+    stopped = run_and_signal(cmd + overrides, out, step, sig, group=True)
+    text = stopped.stdout.read()
+    assert stopped.returncode == 75, text[-3000:]
+    assert f"{signal.Signals(sig).name} received: stopped after iteration" in text
+    done = run_bounded(cmd + ["--resume"] + overrides, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _final_weights(reference_run), _final_weights(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs ({signal.Signals(sig).name} after {step})"
+
+
+def test_one_run_per_output_dir(unlabeled, tmp_path):
+    """A second run on the OUTPUT_DIR of a running one is refused, naming the first's host and
+    process; the first is not disturbed. A lock file left by a killed run is taken over."""
+    import socket
+
+    out = str(tmp_path / "shared")
+    cmd, overrides = _cli(out, *unlabeled)
+    first = subprocess.Popen(cmd + overrides, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (os.path.exists(os.path.join(out, "metrics.json")) or first.poll() is not None
+                   or time.time() > deadline):
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before the second could start"
+        second = run_bounded(cmd + overrides, timeout=120)
+        assert second.returncode != 0
+        assert (f"OUTPUT_DIR {out!r} is in use by another run: process {first.pid} on host "
+                f"{socket.gethostname()}") in second.stderr
+        assert "Traceback" not in second.stderr
+        text, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, text[-3000:]
+    assert [r["iteration"] for r in read_metrics(out)] == list(range(1, 9))
+
+    # A killed run leaves its record in the lock file, but the kernel released its lock.
+    with open(os.path.join(out, "run.lock"), "w") as f:
+        f.write("host=node7\npid=4242\nstarted=yesterday\n")
+    again = run_bounded(cmd + ["--resume"] + overrides, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "left by process 4242 on host node7 (started yesterday)" in again.stdout
+
+
+def test_output_dir_that_is_a_file_is_named_before_anything_starts(unlabeled, tmp_path):
+    out = tmp_path / "a_file"
+    out.write_text("x")
+    cmd, overrides = _cli(str(out), *unlabeled)
+    run = run_bounded(cmd + overrides, timeout=120)
+    assert run.returncode != 0
+    assert f"OUTPUT_DIR {str(out)!r} exists and is not a folder" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_all_images_unreadable_is_said_as_such(tmp_path):
+    """Every image turned unreadable after its proposals were made: the run ends with the
+    dataset's own message, not as a loader worker "killed by the out-of-memory killer"."""
+    _, image_dir = make_synthetic_coco(str(tmp_path / "data"), num_images=4, image_size=96, seed=0)
+    props = str(tmp_path / "props.socoprop")
+    run_generation(list_images(image_dir), props, workers=1, progress=False)
+    for name in os.listdir(image_dir):
+        with open(os.path.join(image_dir, name), "wb") as f:
+            f.write(b"no longer an image")
+    out = str(tmp_path / "out")
+    cmd, overrides = _cli(out, image_dir, props)
+    run = run_bounded(cmd + overrides + ["DATALOADER.NUM_WORKERS", "1"], timeout=240)
+    assert run.returncode == 1
+    assert "consecutive images could not be read" in run.stderr
+    assert "out-of-memory" not in run.stderr and "A data-loader worker died" not in run.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (needs the right to mount, as root in a container: skipped otherwise)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here ({made.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_follows_on_checkpoint_error(unlabeled, small_disk):
+    """OUTPUT_DIR on a real full disk: torch reports it as a RuntimeError, which the periodic
+    checkpoints survive with SOLVER.ON_CHECKPOINT_ERROR continue; the final one ends the run
+    (exit 1) naming the file and the reason."""
+    out = str(small_disk / "out")
+    cmd, overrides = _cli(out, *unlabeled)
+    run = run_bounded(cmd + overrides + ["SOLVER.MAX_ITER", "4", "DATALOADER.NUM_WORKERS", "0"],
+                      timeout=300)
+    log = run.stdout + run.stderr
+    assert run.returncode == 1, log[-3000:]
+    assert "Could not write checkpoint" in log and "model_0000002.pth" in log
+    assert "No space left on device" in log and "Training continues" in log
+    assert f"Could not write checkpoint {out}/model_final.pth" in log
+    assert [r["iteration"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # no partial file left
+
+
+def test_a_damaged_proposals_file_ends_the_run_naming_it(unlabeled, tmp_path):
+    """Flipped bits in the boxes of a proposals file: the run ends (exit 1) with the file, the
+    image and the fix, instead of training on wrong boxes."""
+    import shutil
+
+    image_dir, props = unlabeled
+    damaged = str(tmp_path / "damaged.socoprop")
+    shutil.copy(props, damaged)
+    raw = open(damaged, "rb").read()
+    length = int.from_bytes(raw[12:16], "little")
+    header = json.loads(raw[20:20 + length])
+    boxes = (20 + length + 63) // 64 * 64 + header["arrays"]["boxes"]["offset"]
+    with open(damaged, "r+b") as f:  # one bit in each of the first 40 boxes: every image's
+        for i in range(0, 8 * header["num_boxes"], 8 * max(1, header["num_boxes"] // 40)):
+            f.seek(boxes + i)
+            byte = f.read(1)[0]
+            f.seek(boxes + i)
+            f.write(bytes([byte ^ 1]))
+    cmd, overrides = _cli(str(tmp_path / "out"), image_dir, damaged)
+    run = run_bounded(cmd + overrides, timeout=240)
+    assert run.returncode == 1
+    assert "damaged.socoprop" in run.stderr and "do not match their checksum" in run.stderr
+    assert "regenerate it with tools/generate_proposals.py" in run.stderr

@@ -8,6 +8,9 @@ import pytest
 
 from soco_d2.data.synthetic import make_synthetic_coco
 
+sys.path.insert(0, os.path.dirname(__file__))
+from faults import run_and_signal, run_bounded, worker_fault_env  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "train_net.py")
 CONFIG = os.path.join(REPO, "configs", "finetune", "mask_rcnn_R50_FPN_1x.yaml")
@@ -85,6 +88,22 @@ def test_unknown_key_fails_before_launch(tmp_path):
     assert proc.returncode != 0 and "SOLVER.NO_SUCH" in proc.stderr
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["SOLVER.MAX_ITERS", "3"], "Non-existent key: SOLVER.MAX_ITERS (no such key; did you mean "
+                                "SOLVER.MAX_ITER?)"),
+    (["SOLVER.IMS_PER_BATCH", "3"], "SOLVER.IMS_PER_BATCH=3 must be divisible by the number of "
+                                    "processes (2)"),
+])
+def test_user_errors_are_one_message_before_any_process_starts(tmp_path, overrides, message):
+    run = run_bounded([sys.executable, TOOL, "--num-gpus", "2", "--config-file", CONFIG,
+                       "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "o")] + overrides,
+                      timeout=120)
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr and "Process 0" not in run.stderr
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
 @pytest.mark.slow
 def test_two_processes_syncbn_ddp_and_gathered_evaluation(data, tmp_path):
     out = str(tmp_path / "ddp")
@@ -97,10 +116,6 @@ def test_two_processes_syncbn_ddp_and_gathered_evaluation(data, tmp_path):
     evals = [r for r in _metrics(out) if "bbox/AP" in r]
     assert len(evals) == 1 and "segm/AP" in evals[0]
     assert "Evaluation of 2 images" in proc.stdout  # one per process, gathered on rank 0
-
-
-sys.path.insert(0, os.path.dirname(__file__))
-from faults import run_bounded, worker_fault_env  # noqa: E402
 
 
 def _failing_finetune(data, tmp_path, processes):
@@ -124,3 +139,32 @@ def test_an_exception_in_a_loader_worker_ends_a_two_process_run(data, tmp_path):
     run = _failing_finetune(data, tmp_path, 2)
     assert run.returncode == 1, run.stderr[-3000:]
     assert "TypeError" in run.stderr and "fault injected in a worker" in run.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_whole_process_group_saves_and_resumes_exactly(data, tmp_path):
+    """SIGINT to every process (a terminal's Ctrl-C), loader workers included, at a random step:
+    the run saves, exits with 75, and --resume ends with the same weights."""
+    import random
+    import signal
+
+    import torch
+
+    def cmd(out):
+        return [sys.executable, TOOL, "--config-file", CONFIG] + TINY + data + [
+            "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "6", "DATASETS.TEST", "()",
+            "DATALOADER.NUM_WORKERS", "2"]
+
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    assert run_bounded(cmd(ref), timeout=300).returncode == 0
+    step = random.Random().randint(1, 4)
+    stopped = run_and_signal(cmd(out), out, step, signal.SIGINT, group=True)
+    text = stopped.stdout.read()
+    assert stopped.returncode == 75, text[-3000:]
+    assert "SIGINT received: stopped after iteration" in text
+    done = run_bounded(cmd(out)[:4] + ["--resume"] + cmd(out)[4:], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = torch.load(os.path.join(ref, "model_final.pth"), weights_only=True)["model"]
+    b = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs (SIGINT after iteration {step})"
