@@ -66,6 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from soco_d2.config import load_config  # noqa: E402
 from soco_d2.engine.trainer import PretrainTrainer  # noqa: E402
 from soco_d2.modeling import build_model  # noqa: E402
+from soco_d2.utils import comm  # noqa: E402
 
 PARTS = ("backbone", "fpn", "head", "projector", "predictor")
 BUFFERS = ("running_mean", "running_var")
@@ -294,7 +295,10 @@ def run_ours(trainer, run, micro_batches, first, last):
         scale = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None
         trainer.run_step(it)
         w = trainer._window[-1]
-        values = dict(zip(trainer._loss_names, w["vec"].tolist()))
+        vec = w["vec"]
+        if comm.get_world_size() > 1:  # the loss of the global batch, as the trainer logs it
+            vec = comm.all_reduce_sum(vec) / comm.get_world_size()
+        values = dict(zip(trainer._loss_names, vec.tolist()))
         extra = {}
         if scale is not None:  # GradScaler halves the scale exactly when it skips the step
             extra = {"scale": trainer.scaler.get_scale(), "skipped": trainer.scaler.get_scale() < scale}
@@ -306,8 +310,6 @@ def run_ours(trainer, run, micro_batches, first, last):
 
 def dist_worker(config, depth, batch, total, warmup, steps, state_path, batches_path, root, name):
     """One process of the 2-process run (launched by soco_d2.engine.launch); rank 0 records."""
-    from soco_d2.utils import comm
-
     rank, world = comm.get_rank(), comm.get_world_size()
     cfg = our_cfg(config, depth, batch, total, warmup, os.path.join(root, f"{name}_out"))
     per = batch // world
