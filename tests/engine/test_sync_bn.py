@@ -85,10 +85,11 @@ def test_per_group_norm_checks_the_sizes():
 
 
 # Two processes: process r holds rows LAYOUTS[layout][r][g] of group g of 5 rows (uneven shares; in the
-# "uneven" layout the groups of one process differ in size too).
+# "uneven" layout the groups of one process differ in size too, in "empty" some have no row).
 LAYOUTS = {
     "even": [[slice(0, 2)] * 3, [slice(2, 5)] * 3],
     "uneven": [[slice(0, 2), slice(0, 1), slice(0, 3)], [slice(2, 5), slice(1, 5), slice(3, 5)]],
+    "empty": [[slice(0, 0), slice(0, 2), slice(0, 5)], [slice(0, 5), slice(2, 5), slice(5, 5)]],
 }
 SIZES = [5, 5, 5]
 
@@ -100,7 +101,8 @@ def _data(shape):
     return x, dy
 
 
-CASES = [("2d", False, "even"), ("1d", True, "even"), ("2d", True, "even"), ("2d", True, "uneven")]
+CASES = [("2d", False, "even"), ("1d", True, "even"), ("2d", True, "even"), ("2d", True, "uneven"),
+         ("2d", True, "empty")]  # "empty": a group without rows on one process
 
 
 def _mine(t, rows, groups):
