@@ -9,8 +9,9 @@ boolean mask, which waits for the device on every call (three syncs per call), a
 CPU tensors. Here an empty batch adds zeros to the sums, so nothing needs dropping.
 
 :func:`batch_norm_per_group` normalises consecutive groups of rows with each group's own
-statistics in one call (one collective for all groups), as running the layer on every group in
-turn would: SoCo's faithful head normalises every (view, box set, level) group separately.
+statistics, as running the layer on every group in turn would, with one collective for all
+groups on several processes: SoCo's faithful head normalises every (view, box set, level) group
+separately.
 
 Both keep the state-dict keys of ``BatchNorm``, so checkpoints move freely between world sizes.
 :func:`convert_sync_batchnorm` converts a model (the engine does so on several processes; on
@@ -104,29 +105,22 @@ def _update_running_stats(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor,
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm with per-group statistics over all processes: one all-reduce in forward and
-    one in backward (when the input needs a gradient), none when ``sync`` is off."""
+    one in backward (when the input needs a gradient)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bn, sizes, sync):
+    def forward(ctx, x, weight, bias, bn, sizes):
         xf = x.float()
         views = _views(xf, sizes)
         groups, c = len(sizes), x.shape[1]
         per_row = x[:1, :1].numel()  # elements per row and channel
-        sums = [torch.cat([v.sum(_reduce_dims(v)) for v in views])]
-        if sync:
-            sums.append(torch.cat([(v * v).sum(_reduce_dims(v)) for v in views]))
-        stats = torch.cat([s.flatten() for s in sums]
+        stats = torch.cat([torch.cat([v.sum(_reduce_dims(v)) for v in views]).flatten(),
+                           torch.cat([(v * v).sum(_reduce_dims(v)) for v in views]).flatten()]
                           + [xf.new_full((v.shape[0],), float(v.shape[1] * per_row)) for v in views])
-        if sync:
-            dist.all_reduce(stats)
-        n = stats[len(sums) * groups * c:]
+        dist.all_reduce(stats)
+        n = stats[2 * groups * c:]
         safe = n.clamp_min(1)[:, None]
         mean = stats[: groups * c].view(groups, c) / safe
-        if sync:
-            var = (stats[groups * c: 2 * groups * c].view(groups, c) / safe - mean * mean).clamp_min(0)
-        else:  # two passes, as BatchNorm (no cancellation between E[x^2] and the squared mean)
-            var = torch.cat([((v - _per_group(mean[g], v)) ** 2).sum(_reduce_dims(v))
-                             for v, g in zip(views, _group_slices(views))]) / safe
+        var = (stats[groups * c: 2 * groups * c].view(groups, c) / safe - mean * mean).clamp_min(0)
         invstd = torch.rsqrt(var + bn.eps)
         if bn.track_running_stats and bn.running_mean is not None:
             with torch.no_grad():
@@ -136,7 +130,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         y = _new_rows(xf, sizes, lambda o, i, g: torch.addcmul(
             _per_group(shift[g], o), views[i], _per_group(scale[g], o), out=o))
         ctx.save_for_backward(x, weight, mean, invstd, n)
-        ctx.sizes, ctx.sync, ctx.has_bias = sizes, sync, bias is not None
+        ctx.sizes, ctx.has_bias = sizes, bias is not None
         return _like_input(y.to(x.dtype), x)
 
     @staticmethod
@@ -154,10 +148,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = sum_dy.sum(0).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            if ctx.sync:
-                both = torch.cat([sum_dy.flatten(), sum_dy_xmu.flatten()])
-                dist.all_reduce(both)
-                sum_dy, sum_dy_xmu = both[: groups * c].view(groups, c), both[groups * c:].view(groups, c)
+            both = torch.cat([sum_dy.flatten(), sum_dy_xmu.flatten()])
+            dist.all_reduce(both)
+            sum_dy, sum_dy_xmu = both[: groups * c].view(groups, c), both[groups * c:].view(groups, c)
             safe = n.clamp_min(1)[:, None]
             scale = invstd if weight is None else invstd * weight.float()
             mean_dy = sum_dy / safe
@@ -172,7 +165,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
             grad_x = _new_rows(dy.float(), ctx.sizes, fill)
             grad_x = _like_input(grad_x.to(x.dtype), x)
-        return grad_x, grad_weight, grad_bias, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 def _needs_sync(bn: nn.Module) -> bool:
@@ -204,7 +197,7 @@ class AllReduceBatchNorm(nn.BatchNorm2d):
         if not _uses_batch_stats(self) or not _needs_sync(self):
             return super().forward(x)
         self._check_input_dim(x)
-        return _SyncBatchNormFunction.apply(x, self.weight, self.bias, self, (x.shape[0],), True)
+        return _SyncBatchNormFunction.apply(x, self.weight, self.bias, self, (x.shape[0],))
 
 
 def batch_norm_per_group(bn: nn.Module, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
@@ -213,19 +206,24 @@ def batch_norm_per_group(bn: nn.Module, x: torch.Tensor, sizes: Sequence[int]) -
     ``torch.cat([bn(part) for part in x.split(sizes)])`` computes, in one call (and one
     collective for an :class:`AllReduceBatchNorm` on several processes).
 
-    ``bn``: ``BatchNorm1d`` / ``2d`` / ``3d`` or :class:`AllReduceBatchNorm`; another norm runs
-    per group. In evaluation (running statistics) the groups do not matter: one call.
+    ``bn``: any batch norm; only an :class:`AllReduceBatchNorm` on several processes (in
+    training) runs as one call, the others run per group (no collective to save). In evaluation
+    (running statistics) the groups do not matter: one call.
     """
     sizes = [int(s) for s in sizes]
     if sum(sizes) != x.shape[0]:
         raise ValueError(f"group sizes {sizes} do not add up to the {x.shape[0]} rows of the input.")
     if isinstance(bn, _BatchNorm) and not _uses_batch_stats(bn):
         return bn(x)
-    if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, AllReduceBatchNorm) or len(sizes) == 1:
-        return torch.cat([bn(part) for part in x.split(sizes)]) if len(sizes) > 1 else bn(x)
+    if len(sizes) == 1:
+        return bn(x)
+    if not _needs_sync(bn):
+        # No collective to save: BatchNorm's own kernel per group, bit for bit what the layer
+        # computes on each group (the official-parity benchmark compares at 1e-7).
+        return torch.cat([bn(part) for part in x.split(sizes)])
     if x.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
-    return _SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn, tuple(sizes), _needs_sync(bn))
+    return _SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn, tuple(sizes))
 
 
 def _to_sync(module: nn.Module, convert) -> nn.Module:

@@ -7,7 +7,6 @@ import os
 import sys
 
 import pytest
-import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -84,9 +84,13 @@ def test_per_group_norm_checks_the_sizes():
         batch_norm_per_group(nn.BatchNorm1d(3), torch.randn(5, 3), [2, 2])
 
 
-# Two processes: process r holds rows ROWS[r] of each group (uneven shares, as the per-group
-# sizes of the head differ nowhere but the per-process batch may).
-ROWS = [slice(0, 2), slice(2, 5)]
+# Two processes: process r holds rows LAYOUTS[layout][r][g] of group g of 5 rows (uneven shares; in the
+# "uneven" layout the groups of one process differ in size too, in "empty" some have no row).
+LAYOUTS = {
+    "even": [[slice(0, 2)] * 3, [slice(2, 5)] * 3],
+    "uneven": [[slice(0, 2), slice(0, 1), slice(0, 3)], [slice(2, 5), slice(1, 5), slice(3, 5)]],
+    "empty": [[slice(0, 0), slice(0, 2), slice(0, 5)], [slice(0, 5), slice(2, 5), slice(5, 5)]],
+}
 SIZES = [5, 5, 5]
 
 
@@ -97,20 +101,26 @@ def _data(shape):
     return x, dy
 
 
-CASES = [("2d", False), ("1d", True), ("2d", True)]  # (BN kind, grouped)
+CASES = [("2d", False, "even"), ("1d", True, "even"), ("2d", True, "even"), ("2d", True, "uneven"),
+         ("2d", True, "empty")]  # "empty": a group without rows on one process
 
 
-def _run_case(rank, kind, grouped):
+def _mine(t, rows, groups):
+    return torch.cat([t[g, rows[g]] for g in range(groups)])
+
+
+def _run_case(rank, kind, grouped, layout):
     calls = []
     all_reduce = dist.all_reduce
     dist.all_reduce = lambda t, *a, **k: (calls.append(t.numel()), all_reduce(t, *a, **k))[1]
     try:
         bn = convert_sync_batchnorm(_bn(kind, 0.1))
         x, dy = _data((5,) if kind == "1d" else (5, 3, 3))
-        groups = len(SIZES) if grouped else 1
-        mine = x[:groups, ROWS[rank]].flatten(0, 1).requires_grad_()
-        y = batch_norm_per_group(bn, mine, [ROWS[rank].stop - ROWS[rank].start] * groups) if grouped else bn(mine)
-        (y * dy[:groups, ROWS[rank]].flatten(0, 1)).sum().backward()
+        rows, groups = LAYOUTS[layout][rank], len(SIZES) if grouped else 1
+        mine = _mine(x, rows, groups).requires_grad_()
+        sizes = [rows[g].stop - rows[g].start for g in range(groups)]
+        y = batch_norm_per_group(bn, mine, sizes) if grouped else bn(mine)
+        (y * _mine(dy, rows, groups)).sum().backward()
     finally:
         dist.all_reduce = all_reduce
     bn.eval()
@@ -134,17 +144,18 @@ def test_two_processes_equal_batch_norm_of_the_whole_batch(tmp_path):
     per call in forward and one in backward (all groups at once)."""
     mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
     got = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
-    for case, (kind, grouped) in enumerate(CASES):
+    for case, (kind, grouped, layout) in enumerate(CASES):
         ref = _bn(kind, 0.1)
         x, dy = _data((5,) if kind == "1d" else (5, 3, 3))
-        groups = range(len(SIZES)) if grouped else [0]
+        groups = len(SIZES) if grouped else 1
         xr = x.clone().requires_grad_()
-        ys = [ref(xr[g]) for g in groups]
-        sum((y * dy[g]).sum() for y, g in zip(ys, groups)).backward()
+        ys = torch.stack([ref(xr[g]) for g in range(groups)])
+        (ys * dy[:groups]).sum().backward()
         for r in range(2):
-            part, msg = got[r][case], f"{kind} grouped={grouped} rank {r}"
-            torch.testing.assert_close(part["y"], torch.cat([y[ROWS[r]] for y in ys]).detach(), msg=msg)
-            dx = torch.cat([xr.grad[g, ROWS[r]] for g in groups])
+            part, msg = got[r][case], f"{kind} grouped={grouped} {layout} rank {r}"
+            rows = LAYOUTS[layout][r]
+            torch.testing.assert_close(part["y"], _mine(ys, rows, groups).detach(), msg=msg)
+            dx = _mine(xr.grad, rows, groups)
             torch.testing.assert_close(part["dx"], dx, rtol=1e-4, atol=1e-5, msg=msg)
             for name, value in ref.state_dict().items():
                 torch.testing.assert_close(part["state"][name], value, msg=f"{msg} {name}")

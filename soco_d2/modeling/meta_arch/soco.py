@@ -22,7 +22,8 @@ in train mode (batch statistics, how pretraining runs) they differ through Batch
   level) group of N*K boxes with that group's statistics, including the three quarters of the
   boxes that the loss then ignores (their level is not the assigned one), as the official code,
   which calls the head once per group. Here the convolutions and linear layers run once over all
-  groups (same result, larger batches); only the norms run per group.
+  groups (same result, larger batches); only the norms' statistics are per group (one call per
+  layer, one collective, on several processes).
 * ``"per_view"``: each box pooled on its assigned level only (a quarter of the head's work), BN
   statistics per view over the boxes of all its box sets and levels. A deviation from the
   official objective; measured speed and gradient agreement with ``"faithful"`` in BENCHMARKS.md.
@@ -79,8 +80,8 @@ def _run_per_segment_norm(module: nn.Module, x: Tensor, sizes: List[int]) -> Ten
     Same result as running each group through ``module`` on its own (BN statistics per group, the
     running statistics updated once per group, in order), but convolutions and linear layers get
     one large batch instead of one small batch per group (about 1.5x faster for the 4conv1fc
-    head on CPU at three groups), and each batch norm is one call with per-group statistics
-    (one collective for all groups on several processes).
+    head on CPU at three groups). On several processes each batch norm is one call with
+    per-group statistics: one collective for all groups, not one per group.
     """
     if isinstance(module, nn.Sequential):
         for child in module:
