@@ -1,8 +1,8 @@
 """One command for one GPU: speed, memory, model FLOPs utilisation and host syncs of the training steps.
 
-Parts, in this order (each guarded: an error is recorded and the next part runs; each time-boxed
-within ``--budget-s``; ``OUT/bench_gpu.json`` and ``OUT/bench_gpu.md`` are rewritten after every
-part, so a run cut short keeps what it measured):
+Parts (each guarded: an error is recorded and the next part runs; each time-boxed within
+``--budget-s``; ``OUT/bench_gpu.json`` and ``OUT/bench_gpu.md`` are rewritten after every part, so
+a run cut short keeps what it measured):
 
 1. **Steps** on synthetic uint8 batches already on the device (the real view mappers' samples of
    random images, collated and moved once): the real trainer's ``PretrainTrainer.run_step``
@@ -10,8 +10,10 @@ part, so a run cut short keeps what it measured):
    SoCo* and DetCo (R50, shipped configs), and their floors (the same backbones alone, forward +
    backward on the same batch, target / key backbones forward: no heads, loss, optimizer or EMA;
    no method's step can be faster). First bf16, channels_last, eager, batch 128 per GPU; then
-   ``sync_debug`` (below), the loader and fine-tuning parts; then one change at a time: fp16
-   (with the gradient scaler), NCHW, batch 64, ``torch.compile`` (a failed compile is recorded).
+   ``sync_debug`` (below), SoCo's loader and the fp32 fine-tuning step; then one change at a
+   time: fp16 (with the gradient scaler), ``torch.compile`` of SoCo faithful and DetCo (a failed
+   compile is recorded), NCHW, batch 64; then DetCo's loader, bf16 fine-tuning and the rest.
+   What the budget leaves out is recorded as skipped; ``--parts`` runs it in a second call.
    Reported: images/s, step time, peak memory, FLOPs per step (``torch.utils.flop_counter``,
    forward + backward, counted once per method and batch) and MFU against the card's dense
    bf16 / fp16 peak (``PEAK_TFLOPS``; none for a card not in it).
@@ -27,11 +29,12 @@ part, so a run cut short keeps what it measured):
 
 Example (one H100, at most about 8 minutes): ``python benchmarks/bench_gpu.py --out bench_gpu``;
 ``--parts compile`` (or any substring of part names) runs a subset. ``--device cpu --smoke``
-runs every part tiny (R18, small views, batch 2, 1-2 steps; the test suite does, so that the
-script cannot rot).
+runs every part tiny (R18, 32 px views, batch 2, two steps a part, fp32 on one thread; the test
+suite does, so that the script cannot rot).
 """
 import argparse
 import contextlib
+import gc
 import itertools
 import json
 import math
@@ -535,23 +538,34 @@ def plan(args) -> List:
         for s in items:
             parts.append((s.name, lambda bench, s=s: part_step(bench, s), share, minimum))
 
-    # The smoke run takes each kind of part once where more would repeat the same code.
-    variants = ["soco_faithful"] if args.smoke else everything
-    loaders = [("soco_faithful", 1), ("detco", 2)] if args.smoke else [
-        ("soco_faithful", 8), ("soco_faithful", 14), ("detco", 8), ("detco", 14)]
-    compiled = ["soco_floor"] if args.smoke else [
-        "soco_faithful", "detco", "soco_floor", "detco_floor", "soco_per_view", "soco_star", "soco_star_floor"]
+    # The smoke run takes each kind of part once where more would repeat the same code. The
+    # order is the priority: what the budget leaves out is recorded as skipped (``--parts``
+    # runs it in a second call).
+    variants = ["soco_faithful"] if args.smoke else list(METHODS)
+    first_loaders = [("soco_faithful", 1)] if args.smoke else [("soco_faithful", 8), ("soco_faithful", 14)]
+    later_loaders = [("detco", 2)] if args.smoke else [("detco", 8), ("detco", 14)]
+    first_compiled = ["soco_floor"] if args.smoke else ["soco_faithful", "detco"]
+    later_compiled = [] if args.smoke else ["soco_floor", "detco_floor", "soco_per_view", "soco_star",
+                                            "soco_star_floor"]
+
+    def loaders(items):
+        for method, w in items:
+            parts.append((f"loader/{method}/w{w}", lambda bench, m=method, w=w: part_loader(bench, m, w), 60, 20))
 
     steps([Step(m, "bf16", True, False, b) for m in everything], 30, 8)
     parts.append(("sync_debug", part_sync_debug, 60, 15))
-    for method, w in loaders:
-        parts.append((f"loader/{method}/w{w}", lambda bench, m=method, w=w: part_loader(bench, m, w), 45, 15))
+    loaders(first_loaders)
     parts.append(("finetune/mask_rcnn/fp32", lambda bench: part_finetune(bench, False), 40, 10))
     steps([Step(m, "fp16", True, False, b) for m in METHODS], 30, 8)
+    steps([Step(m, "bf16", True, True, b) for m in first_compiled], 180, 45)
     steps([Step(m, "bf16", False, False, b) for m in variants], 30, 8)
     steps([Step(m, "bf16", True, False, small) for m in variants], 25, 6)
+    loaders(later_loaders)
     parts.append(("finetune/mask_rcnn/bf16", lambda bench: part_finetune(bench, True), 40, 10))
-    steps([Step(m, "bf16", True, True, b) for m in compiled], 180, 45)
+    steps([Step(m, "bf16", True, True, b) for m in later_compiled], 180, 45)
+    if not args.smoke:
+        steps([Step(m, "bf16", False, False, b) for m in FLOORS], 30, 8)
+        steps([Step(m, "bf16", True, False, small) for m in FLOORS], 25, 6)
     if args.parts:
         wanted = [p.strip() for p in args.parts.split(",") if p.strip()]
         parts = [p for p in parts if any(w in p[0] for w in wanted)]
@@ -565,12 +579,12 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="every part tiny (R18, small views, batch 2)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="time for all parts together (default 450 s; 1800 s with --smoke)")
-    ap.add_argument("--timed-s", type=float, default=4.0, help="timed seconds per step part")
-    ap.add_argument("--loader-s", type=float, default=12.0, help="timed seconds per loader measurement")
+    ap.add_argument("--timed-s", type=float, default=3.0, help="timed seconds per step part")
+    ap.add_argument("--loader-s", type=float, default=10.0, help="timed seconds per loader measurement")
     ap.add_argument("--parts", default="", help="comma-separated substrings of the part names to run")
     ap.add_argument("--images", default="", help="image folder / list for the loader parts "
                                                  "(default: synthetic JPEGs; random proposals either way)")
-    ap.add_argument("--max-images", type=int, default=1024, help="images for the loader parts")
+    ap.add_argument("--max-images", type=int, default=768, help="images for the loader parts")
     ap.add_argument("--finetune-size", type=int, default=800, help="side of the fine-tuning images")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     args = ap.parse_args(argv)
@@ -613,6 +627,7 @@ def main(argv=None):
                           "error": f"{type(e).__name__}: {e}"[:2000],
                           "where": _where(traceback.extract_tb(e.__traceback__))}
             finally:
+                gc.collect()  # a trainer is a reference cycle (its monitors point back to it)
                 if device.type == "cuda":
                     torch.cuda.set_sync_debug_mode(0)
                     torch.cuda.empty_cache()
