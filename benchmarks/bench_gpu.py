@@ -37,7 +37,6 @@ import contextlib
 import gc
 import itertools
 import json
-import math
 import os
 import shutil
 import signal
@@ -440,7 +439,8 @@ def part_loader(bench: Bench, method: str, workers: int) -> Dict:
     batch = 2 if bench.smoke else 128
     extra = ["DATASETS.PRETRAIN.IMAGE_ROOT", source, "DATALOADER.NUM_WORKERS", workers]
     if METHODS[method][2].startswith("soco"):
-        extra += ["DATASETS.PRETRAIN.PROPOSALS", bench.proposals]
+        # with --images, only the first --max-images have proposals (the others: one whole-image box)
+        extra += ["DATASETS.PRETRAIN.PROPOSALS", bench.proposals, "DATASETS.PRETRAIN.MAX_MISSING_PROPOSALS", 1.0]
     cfg = bench.cfg(method, "bf16", True, batch, extra)
     dataset = build_pretrain_dataset(cfg)
     loader = build_pretrain_loader(cfg, dataset)
@@ -584,7 +584,8 @@ def main(argv=None):
     ap.add_argument("--parts", default="", help="comma-separated substrings of the part names to run")
     ap.add_argument("--images", default="", help="image folder / list for the loader parts "
                                                  "(default: synthetic JPEGs; random proposals either way)")
-    ap.add_argument("--max-images", type=int, default=768, help="images for the loader parts")
+    ap.add_argument("--max-images", type=int, default=768,
+                    help="synthetic images written for the loader parts (with --images: those given proposals)")
     ap.add_argument("--finetune-size", type=int, default=800, help="side of the fine-tuning images")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     args = ap.parse_args(argv)
