@@ -3,7 +3,7 @@
 Online network: ``backbone`` (ResNet-FPN, P2-P5) -> scale-aware RoIAlign -> ``box_head``
 (4conv1fc) -> ``projector`` -> ``predictor``. Target network: ``target_backbone``,
 ``target_box_head``, ``target_projector``, deep copies of the online ones that get no gradient,
-move by EMA (:meth:`SoCo.momentum_update`) and run in train mode with their own BN statistics.
+move by EMA (:meth:`SoCo.momentum_update`, the method contract's, :mod:`.method`) and run in train mode with their own BN statistics.
 
 For a pair of views (a, b) with boxes ``boxes_a`` / ``boxes_b`` and ids ``ids_a`` / ``ids_b``::
 
@@ -37,11 +37,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...engine.sync_bn import batch_norm_per_group
 from ..backbone import build_resnet_fpn_backbone
-from ..ema import momentum_update
 from ..heads import box_head_output_dim, build_box_head, build_predictor, build_projector
 from ..losses import soco_pair_loss
 from ..pooler import build_soco_pooler
 from .build import META_ARCH_REGISTRY
+from .method import PretrainMethod
 
 HEAD_MODES = ("faithful", "per_view", "all")
 
@@ -99,7 +99,7 @@ def check_head_mode(cfg) -> str:
 
 
 @META_ARCH_REGISTRY.register()
-class SoCo(nn.Module):
+class SoCo(PretrainMethod):
     """SoCo meta-architecture; ``forward(batch)`` returns ``{"loss_<a>_<b>": loss}`` per pair."""
 
     def __init__(self, cfg):
@@ -127,10 +127,24 @@ class SoCo(nn.Module):
     def target_modules(self) -> List[nn.Module]:
         return [self.target_backbone, self.target_box_head, self.target_projector]
 
-    @torch.no_grad()
-    def momentum_update(self, m: float) -> None:
-        """Move the target network towards the online one: ``t = m t + (1 - m) o``."""
-        momentum_update(self.online_modules, self.target_modules, m)
+    def momentum_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        return list(zip(self.online_modules, self.target_modules))
+
+    def probe_features(self, x: Tensor) -> Dict[str, Tensor]:
+        """Globally average-pooled res5 of the online backbone (``"res5"``) and the box-head
+        embedding of the whole-image box (``"box"``)."""
+        body = self.backbone.body(x)
+        out = {"res5": list(body.values())[-1].mean(dim=(2, 3))}
+        pyramid = list(self.backbone.fpn(body).values())
+        h, w = x.shape[-2:]
+        boxes = x.new_tensor([0.0, 0.0, w, h]).expand(x.shape[0], 1, 4)
+        out["box"] = self.box_head(self.pooler(pyramid, boxes, (h, w)))
+        return out
+
+    def embedding_module(self) -> nn.Module:
+        """``embedding_tap``: the projector outputs of the rows the loss uses (the faithful head
+        runs every box on four levels and the loss uses one)."""
+        return self.embedding_tap
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (or 0-255 float) N x 3 x H x W images -> normalised float on the model's device."""
