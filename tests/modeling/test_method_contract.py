@@ -1,6 +1,7 @@
 """The method contract (soco_d2.modeling.meta_arch.method): SoCo and DetCo implement it, and a method
-(tests/modeling/toy_byol.py, image-level BYOL) trains through PretrainTrainer, is probed by the kNN
-monitor, watched by the health monitor, visualised and converted, with no change elsewhere."""
+written in its own file (tests/modeling/toy_byol.py, image-level BYOL) trains through
+PretrainTrainer, is probed by the kNN monitor, watched by the health monitor, visualised and
+converted, with no change elsewhere."""
 import importlib.util
 import json
 import math

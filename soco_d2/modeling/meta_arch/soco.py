@@ -28,7 +28,6 @@ in train mode (batch statistics, how pretraining runs) they differ through Batch
   official objective; measured speed and gradient agreement with ``"faithful"`` in BENCHMARKS.md.
 * ``"all"``: as ``"per_view"``, with BN statistics over the boxes of all views at once.
 """
-import copy
 from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
@@ -37,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...engine.sync_bn import batch_norm_per_group
 from ..backbone import build_resnet_fpn_backbone
+from ..ema import frozen_copy
 from ..heads import box_head_output_dim, build_box_head, build_predictor, build_projector
 from ..losses import soco_pair_loss
 from ..pooler import build_soco_pooler
@@ -63,13 +63,6 @@ def _view_name(value, key: str) -> str:
     if len(names) != 1:
         raise ValueError(f"pair[{key!r}] must name one view for the whole batch; got {sorted(names)}.")
     return names.pop()
-
-
-def _frozen_copy(module: nn.Module) -> nn.Module:
-    target = copy.deepcopy(module)
-    for p in target.parameters():
-        p.requires_grad_(False)
-    return target
 
 
 def _run_per_segment_norm(module: nn.Module, x: Tensor, sizes: List[int]) -> Tensor:
@@ -112,9 +105,9 @@ class SoCo(PretrainMethod):
         self.box_head = build_box_head(cfg, channels)
         self.projector = build_projector(cfg, box_head_output_dim(cfg, channels))
         self.predictor = build_predictor(cfg)
-        self.target_backbone = _frozen_copy(self.backbone)
-        self.target_box_head = _frozen_copy(self.box_head)
-        self.target_projector = _frozen_copy(self.projector)
+        self.target_backbone = frozen_copy(self.backbone)
+        self.target_box_head = frozen_copy(self.box_head)
+        self.target_projector = frozen_copy(self.projector)
         self.embedding_tap = nn.Identity()  # see _online_heads
         for name, value in (("pixel_mean", cfg.MODEL.PIXEL_MEAN), ("pixel_std", cfg.MODEL.PIXEL_STD)):
             self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
