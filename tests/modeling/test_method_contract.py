@@ -142,3 +142,10 @@ def test_a_method_missing_part_of_the_contract_cannot_be_built():
     with pytest.raises(TypeError, match="probe_features"):
         NoProbe()
     assert issubclass(SoCo, PretrainMethod) and issubclass(DetCo, PretrainMethod)
+
+
+def test_soco_on_a_backbone_without_a_body_says_the_probe_cannot_run():
+    model = _tiny("SoCo")
+    model.backbone = torch.nn.Identity()  # e.g. detectron2's FPN: bottom_up, not body
+    with pytest.raises(NotImplementedError, match=r"MONITOR.KNN.*Identity.*MONITOR.KNN.ENABLED off"):
+        probe_feature_fn(model, None, None)(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

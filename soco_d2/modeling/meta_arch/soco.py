@@ -126,6 +126,10 @@ class SoCo(PretrainMethod):
     def probe_features(self, x: Tensor) -> Dict[str, Tensor]:
         """Globally average-pooled res5 of the online backbone (``"res5"``) and the box-head
         embedding of the whole-image box (``"box"``)."""
+        if not hasattr(self.backbone, "body"):
+            raise NotImplementedError(
+                f"MONITOR.KNN: {type(self).__name__} has no probe_features for its backbone "
+                f"({type(self.backbone).__name__}, no 'body'); turn MONITOR.KNN.ENABLED off.")
         body = self.backbone.body(x)
         out = {"res5": list(body.values())[-1].mean(dim=(2, 3))}
         pyramid = list(self.backbone.fpn(body).values())
