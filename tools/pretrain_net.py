@@ -29,6 +29,8 @@ def main(args):
     from soco_d2.engine.trainer import PretrainTrainer
 
     cfg = load_config(args.config_file, args.opts)
+    if cfg.MODEL.DETECTRON2.CONFIG_FILE:
+        import soco_d2.detectron2  # noqa: F401  (registers the builder of D2SoCo / D2DetCo)
     trainer = PretrainTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from .boxes import scale_boxes
+from .coco_catalog import datasets_root
 from .image_list import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageList,
@@ -196,11 +197,6 @@ register_pretrain_dataset(
 register_pretrain_dataset(
     "coco_2017_unlabeled", "coco/unlabeled2017", layout="$SOCO_DATASETS/coco/unlabeled2017/<image>.jpg"
 )
-
-
-def datasets_root() -> str:
-    """``$SOCO_DATASETS``, or ``./datasets`` when unset (as the fine-tuning datasets)."""
-    return os.environ.get("SOCO_DATASETS", "") or "datasets"
 
 
 def _under_datasets_root(path: str) -> str:

@@ -26,6 +26,7 @@ import torch
 
 from . import augment
 from .registry import MAPPER_REGISTRY
+from .view_mapper import ViewMapper
 
 __all__ = ["DetCoViewMapper", "PatchSet"]
 
@@ -44,7 +45,7 @@ class PatchSet(NamedTuple):
 
 
 @MAPPER_REGISTRY.register()
-class DetCoViewMapper:
+class DetCoViewMapper(ViewMapper):
     """Build DetCo's two global views and two jigsaw patch sets from one image.
 
     ``mapper(image, proposals, rng)``: ``image`` uint8 HxWx3 RGB (any size >= 1x1; small images
@@ -52,6 +53,7 @@ class DetCoViewMapper:
     """
 
     uses_proposals = False  # DetCo contrasts whole views and patches, not boxes
+    sheet_name = "detco"
 
     def __init__(self, cfg):
         c = cfg.INPUT.DETCO
@@ -144,6 +146,15 @@ class DetCoViewMapper:
         else:
             patches = np.stack([self.color(q, rng) for q in patches])
         return PatchSet(patches, perm, crop, offsets.astype(np.int64), flipped)
+
+    def view_sheet(self, image: np.ndarray, rng: np.random.Generator, panel: int = 224,
+                   proposals=None, filtered=None) -> np.ndarray:
+        """Two global views and two patch sets (:func:`~soco_d2.data.visualize.detco_sheet`)."""
+        from .visualize import detco_sheet
+
+        views = [self.global_view(image, rng) for _ in range(2)]
+        sets = [self.patch_set(image, rng) for _ in range(2)]
+        return detco_sheet(image, views, sets, self.grid, panel)
 
     def __repr__(self) -> str:
         return (

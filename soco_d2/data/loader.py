@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
 from soco_d2.utils import comm
+from soco_d2.utils.signals import ignore_preemption_signals
 
 from .samplers import ResumableInfiniteSampler
 
@@ -18,8 +19,6 @@ from .samplers import ResumableInfiniteSampler
 def loader_worker_init(worker_id: int) -> None:
     """``worker_init_fn`` of every loader: the worker leaves SIGTERM / SIGUSR1 to the training
     process (see :mod:`soco_d2.engine.preemption`)."""
-    from soco_d2.engine.preemption import ignore_preemption_signals  # the engine imports this module
-
     ignore_preemption_signals(worker_id)
 
 __all__ = ["per_process_batch_size", "build_pretrain_loader", "usable_num_workers",

@@ -28,6 +28,8 @@ from typing import List, Optional, Tuple
 import cv2
 import numpy as np
 
+from soco_d2.utils.signals import Preempted, PreemptionWatcher, ignore_preemption_signals
+
 from .image_list import DEFAULT_MAX_IMAGE_PIXELS, ImageList, UnreadableImageError, read_image_reduced
 from .proposals import ProposalWriter
 
@@ -234,11 +236,9 @@ def _init_worker() -> None:
     """Initializer of the pool's processes: OpenCV single-threaded (one process per core;
     OpenCV's own threads would oversubscribe), and the job's signals left to the main process,
     which stops the run cleanly and then ends the workers itself (see
-    :func:`~soco_d2.engine.preemption.ignore_preemption_signals`). A worker killed by a signal
+    :func:`~soco_d2.utils.signals.ignore_preemption_signals`). A worker killed by a signal
     sent to the whole process group could otherwise die holding a lock of the task queue and
     leave the main process waiting for it forever."""
-    from soco_d2.engine.preemption import ignore_preemption_signals
-
     cv2.setNumThreads(1)
     ignore_preemption_signals()
 
@@ -335,7 +335,7 @@ def run_generation(
 
     SIGTERM, SIGUSR1 or SIGINT (to this process or its whole group) stops the run: what is
     finished is written (``output.parts/``) and
-    :class:`~soco_d2.engine.preemption.Preempted` is raised (exit code 75); ``resume``
+    :class:`~soco_d2.utils.signals.Preempted` is raised (exit code 75); ``resume``
     continues. Unreadable images (see :func:`~soco_d2.data.image_list.read_image`; ``max_pixels`` is its
     header-checked pixel limit) are logged, counted and recorded in the file's ``unreadable``
     list. With ``resume`` the images already in ``output`` or in its partial chunks (unreadable
@@ -343,8 +343,6 @@ def run_generation(
     ``chunk_size`` images, so a killed run loses at most the images of one chunk.
     """
     from tqdm import tqdm
-
-    from soco_d2.engine.preemption import Preempted, PreemptionWatcher
 
     check_selective_search_available()
     index, count = shard

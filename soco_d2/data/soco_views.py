@@ -13,6 +13,7 @@ import torch
 from .augment import ColorAugment, hflip, random_resized_crop_params, resize
 from .boxes import crop_boxes, hflip_boxes, jitter_boxes, pad_to_k, sample_k, scale_boxes
 from .registry import MAPPER_REGISTRY
+from .view_mapper import ViewMapper
 
 __all__ = ["SoCoViewMapper"]
 
@@ -24,7 +25,7 @@ def _to_chw_tensor(img: np.ndarray) -> torch.Tensor:
 
 
 @MAPPER_REGISTRY.register()
-class SoCoViewMapper:
+class SoCoViewMapper(ViewMapper):
     """Builds SoCo's views V1, V2, V3 (and SoCo*'s V4) with K corresponding proposals per pair.
 
     Views (config ``INPUT.SOCO``):
@@ -74,6 +75,8 @@ class SoCoViewMapper:
     pair (each: choice, V1's jitter, V1's padding, the other view's padding), flips (V1, V2, V3,
     V4), colour (V1, V2, V3, V4), cutout (V2, V3).
     """
+
+    sheet_name = "soco"
 
     def __init__(self, cfg):
         c = cfg.INPUT.SOCO
@@ -298,3 +301,12 @@ class SoCoViewMapper:
                 for name, boxes_a, ids_a, boxes_b, ids_b in pairs
             ],
         }
+
+    def view_sheet(self, image: np.ndarray, rng: np.random.Generator, panel: int = 224,
+                   proposals=None, filtered=None) -> np.ndarray:
+        """The image with its proposals (kept / filtered), then V1..V4 with their boxes
+        (:func:`~soco_d2.data.visualize.soco_sheet`)."""
+        from .visualize import soco_sheet
+
+        filtered = np.zeros((0, 4), np.float32) if filtered is None else filtered
+        return soco_sheet(image, proposals, filtered, self(image, proposals, rng), self.min_box_size, panel)

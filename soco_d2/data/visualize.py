@@ -197,12 +197,13 @@ def _rows_match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def write_view_sheets(cfg, image_source: str, output_dir: str, num_images: int = 4,
                       random_sample: bool = False, seed: int = 0,
                       proposals_file: Optional[str] = None, panel: int = 224) -> List[str]:
-    """PNG sheets (SoCo or DetCo, after ``cfg.INPUT.MAPPER``) of the first ``num_images`` images
-    of ``image_source`` (a folder, a ``.txt`` list or a COCO json), or of a random sample of
+    """PNG sheets (the ``view_sheet`` of ``cfg.INPUT.MAPPER``, :mod:`.view_mapper`) of the first
+    ``num_images`` images of ``image_source`` (a folder, a ``.txt`` list or a COCO json), or of a random sample of
     them (``random_sample``, seeded). The mapper of image ``i`` draws from
     ``default_rng([seed, i])``. SoCo proposals: those of ``proposals_file`` when it has the
     image, else selective search with the generator's settings; the filtered-out boxes are always
-    recomputed from the raw selective-search boxes. Returns the written paths."""
+    recomputed from the raw selective-search boxes (for mappers that ``uses_proposals``). Returns
+    the written paths."""
     import os
 
     from .image_list import list_images, read_image
@@ -218,19 +219,19 @@ def write_view_sheets(cfg, image_source: str, output_dir: str, num_images: int =
     rng = np.random.default_rng(seed)
     order = (rng.permutation(len(images)) if random_sample else np.arange(len(images)))[:num_images]
     mapper = build_mapper(cfg)
-    detco = type(mapper).__name__ == "DetCoViewMapper"
-    store = ProposalStore.open(proposals_file) if proposals_file and not detco else None
+    if not callable(getattr(mapper, "view_sheet", None)):
+        raise TypeError(f"INPUT.MAPPER {cfg.INPUT.MAPPER!r} has no view_sheet(); derive it from "
+                        "soco_d2.data.view_mapper.ViewMapper to visualise its views.")
+    uses_proposals = getattr(mapper, "uses_proposals", True)
+    store = ProposalStore.open(proposals_file) if proposals_file and uses_proposals else None
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for n, i in enumerate(order):
         image = read_image(images.source(int(i)))
         key = images.keys[int(i)]
         r = np.random.default_rng([seed, int(i)])
-        if detco:
-            views = [mapper.global_view(image, r) for _ in range(2)]
-            sets = [mapper.patch_set(image, r) for _ in range(2)]
-            sheet = detco_sheet(image, views, sets, mapper.grid, panel)
-        else:
+        kept = filtered = None
+        if uses_proposals:
             raw = raw_proposals(image)
             stored = store.get(key) if store is not None else None
             kept = (np.asarray(stored, np.float32) if stored is not None and len(stored)
@@ -238,10 +239,9 @@ def write_view_sheets(cfg, image_source: str, output_dir: str, num_images: int =
             if len(kept) == 0:
                 kept = np.array([[0, 0, image.shape[1], image.shape[0]]], np.float32)  # the dataset's fallback
             filtered = raw[~_rows_match(raw, kept)]
-            sample = mapper(image, kept, r)
-            sheet = soco_sheet(image, kept, filtered, sample, float(cfg.INPUT.SOCO.MIN_BOX_SIZE), panel)
+        sheet = mapper.view_sheet(image, r, panel, proposals=kept, filtered=filtered)
         stem = os.path.splitext(key.replace("/", "_"))[0]
-        path = os.path.join(output_dir, f"{'detco' if detco else 'soco'}_views_{n:02d}_{stem}.png")
+        path = os.path.join(output_dir, f"{getattr(mapper, 'sheet_name', 'views')}_views_{n:02d}_{stem}.png")
         cv2.imwrite(path, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
         paths.append(path)
     return paths

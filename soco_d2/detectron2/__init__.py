@@ -12,6 +12,9 @@
   detectron2's ResNet; its query ResNet carries detectron2's names (``stem.*``, ``res2.*``...).
 * ``BACKBONE_REGISTRY``: :func:`build_soco_resnet_fpn_backbone` (ResNet + FPN P2-P5).
 
+and, in soco_d2, :func:`build_pretrain_model` as the builder that ``soco_d2.modeling.build_model``
+(and so ``PretrainTrainer``) uses for configs with ``MODEL.DETECTRON2.CONFIG_FILE``.
+
 :func:`add_soco_d2_config` adds the SoCo keys to a detectron2 config. detectron2 is not on PyPI
 (see docs/DETECTRON2.md); nothing else in soco_d2 imports it.
 """

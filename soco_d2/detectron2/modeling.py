@@ -44,7 +44,8 @@ from detectron2.structures import Boxes
 from torch import Tensor, nn
 
 from soco_d2.modeling.heads import build_predictor, build_projector
-from soco_d2.modeling.meta_arch.soco import SoCo, _frozen_copy, check_head_mode
+from soco_d2.modeling.ema import frozen_copy
+from soco_d2.modeling.meta_arch.soco import SoCo, check_head_mode
 from soco_d2.modeling.pooler import official_box_levels
 
 __all__ = ["D2SoCo", "SoCoROIPooler", "build_soco_resnet_fpn_backbone", "zero_init_residual"]
@@ -200,9 +201,9 @@ class D2SoCo(SoCo):
         self.roi_heads = nn.ModuleDict({"box_head": box_head})
         self.projector = build_projector(cfg, box_head.output_shape.channels)
         self.predictor = build_predictor(cfg)
-        self.target_backbone = _frozen_copy(self.backbone)
-        self.target_box_head = _frozen_copy(box_head)
-        self.target_projector = _frozen_copy(self.projector)
+        self.target_backbone = frozen_copy(self.backbone)
+        self.target_box_head = frozen_copy(box_head)
+        self.target_projector = frozen_copy(self.projector)
         self.embedding_tap = nn.Identity()  # see SoCo._online_heads
         for name, value in (("pixel_mean", cfg.MODEL.PIXEL_MEAN), ("pixel_std", cfg.MODEL.PIXEL_STD)):
             self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)

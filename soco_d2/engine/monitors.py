@@ -28,10 +28,10 @@ Everything goes to ``metrics.json``, TensorBoard and the progress line (keys ``k
 validation images), ``knn_time``, ``rankme``, ``emb_std``, ``chance_level``), and
 ``OUTPUT_DIR/monitor_curves.png`` plots them at the end of the run.
 
-Models: SoCo and DetCo are recognised by their public modules (``backbone.body`` /
-``backbone.fpn``, ``pooler``, ``box_head``, ``projector``; ``encoder_q.body`` and
-``encoder_q.global_heads``). Any other model can define ``probe_features(images) -> {name: (B, D)}``
-(``images`` normalised float) and a ``projector`` module.
+Models: the monitors ask a :class:`~soco_d2.modeling.meta_arch.method.PretrainMethod` (SoCo,
+DetCo) only through its contract: ``normalize``, ``probe_features``, ``embedding_module``,
+``chance_level``. Any other model can define ``probe_features(images) -> {name: (B, D)}``
+(``images`` normalised with ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``) and a ``projector`` module.
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ from soco_d2.evaluation.knn import (
     weighted_knn,
 )
 from soco_d2.evaluation.probe import BN_STATS, bn_statistics_of
+from soco_d2.modeling.meta_arch.method import PretrainMethod
 from soco_d2.utils import comm
 
 from .writers import read_metrics
@@ -80,14 +81,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _deepest(features: Dict[str, torch.Tensor]) -> torch.Tensor:
-    return list(features.values())[-1]
-
-
 def probe_feature_fn(model: nn.Module, pixel_mean, pixel_std) -> Callable[[torch.Tensor], Dict[str, torch.Tensor]]:
     """``fn(uint8 images (B, 3, H, W)) -> {feature name: (B, D)}`` for the online network of
-    ``model`` (see the module docstring for the models it knows)."""
+    ``model``: a :class:`~soco_d2.modeling.meta_arch.method.PretrainMethod`'s ``probe_features``
+    of its ``normalize``; any other model's ``probe_features`` of images normalised with
+    ``pixel_mean`` / ``pixel_std``."""
     m = _unwrap(model)
+    if isinstance(m, PretrainMethod):
+        return lambda images: m.probe_features(m.normalize(images))
     channels_last = getattr(m, "channels_last", False)
 
     def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -98,54 +99,26 @@ def probe_feature_fn(model: nn.Module, pixel_mean, pixel_std) -> Callable[[torch
 
     if callable(getattr(m, "probe_features", None)):
         return lambda images: m.probe_features(normalize(images))
-    backbone = getattr(m, "backbone", None)
-    if backbone is not None and hasattr(backbone, "body") and hasattr(backbone, "fpn"):
-        with_box = hasattr(m, "box_head") and hasattr(m, "pooler")
-
-        def soco(images):
-            x = normalize(images)
-            body = backbone.body(x)
-            out = {"res5": _deepest(body).mean(dim=(2, 3))}
-            if with_box:
-                pyramid = list(backbone.fpn(body).values())
-                h, w = x.shape[-2:]
-                boxes = x.new_tensor([0.0, 0.0, w, h]).expand(x.shape[0], 1, 4)
-                out["box"] = m.box_head(m.pooler(pyramid, boxes, (h, w)))
-            return out
-
-        return soco
-    encoder = getattr(m, "encoder_q", None)
-    if encoder is not None and hasattr(encoder, "body"):
-        def detco(images):
-            body = encoder.body(normalize(images))
-            name = list(body)[-1]
-            return {name: _deepest(body).mean(dim=(2, 3))}
-
-        return detco
     raise ValueError(
-        f"MONITOR.KNN: no probe features for a {type(m).__name__} model: it has neither a SoCo "
-        "backbone (backbone.body / backbone.fpn) nor a DetCo encoder_q.body; define "
-        "probe_features(images) -> {name: (B, D)} on the model or turn MONITOR.KNN.ENABLED off.")
+        f"MONITOR.KNN: no probe features for a {type(m).__name__} model: it is no PretrainMethod "
+        "(soco_d2.modeling.meta_arch.method) and has no probe_features(images) -> {name: (B, D)}; "
+        "implement the method contract or turn MONITOR.KNN.ENABLED off.")
 
 
 def embedding_module(model: nn.Module) -> nn.Module:
-    """The module whose outputs are the projector embeddings the loss uses: the model's
-    ``embedding_tap`` if it has one (SoCo's: its faithful head runs every box on four levels and
-    the loss uses one), else the projector's last layer (so the hook fires however the model runs
-    the projector: as a whole or layer by layer)."""
+    """The module whose outputs are the embeddings the loss uses: a
+    :class:`~soco_d2.modeling.meta_arch.method.PretrainMethod`'s ``embedding_module()``, else
+    the last layer of the model's ``projector`` (so the hook fires however the model runs the
+    projector: as a whole or layer by layer)."""
     m = _unwrap(model)
-    tap = getattr(m, "embedding_tap", None)
-    if isinstance(tap, nn.Module):
-        return tap
+    if isinstance(m, PretrainMethod):
+        return m.embedding_module()
     proj = getattr(m, "projector", None)
-    if proj is None and hasattr(m, "encoder_q") and hasattr(m.encoder_q, "global_heads"):
-        heads = m.encoder_q.global_heads
-        proj = heads[list(heads.keys())[-1]]
     if proj is None:
         raise ValueError(
-            f"MONITOR.HEALTH: a {type(m).__name__} model has no projector (SoCo's projector or "
-            "DetCo's encoder_q.global_heads); give it a 'projector' module or turn "
-            "MONITOR.HEALTH.ENABLED off.")
+            f"MONITOR.HEALTH: a {type(m).__name__} model is no PretrainMethod "
+            "(soco_d2.modeling.meta_arch.method) and has no 'projector' module; implement the "
+            "method contract or turn MONITOR.HEALTH.ENABLED off.")
     leaves = [mod for mod in proj.modules() if not list(mod.children())]
     return leaves[-1] if leaves else proj
 
@@ -275,10 +248,8 @@ class Monitors:
                                  f"RANK_DROP_RATIO ({h.RANK_DROP_RATIO}) in [0, 1).")
             self._window = _EmbeddingWindow(embedding_module(m), h.WINDOW)
             self.health_period = h.PERIOD or cfg.LOG_PERIOD
-            queues = getattr(m, "queues_global", None)
-            if queues is not None and len(queues):
-                size = next(iter(queues.values())).queue.shape[0]
-                self.chance_level = math.log(size + 1)
+            if isinstance(m, PretrainMethod):
+                self.chance_level = m.chance_level
 
     @property
     def enabled(self) -> bool:

@@ -21,7 +21,7 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.cocoeval import COCOeval
 
-from soco_d2.finetune.coco_data import load_coco_json
+from soco_d2.data.coco_catalog import load_coco_json
 from soco_d2.utils import comm
 
 __all__ = [

@@ -1,6 +1,7 @@
 """Detection datasets in COCO format for fine-tuning and evaluation.
 
-A dataset is a name bound to ``(json_file, image_root)``:
+A dataset is a name bound to ``(json_file, image_root)`` in the catalog
+(:mod:`soco_d2.data.coco_catalog`, re-exported here):
 
 * :func:`register_coco_instances` binds any name;
 * builtin names resolve under ``$SOCO_DATASETS`` (default ``./datasets``) when looked up:
@@ -30,23 +31,22 @@ them (multi-scale training happens in torchvision's ``GeneralizedRCNNTransform``
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from soco_d2.data.image_list import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    UnreadableImageError,
-    default_coco_image_root,
-    read_image,
+from soco_d2.data.coco_catalog import (  # noqa: F401  (the catalog, re-exported)
+    get_dataset_paths,
+    load_coco_json,
+    register_coco_instances,
+    registered_datasets,
 )
+from soco_d2.data.image_list import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageError, read_image
 from soco_d2.data.loader import loader_worker_init, per_process_batch_size, usable_num_workers
 from soco_d2.data.samplers import ResumableInfiniteSampler
 from soco_d2.utils import comm
@@ -65,69 +65,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_REGISTERED: Dict[str, Tuple[str, str]] = {}
-
-# name -> (json, image folder), relative to $SOCO_DATASETS.
-_BUILTIN = {
-    "coco_2017_train": ("coco/annotations/instances_train2017.json", "coco/train2017"),
-    "coco_2017_val": ("coco/annotations/instances_val2017.json", "coco/val2017"),
-    "coco_mini_train": ("coco_mini/annotations/instances_train2017.json", "coco_mini/train2017"),
-    "coco_mini_val": ("coco_mini/annotations/instances_val2017.json", "coco_mini/val2017"),
-    "pennfudan_train": ("pennfudan/annotations/instances_train.json", "pennfudan/PNGImages"),
-    "pennfudan_val": ("pennfudan/annotations/instances_val.json", "pennfudan/PNGImages"),
-}
-
 # Retries with another image when a training image cannot be read.
 _MAX_READ_RETRIES = 10
-
-
-def register_coco_instances(name: str, json_file: str, image_root: str) -> None:
-    """Bind ``name`` to a COCO instances json and the folder its ``file_name`` entries are in."""
-    if name in _REGISTERED and _REGISTERED[name] != (json_file, image_root):
-        raise ValueError(
-            f"Dataset {name!r} is already registered as {_REGISTERED[name]}; choose another name."
-        )
-    _REGISTERED[name] = (os.fspath(json_file), os.fspath(image_root))
-
-
-def registered_datasets() -> List[str]:
-    """Every name :func:`get_dataset_paths` accepts."""
-    return sorted(set(_REGISTERED) | set(_BUILTIN))
-
-
-def datasets_root() -> str:
-    return os.environ.get("SOCO_DATASETS", "datasets")
-
-
-def get_dataset_paths(name: str) -> Tuple[str, str]:
-    """``(json_file, image_root)`` of a registered or builtin dataset name."""
-    if name in _REGISTERED:
-        return _REGISTERED[name]
-    if name in _BUILTIN:
-        root = datasets_root()
-        json_rel, images_rel = _BUILTIN[name]
-        return os.path.join(root, json_rel), os.path.join(root, images_rel)
-    if name.lower().endswith(".json") and os.path.isfile(name):
-        return name, default_coco_image_root(name)
-    raise KeyError(
-        f"Dataset {name!r} is not registered; known: {registered_datasets()}. Give the path of "
-        "a COCO json instead, or register it with "
-        "soco_d2.finetune.register_coco_instances(name, json_file, image_root)."
-    )
-
-
-def load_coco_json(json_file: str) -> COCO:
-    """A pycocotools ``COCO`` object (its loading chatter goes to the debug log)."""
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(
-            f"Annotation file {json_file!r} does not exist. Builtin datasets live under "
-            f"$SOCO_DATASETS (now {datasets_root()!r}); see docs/FINETUNE.md for the layout."
-        )
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        coco = COCO(json_file)
-    logger.debug(out.getvalue().strip())
-    return coco
 
 
 def _segmentation_to_rle(segm, height: int, width: int):

@@ -1,4 +1,5 @@
 """Exponential moving average of an online network into a target (momentum) network."""
+import copy
 import math
 from typing import Iterable, List, Union
 
@@ -12,6 +13,14 @@ def _parameters(modules: Modules) -> List[nn.Parameter]:
     if isinstance(modules, nn.Module):
         modules = [modules]
     return [p for m in modules for p in m.parameters()]
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters get no gradient: a target network."""
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
 
 
 @torch.no_grad()

@@ -86,3 +86,46 @@ def test_every_detectron2_path_fails_at_once_without_it(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split("\n").count("ok train_net auto") == 1 and result.stdout.count("ok ") == 4
+
+
+def _core_and_adapter_imports():
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from import_graph import imports_of, package_modules
+
+    for module, is_package, path in package_modules():
+        yield module, path, imports_of(module, is_package, path)
+
+
+def test_no_core_module_imports_the_adapter():
+    # Static (ast, lazy imports inside functions too): the core builds the detectron2-module
+    # models through the builder the adapter registers when it is imported.
+    core = {m: deps for m, _, deps in _core_and_adapter_imports() if not m.startswith("soco_d2.detectron2")}
+    assert len(core) > 50
+    assert {m: sorted(d) for m, d in core.items()
+            if any(x == "soco_d2.detectron2" or x.startswith("soco_d2.detectron2.") for x in d)} == {}
+
+
+def test_the_adapter_imports_no_private_core_name():
+    import ast
+
+    private = []
+    for module, path, _ in _core_and_adapter_imports():
+        if not module.startswith("soco_d2.detectron2"):
+            continue
+        with open(path) as f:
+            for node in ast.walk(ast.parse(f.read())):
+                if (isinstance(node, ast.ImportFrom) and not node.level and node.module.startswith("soco_d2.")
+                        and not node.module.startswith("soco_d2.detectron2")):
+                    private += [f"{module}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
+
+
+def test_build_model_without_the_adapter_names_the_import(tmp_path):
+    # detectron2-module configs need `import soco_d2.detectron2` (which registers the builder).
+    env = dict(os.environ, PYTHONPATH=REPO)
+    script = ("from soco_d2.config import load_config\nfrom soco_d2.modeling import build_model\n"
+              f"build_model(load_config({os.path.join(REPO, 'configs/detectron2/pretrain/detco_r50_200ep.yaml')!r}))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "import soco_d2.detectron2" in result.stderr and "docs/DETECTRON2.md" in result.stderr

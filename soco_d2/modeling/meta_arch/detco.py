@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -42,8 +43,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from ...utils import comm
 from ..contrastive import FeatureQueue, check_queue_size, info_nce
-from ..ema import momentum_update
 from .build import META_ARCH_REGISTRY
+from .method import PretrainMethod
 
 __all__ = ["DetCo", "DetCoEncoder", "SplitBatchNorm2d", "batch_shuffle", "frozen_running_stats"]
 
@@ -220,7 +221,7 @@ class DetCoEncoder(nn.Module):
 
 
 @META_ARCH_REGISTRY.register()
-class DetCo(nn.Module):
+class DetCo(PretrainMethod):
     """DetCo pretraining model; ``forward(batch)`` returns the losses (see module docstring).
 
     ``batch`` is the collated output of ``DetCoViewMapper``: ``"global"`` uint8 (N, 2, 3, S, S),
@@ -342,10 +343,27 @@ class DetCo(nn.Module):
                     {k: v for (kind, k), v in both.items() if kind == "l"})
         return self.encoder_k(self.normalize(images), self.normalize(patches), perm)
 
-    @torch.no_grad()
-    def momentum_update(self, m: float) -> None:
-        """``key = m * key + (1 - m) * query`` for every parameter of the encoders and heads."""
-        momentum_update(self.encoder_q, self.encoder_k, m)
+    def momentum_pairs(self):
+        """The key encoder follows the query encoder (every parameter of the body and heads)."""
+        return [(self.encoder_q, self.encoder_k)]
+
+    def probe_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The globally average-pooled deepest stage of the query encoder, ``{level: (B, C)}``."""
+        body = self.encoder_q.body(x)
+        name = list(body)[-1]
+        return {name: body[name].mean(dim=(2, 3))}
+
+    def embedding_module(self) -> nn.Module:
+        """The last layer of the deepest level's global head (its output is normalised into q_g)."""
+        heads = self.encoder_q.global_heads
+        head = heads[list(heads)[-1]]
+        leaves = [mod for mod in head.modules() if not list(mod.children())]
+        return leaves[-1] if leaves else head
+
+    @property
+    def chance_level(self) -> float:
+        """An InfoNCE term at chance: ``ln(Q + 1)`` with ``Q`` queue negatives."""
+        return math.log(next(iter(self.queues_global.values())).queue.shape[0] + 1)
 
 
 def _one_process_bn_splits(d, world: int, per_process: int) -> int:

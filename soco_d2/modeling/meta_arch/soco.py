@@ -3,7 +3,7 @@
 Online network: ``backbone`` (ResNet-FPN, P2-P5) -> scale-aware RoIAlign -> ``box_head``
 (4conv1fc) -> ``projector`` -> ``predictor``. Target network: ``target_backbone``,
 ``target_box_head``, ``target_projector``, deep copies of the online ones that get no gradient,
-move by EMA (:meth:`SoCo.momentum_update`) and run in train mode with their own BN statistics.
+move by EMA (:meth:`SoCo.momentum_update`, the method contract's, :mod:`.method`) and run in train mode with their own BN statistics.
 
 For a pair of views (a, b) with boxes ``boxes_a`` / ``boxes_b`` and ids ``ids_a`` / ``ids_b``::
 
@@ -29,7 +29,6 @@ in train mode (batch statistics, how pretraining runs) they differ through Batch
   official objective; measured speed and gradient agreement with ``"faithful"`` in BENCHMARKS.md.
 * ``"all"``: as ``"per_view"``, with BN statistics over the boxes of all views at once.
 """
-import copy
 from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
@@ -38,11 +37,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...engine.sync_bn import batch_norm_per_group
 from ..backbone import build_resnet_fpn_backbone
-from ..ema import momentum_update
+from ..ema import frozen_copy
 from ..heads import box_head_output_dim, build_box_head, build_predictor, build_projector
 from ..losses import soco_pair_loss
 from ..pooler import build_soco_pooler
 from .build import META_ARCH_REGISTRY
+from .method import PretrainMethod
 
 HEAD_MODES = ("faithful", "per_view", "all")
 
@@ -64,13 +64,6 @@ def _view_name(value, key: str) -> str:
     if len(names) != 1:
         raise ValueError(f"pair[{key!r}] must name one view for the whole batch; got {sorted(names)}.")
     return names.pop()
-
-
-def _frozen_copy(module: nn.Module) -> nn.Module:
-    target = copy.deepcopy(module)
-    for p in target.parameters():
-        p.requires_grad_(False)
-    return target
 
 
 def _run_per_segment_norm(module: nn.Module, x: Tensor, sizes: List[int]) -> Tensor:
@@ -100,7 +93,7 @@ def check_head_mode(cfg) -> str:
 
 
 @META_ARCH_REGISTRY.register()
-class SoCo(nn.Module):
+class SoCo(PretrainMethod):
     """SoCo meta-architecture; ``forward(batch)`` returns ``{"loss_<a>_<b>": loss}`` per pair."""
 
     def __init__(self, cfg):
@@ -113,9 +106,9 @@ class SoCo(nn.Module):
         self.box_head = build_box_head(cfg, channels)
         self.projector = build_projector(cfg, box_head_output_dim(cfg, channels))
         self.predictor = build_predictor(cfg)
-        self.target_backbone = _frozen_copy(self.backbone)
-        self.target_box_head = _frozen_copy(self.box_head)
-        self.target_projector = _frozen_copy(self.projector)
+        self.target_backbone = frozen_copy(self.backbone)
+        self.target_box_head = frozen_copy(self.box_head)
+        self.target_projector = frozen_copy(self.projector)
         self.embedding_tap = nn.Identity()  # see _online_heads
         for name, value in (("pixel_mean", cfg.MODEL.PIXEL_MEAN), ("pixel_std", cfg.MODEL.PIXEL_STD)):
             self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
@@ -128,10 +121,28 @@ class SoCo(nn.Module):
     def target_modules(self) -> List[nn.Module]:
         return [self.target_backbone, self.target_box_head, self.target_projector]
 
-    @torch.no_grad()
-    def momentum_update(self, m: float) -> None:
-        """Move the target network towards the online one: ``t = m t + (1 - m) o``."""
-        momentum_update(self.online_modules, self.target_modules, m)
+    def momentum_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        return list(zip(self.online_modules, self.target_modules))
+
+    def probe_features(self, x: Tensor) -> Dict[str, Tensor]:
+        """Globally average-pooled res5 of the online backbone (``"res5"``) and the box-head
+        embedding of the whole-image box (``"box"``)."""
+        if not hasattr(self.backbone, "body"):
+            raise NotImplementedError(
+                f"MONITOR.KNN: {type(self).__name__} has no probe_features for its backbone "
+                f"({type(self.backbone).__name__}, no 'body'); turn MONITOR.KNN.ENABLED off.")
+        body = self.backbone.body(x)
+        out = {"res5": list(body.values())[-1].mean(dim=(2, 3))}
+        pyramid = list(self.backbone.fpn(body).values())
+        h, w = x.shape[-2:]
+        boxes = x.new_tensor([0.0, 0.0, w, h]).expand(x.shape[0], 1, 4)
+        out["box"] = self.box_head(self.pooler(pyramid, boxes, (h, w)))
+        return out
+
+    def embedding_module(self) -> nn.Module:
+        """``embedding_tap``: the projector outputs of the rows the loss uses (the faithful head
+        runs every box on four levels and the loss uses one)."""
+        return self.embedding_tap
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (or 0-255 float) N x 3 x H x W images -> normalised float on the model's device."""
