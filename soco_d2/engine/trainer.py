@@ -35,6 +35,7 @@ from .optimizer import build_optimizer
 from .output_dir import lock_output_dir
 from .schedules import build_lr_schedule, build_momentum_schedule, max_iter_from_cfg
 from .sync_bn import convert_sync_batchnorm
+from .watchdog import Watchdog, beat
 from .writers import build_writers, setup_logging
 
 __all__ = ["PretrainTrainer", "seed_all", "resolve_device", "move_to_device"]
@@ -135,8 +136,10 @@ def save_checkpoint(cfg, checkpointer: Checkpointer, name: str, iteration: int,
     ``continue`` logs the error and trains on (the previous checkpoint stays the last one),
     ``stop`` raises. The final and the preemption checkpoints (``final``) always raise, since
     nothing comes after them. Returns whether the checkpoint was written."""
+    beat(f"the checkpoint {name}")
     try:
         checkpointer.save(name, iteration, config=cfg.dump(), **extra)
+        beat()
         return True
     except CheckpointWriteError as e:
         if final or cfg.SOLVER.ON_CHECKPOINT_ERROR == "stop":
@@ -247,11 +250,13 @@ class PretrainTrainer:
         try:
             self.monitors.before_train()
             with PreemptionWatcher() as watcher, \
+                    Watchdog(cfg.SOLVER.WATCHDOG_TIMEOUT, "SOLVER.WATCHDOG_TIMEOUT"), \
                     explain_worker_death(self.checkpointer.last_checkpoint):
                 for it in range(self.start_iter, self.max_iter):
                     self.iter = it
                     self.run_step(it)
                     done = it + 1
+                    beat(f"iteration {done + 1}")
                     self.monitors.after_step(done)
                     is_ckpt = cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0
                     if (done % cfg.LOG_PERIOD == 0 or is_ckpt or done == self.max_iter

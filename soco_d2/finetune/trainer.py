@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from soco_d2.checkpoint.io import load_checkpoint_file
 from soco_d2.engine.checkpoint import Checkpointer
 from soco_d2.engine.preemption import PreemptionWatcher, explain_worker_death
+from soco_d2.engine.watchdog import Watchdog, beat
 from soco_d2.engine.trainer import save_checkpoint, setup_run, stop_for_preemption
 from soco_d2.engine.writers import ConsolePrinter, build_writers
 from soco_d2.evaluation.coco_evaluation import (
@@ -421,11 +422,13 @@ class FinetuneTrainer:
             cfg, self.checkpointer, name, it, final=final)
         try:
             with PreemptionWatcher() as watcher, \
+                    Watchdog(cfg.SOLVER.WATCHDOG_TIMEOUT, "SOLVER.WATCHDOG_TIMEOUT"), \
                     explain_worker_death(self.checkpointer.last_checkpoint):
                 for it in range(self.start_iter, self.max_iter):
                     self.iter = it
                     self.run_step(it)
                     done = it + 1
+                    beat(f"iteration {done + 1}")
                     last = done == self.max_iter
                     ckpt = cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0
                     if done % cfg.LOG_PERIOD == 0 or ckpt or last:
