@@ -279,6 +279,8 @@ class PretrainTrainer:
                 for w in self.writers:
                     w.close()
                 self.monitors.close()
+        # Every process leaves its last collective before any of them tears the group down.
+        comm.synchronize()
 
     def run_step(self, it: int) -> None:
         cfg, s = self.cfg, self.cfg.SOLVER

@@ -453,6 +453,8 @@ class FinetuneTrainer:
             with explain_worker_death(self.checkpointer.last_checkpoint):
                 for w in self.writers:
                     w.close()
+        # Every process leaves its last collective before any of them tears the group down.
+        comm.synchronize()
         return results
 
     def run_step(self, it: int) -> None:
