@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="images whose header declares more pixels are recorded as unreadable "
                         f"without decoding, 0 = no limit (default {DEFAULT_MAX_IMAGE_PIXELS})")
+    p.add_argument("--watchdog-timeout", type=float, default=1800.0,
+                   help="seconds without a finished image after which the run dumps every "
+                        "thread's stack and ends with exit code 3, 0 = never (default 1800)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -113,6 +116,7 @@ def main(argv=None) -> int:
         chunk_size=args.chunk_size,
         progress=not args.no_progress,
         max_pixels=args.max_pixels,
+        watchdog_timeout=args.watchdog_timeout,
     )
     logger.info("wrote %s; %s", args.output, summary.format())
     return 0

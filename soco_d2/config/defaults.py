@@ -133,6 +133,10 @@ _C.SOLVER.CLIP_GRAD_NORM = 0.0  # 0 disables
 # A periodic checkpoint that cannot be written (disk full): "continue" training (the previous
 # checkpoint stays the last one) or "stop". The final and preemption checkpoints always stop.
 _C.SOLVER.ON_CHECKPOINT_ERROR = "continue"
+# Hang watchdog: no finished step, evaluation batch or checkpoint for this many seconds dumps
+# every thread's stack into the log and ends the run (exit code 3); 0 disables it. Longer than
+# any step, kNN probe or checkpoint write of a healthy run (see docs/TRAINING.md).
+_C.SOLVER.WATCHDOG_TIMEOUT = 1800
 
 _C.SOLVER.AMP = CN()
 _C.SOLVER.AMP.ENABLED = False

@@ -24,20 +24,25 @@ dataset names (:mod:`soco_d2.data.dataset`) resolve under the same :func:`datase
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
+import json
 import logging
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
 
 from pycocotools.coco import COCO
 
 from .image_list import default_coco_image_root
 
 __all__ = ["datasets_root", "register_coco_instances", "registered_datasets", "get_dataset_paths",
-           "load_coco_json"]
+           "validate_coco_instances", "load_coco_json"]
 
 logger = logging.getLogger(__name__)
+_reported = set()  # json files whose dropped annotations were reported (per process)
 
 _REGISTERED: Dict[str, Tuple[str, str]] = {}
 
@@ -89,15 +94,123 @@ def get_dataset_paths(name: str) -> Tuple[str, str]:
     )
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _segmentation_problem(segm, height: int, width: int) -> Optional[str]:
+    """What is wrong with a COCO segmentation, or ``None`` when it is well formed."""
+    if isinstance(segm, list):
+        if not segm:
+            return "an empty polygon list"
+        for poly in segm:
+            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+                return "a polygon that is not a list of numbers"
+            if len(poly) < 6 or len(poly) % 2:
+                return f"a polygon of {len(poly)} numbers (needs x, y pairs, at least 3 points)"
+        return None
+    if isinstance(segm, dict):
+        size, counts = segm.get("size"), segm.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and list(size) == [height, width]):
+            return f"an RLE whose size {size!r} is not the image's [{height}, {width}]"
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
+                return "an uncompressed RLE whose counts do not cover the image"
+            return None
+        if isinstance(counts, (str, bytes)) and counts:
+            return None
+        return "an RLE without counts"
+    return f"a segmentation of type {type(segm).__name__}"
+
+
+def validate_coco_instances(data, json_file: str) -> dict:
+    """Check a COCO instances json up front, by kind of problem; returns it with the malformed
+    annotations dropped.
+
+    Refused (``ValueError`` naming each id and the fix): a file that is not an instances json,
+    duplicate image, annotation or category ids (pycocotools would silently keep one of each
+    and move boxes between images), an image without a positive ``height`` / ``width``, an
+    annotation of an unknown category. Dropped and counted (one warning naming each
+    annotation id): an annotation of an unknown image, a ``bbox`` that is not four finite
+    numbers with non-negative width and height, a malformed polygon or RLE.
+    """
+    def ids_of(items, what):
+        ids = [x.get("id") if isinstance(x, dict) else None for x in items]
+        if any(i is None for i in ids):
+            raise ValueError(f"{json_file!r}: every entry of '{what}' needs an 'id'.")
+        dup = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+        if dup:
+            raise ValueError(f"{json_file!r}: {len(dup)} duplicate {what} id(s): "
+                             f"{', '.join(map(str, dup[:10]))}{' ...' if len(dup) > 10 else ''}. "
+                             f"Each of the {what} needs its own id; renumber them.")
+        return ids
+
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
+                                             for k in ("images", "categories")):
+        raise ValueError(f"{json_file!r} is not a COCO instances json (it needs 'images' and "
+                         "'categories' lists).")
+    anns = data.get("annotations", [])
+    if not isinstance(anns, list):
+        raise ValueError(f"{json_file!r}: 'annotations' is not a list.")
+    image_ids, cat_ids = ids_of(data["images"], "images"), ids_of(data["categories"], "categories")
+    ids_of(anns, "annotations")
+    sizes = {}
+    for img in data["images"]:
+        h, w = img.get("height"), img.get("width")
+        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+            raise ValueError(f"{json_file!r}: image {img['id']} ({img.get('file_name')!r}) has "
+                             f"height {h!r} and width {w!r}; both must be positive integers.")
+        sizes[img["id"]] = (h, w)
+    cats = set(cat_ids)
+    unknown = sorted({a.get("category_id") for a in anns if a.get("category_id") not in cats},
+                     key=str)
+    if unknown:
+        raise ValueError(f"{json_file!r}: annotations use category id(s) {unknown[:10]} that are "
+                         f"not in 'categories' (ids {sorted(cats)[:20]}); fix the ids or add the "
+                         "categories.")
+    problems: Dict[str, List] = {}
+    kept = []
+    for a in anns:
+        why = None
+        if a.get("image_id") not in sizes:
+            why = "of an image id that is not in 'images'"
+        else:
+            bbox = a.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+                    and bbox[2] >= 0 and bbox[3] >= 0):
+                why = "with a bbox that is not [x, y, width >= 0, height >= 0]"
+            elif "segmentation" in a:
+                why = _segmentation_problem(a["segmentation"], *sizes[a["image_id"]])
+                why = f"with {why}" if why else None
+        if why:
+            problems.setdefault(why, []).append(a["id"])
+        else:
+            kept.append(a)
+    if problems and json_file not in _reported:
+        _reported.add(json_file)
+        logger.warning("%s: dropped %d of %d annotations: %s.", json_file, len(anns) - len(kept),
+                       len(anns), "; ".join(
+                           f"{len(ids)} {why} (ids {', '.join(map(str, ids[:10]))}"
+                           f"{' ...' if len(ids) > 10 else ''})" for why, ids in problems.items()))
+    return {**data, "annotations": kept}
+
+
 def load_coco_json(json_file: str) -> COCO:
-    """A pycocotools ``COCO`` object (its loading chatter goes to the debug log)."""
+    """A pycocotools ``COCO`` object of a json checked by :func:`validate_coco_instances`."""
     if not os.path.isfile(json_file):
         raise FileNotFoundError(
             f"Annotation file {json_file!r} does not exist. Builtin datasets live under "
             f"$SOCO_DATASETS (now {datasets_root()!r}); see docs/FINETUNE.md for the layout."
         )
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_file!r} is not valid JSON: {e}") from None
+    coco = COCO()
+    coco.dataset = validate_coco_instances(data, json_file)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        coco = COCO(json_file)
+        coco.createIndex()
     logger.debug(out.getvalue().strip())
     return coco

@@ -19,7 +19,10 @@ from .samplers import ResumableInfiniteSampler
 def loader_worker_init(worker_id: int) -> None:
     """``worker_init_fn`` of every loader: the worker leaves SIGTERM / SIGUSR1 to the training
     process (see :mod:`soco_d2.engine.preemption`)."""
+    from soco_d2.utils.watchdog import dump_stacks_on_request
+
     ignore_preemption_signals(worker_id)
+    dump_stacks_on_request()
 
 __all__ = ["per_process_batch_size", "build_pretrain_loader", "usable_num_workers",
            "loader_worker_init", "check_shared_memory", "SharedMemoryTooSmall"]

@@ -239,8 +239,11 @@ def _init_worker() -> None:
     :func:`~soco_d2.utils.signals.ignore_preemption_signals`). A worker killed by a signal
     sent to the whole process group could otherwise die holding a lock of the task queue and
     leave the main process waiting for it forever."""
+    from soco_d2.utils.watchdog import dump_stacks_on_request
+
     cv2.setNumThreads(1)
     ignore_preemption_signals()
+    dump_stacks_on_request()
 
 
 class ProposalWorkerDied(RuntimeError):
@@ -329,6 +332,7 @@ def run_generation(
     chunk_size: int = 1000,
     progress: bool = True,
     max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+    watchdog_timeout: float = 1800.0,
 ) -> GenerationSummary:
     """Compute the proposals of ``images`` (shard ``(i, n)``: every n-th image from the i-th) into
     the proposals file ``output``, with a pool of ``workers`` processes (default: all cores).
@@ -340,11 +344,15 @@ def run_generation(
     header-checked pixel limit) are logged, counted and recorded in the file's ``unreadable``
     list. With ``resume`` the images already in ``output`` or in its partial chunks (unreadable
     ones included) are skipped. Results are written in chunks of
-    ``chunk_size`` images, so a killed run loses at most the images of one chunk.
+    ``chunk_size`` images, so a killed run loses at most the images of one chunk. No result for
+    ``watchdog_timeout`` seconds (0: never) ends the run with every thread's stack (see
+    :mod:`soco_d2.utils.watchdog`); the finished chunks stay for ``--resume``.
     """
     from tqdm import tqdm
 
     check_selective_search_available()
+    from soco_d2.utils.watchdog import Watchdog, beat
+
     index, count = shard
     if not (count >= 1 and 0 <= index < count):
         raise ValueError(f"shard {index}/{count} is invalid: need 0 <= I < N")
@@ -356,8 +364,8 @@ def run_generation(
     start = time.perf_counter()
     shard_ids = range(index, len(images), count)
     summary.images_total = len(shard_ids)
-    with PreemptionWatcher() as watcher, ProposalWriter(
-            output, chunk_size=chunk_size, resume=resume, metadata=metadata) as writer:
+    with PreemptionWatcher() as watcher, Watchdog(watchdog_timeout, "--watchdog-timeout"), \
+            ProposalWriter(output, chunk_size=chunk_size, resume=resume, metadata=metadata) as writer:
         tasks = [(images.keys[i], images.source(i), params, max_pixels)
                  for i in shard_ids if images.keys[i] not in writer.done_keys]
         summary.images_skipped = summary.images_total - len(tasks)
@@ -376,6 +384,7 @@ def run_generation(
                     summary.boxes_total += len(boxes)
                     summary.zero_box_images += len(boxes) == 0
                     min_boxes = len(boxes) if min_boxes is None else min(min_boxes, len(boxes))
+                beat("the next image")
                 if watcher.received:
                     break
         summary.boxes_min = min_boxes or 0

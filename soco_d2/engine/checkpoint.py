@@ -148,7 +148,7 @@ def config_differences(saved: str, current: str, limit: int = 12) -> List[str]:
 _BOOKKEEPING = ("DATALOADER.NUM_WORKERS", "DATALOADER.BAD_IMAGE_MIN_SAMPLES",
                 "DATALOADER.MAX_BAD_IMAGE_FRACTION", "LOG_PERIOD", "SOLVER.CHECKPOINT_PERIOD",
                 "SOLVER.MAX_TO_KEEP", "SOLVER.ON_CHECKPOINT_ERROR", "REQUEUE_ON_PREEMPTION",
-                "TEST.EVAL_PERIOD", "WATCHDOG.", "MONITOR.")
+                "TEST.EVAL_PERIOD", "SOLVER.WATCHDOG_TIMEOUT", "MONITOR.")
 
 
 def resume_changes(saved: str, current: str, path: str, iteration: int) -> str:

@@ -31,6 +31,7 @@ from soco_d2.config import ConfigError
 from soco_d2.data.loader import build_pretrain_loader, usable_cores, usable_num_workers
 from soco_d2.utils import comm
 from soco_d2.utils.env import write_run_record
+from soco_d2.utils.watchdog import Watchdog, beat
 
 from .checkpoint import Checkpointer, CheckpointWriteError, atomic_write_text
 from .launch import cuda_device_index
@@ -167,8 +168,10 @@ def save_checkpoint(cfg, checkpointer: Checkpointer, name: str, iteration: int,
     ``continue`` logs the error and trains on (the previous checkpoint stays the last one),
     ``stop`` raises. The final and the preemption checkpoints (``final``) always raise, since
     nothing comes after them. Returns whether the checkpoint was written."""
+    beat(f"the checkpoint {name}")
     try:
         checkpointer.save(name, iteration, config=cfg.dump(), **extra)
+        beat()
         return True
     except CheckpointWriteError as e:
         if final or cfg.SOLVER.ON_CHECKPOINT_ERROR == "stop":
@@ -342,13 +345,15 @@ class PretrainTrainer:
             # (outside the watcher: torch may report the worker's death again, from its SIGCHLD
             # handler, while the watcher restores the signal handlers)
             with explain_worker_death(self.checkpointer.last_checkpoint), \
-                    PreemptionWatcher() as watcher:
+                    PreemptionWatcher() as watcher, \
+                    Watchdog(cfg.SOLVER.WATCHDOG_TIMEOUT, "SOLVER.WATCHDOG_TIMEOUT"):
                 self._data = build_pretrain_loader(cfg, self.dataset, self.start_iter)
                 self.monitors.before_train()
                 for it in range(self.start_iter, self.max_iter):
                     self.iter = it
                     self.run_step(it)
                     done = it + 1
+                    beat(f"iteration {done + 1}")
                     self.monitors.after_step(done)
                     is_ckpt = cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0
                     if (done % cfg.LOG_PERIOD == 0 or is_ckpt or done == self.max_iter
@@ -371,6 +376,8 @@ class PretrainTrainer:
                 self.monitors.close()  # first: the writers upload its plot (W&B)
                 for w in self.writers:
                     w.close()
+        # Every process leaves its last collective before any of them tears the group down.
+        comm.synchronize()
 
     def run_step(self, it: int) -> None:
         cfg, s = self.cfg, self.cfg.SOLVER

@@ -22,6 +22,7 @@ from pycocotools import mask as mask_util
 from pycocotools.cocoeval import COCOeval
 
 from soco_d2.data.coco_catalog import load_coco_json
+from soco_d2.utils.watchdog import beat
 from soco_d2.utils import comm
 
 __all__ = [
@@ -222,6 +223,7 @@ def inference_on_dataset(model, data_loader, evaluator: COCOEvaluator, device=No
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outputs = model(batch)
                 evaluator.process([targets[i] for i in keep], outputs)
+                beat("the next evaluation batch")
                 n += len(keep)
     finally:
         model.train(was_training)

@@ -45,6 +45,7 @@ from soco_d2.data.coco_catalog import (  # noqa: F401  (the catalog, re-exported
     load_coco_json,
     register_coco_instances,
     registered_datasets,
+    validate_coco_instances,
 )
 from soco_d2.data.image_list import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageError, read_image
 from soco_d2.data.loader import loader_worker_init, per_process_batch_size, usable_num_workers
@@ -56,6 +57,7 @@ __all__ = [
     "registered_datasets",
     "get_dataset_paths",
     "load_coco_json",
+    "validate_coco_instances",
     "COCODetection",
     "list_collate",
     "build_dataset",

@@ -43,6 +43,7 @@ from soco_d2.evaluation.coco_evaluation import (
     inference_on_dataset,
 )
 from soco_d2.utils import comm
+from soco_d2.utils.watchdog import Watchdog, beat
 
 from .coco_data import build_dataset, build_test_loader, build_train_loader
 from .detectors import backbone_prefix, build_detector, first_label
@@ -430,13 +431,15 @@ class FinetuneTrainer:
             # (outside the watcher: torch may report the worker's death again, from its SIGCHLD
             # handler, while the watcher restores the signal handlers)
             with explain_worker_death(self.checkpointer.last_checkpoint), \
-                    PreemptionWatcher() as watcher:
+                    PreemptionWatcher() as watcher, \
+                    Watchdog(cfg.SOLVER.WATCHDOG_TIMEOUT, "SOLVER.WATCHDOG_TIMEOUT"):
                 # (the loader's workers start here: a worker that dies at once is explained too)
                 self._data = build_train_loader(cfg, self.train_dataset, self.start_iter)
                 for it in range(self.start_iter, self.max_iter):
                     self.iter = it
                     self.run_step(it)
                     done = it + 1
+                    beat(f"iteration {done + 1}")
                     last = done == self.max_iter
                     ckpt = cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0
                     if done % cfg.LOG_PERIOD == 0 or ckpt or last:
@@ -461,6 +464,8 @@ class FinetuneTrainer:
             with explain_worker_death(self.checkpointer.last_checkpoint):
                 for w in self.writers:
                     w.close()
+        # Every process leaves its last collective before any of them tears the group down.
+        comm.synchronize()
         return results
 
     def run_step(self, it: int) -> None:

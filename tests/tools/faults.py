@@ -48,6 +48,10 @@ if _spec:
         if _in_worker():
             if _exc == "SIGKILL":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if _exc == "HANG":  # a read that never returns (a stalled file system)
+                import time
+
+                time.sleep(3600)
             raise getattr(builtins, _exc)("fault injected in a worker")
         return _original(*args, **kwargs)
 
@@ -57,8 +61,8 @@ if _spec:
 
 def worker_fault_env(tmp_path, target: str, exception: str, where: str = "loader") -> dict:
     """Environment for a subprocess in whose workers ``target`` (``"module:attr"``, e.g.
-    ``"pkg.mod:Class.__getitem__"``) raises ``exception`` (a built-in exception's name, or
-    ``"SIGKILL"``: the worker kills itself). ``where``: ``"loader"`` (torch data-loader
+    ``"pkg.mod:Class.__getitem__"``) raises ``exception`` (a built-in exception's name;
+    ``"SIGKILL"``: the worker kills itself; ``"HANG"``: it never returns). ``where``: ``"loader"`` (torch data-loader
     workers) or ``"pool"`` (any process started by the tool's process)."""
     hook = tmp_path / "fault_hook"
     hook.mkdir(exist_ok=True)

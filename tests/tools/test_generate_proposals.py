@@ -246,3 +246,15 @@ def test_a_signal_to_the_whole_process_group_stops_saves_and_resumes_exactly(tmp
     run = run_bounded(cmd + ["--resume"], timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_a_stuck_pool_worker_ends_the_run_with_every_stack(tmp_path):
+    _images(tmp_path / "img")
+    env = worker_fault_env(tmp_path, "soco_d2.data.selective_search:read_image_reduced", "HANG",
+                           where="pool")
+    run = run_bounded([sys.executable, TOOL, "--images", str(tmp_path / "img"), "--output",
+                       str(tmp_path / "p.socoprop"), "--workers", "2", "--no-progress",
+                       "--watchdog-timeout", "5"], timeout=120, env=env)
+    assert run.returncode == 3, run.stderr[-3000:]
+    assert "No progress for" in run.stderr and "--watchdog-timeout" in run.stderr
+    assert "in _faulty" in run.stderr and "Current thread" in run.stderr

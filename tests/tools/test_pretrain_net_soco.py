@@ -363,3 +363,21 @@ def test_a_damaged_proposals_file_ends_the_run_naming_it(unlabeled, tmp_path):
     assert run.returncode == 1
     assert "damaged.socoprop" in run.stderr and "do not match their checksum" in run.stderr
     assert "regenerate it with tools/generate_proposals.py" in run.stderr
+
+
+def test_a_stuck_run_dumps_every_stack_and_ends(unlabeled, tmp_path):
+    """A loader worker that never returns (a stalled file system): after SOLVER.WATCHDOG_TIMEOUT
+    seconds without progress the run writes the stacks of its threads and of its workers to
+    stderr and log.txt and ends with exit code 3, instead of waiting for the job's time limit."""
+    out = str(tmp_path / "stuck")
+    cmd, overrides = _cli(out, *unlabeled)
+    env = worker_fault_env(tmp_path, "soco_d2.data.dataset:PretrainDataset.__getitem__", "HANG")
+    start = time.time()
+    run = run_bounded(cmd + overrides + ["DATALOADER.NUM_WORKERS", "1",
+                                         "SOLVER.WATCHDOG_TIMEOUT", "10"], timeout=240, env=env)
+    assert run.returncode == 3, run.stderr[-3000:]
+    assert time.time() - start < 200
+    assert "No progress for" in run.stdout + run.stderr and "SOLVER.WATCHDOG_TIMEOUT" in run.stdout
+    assert "Current thread" in run.stderr and "in _faulty" in run.stderr  # the worker's stack
+    with open(os.path.join(out, "log.txt")) as f:
+        assert "most recent call first" in f.read()

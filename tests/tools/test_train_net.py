@@ -168,3 +168,46 @@ def test_ctrl_c_to_the_whole_process_group_saves_and_resumes_exactly(data, tmp_p
     b = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs (SIGINT after iteration {step})"
+
+
+def _edit_json(data, edit):
+    path = data[1][2:-3]  # DATASETS.TRAIN "('<json>',)"
+    with open(path) as f:
+        content = json.load(f)
+    edit(content)
+    with open(path, "w") as f:
+        json.dump(content, f)
+    return content
+
+
+def test_duplicate_image_ids_are_refused_naming_them(data, tmp_path):
+    """pycocotools keeps one of two images with the same id and moves the other's boxes to it;
+    the json is refused up front instead."""
+    def duplicate(content):
+        content["images"][1]["id"] = content["images"][0]["id"]
+
+    content = _edit_json(data, duplicate)
+    run = run_bounded([sys.executable, TOOL, "--config-file", CONFIG] + TINY + data +
+                      ["OUTPUT_DIR", str(tmp_path / "o"), "SOLVER.MAX_ITER", "1"], timeout=240)
+    assert run.returncode == 1
+    assert f"1 duplicate images id(s): {content['images'][0]['id']}" in run.stderr
+    assert "renumber them" in run.stderr
+
+
+def test_malformed_annotations_are_dropped_and_named(data, tmp_path):
+    """A polygon of 4 numbers (a TypeError in a loader worker before) and a bbox of 3 numbers
+    are dropped, each named by its id in one warning; training goes on."""
+    def damage(content):
+        content["annotations"][0]["segmentation"] = [[1, 2, 3, 4]]
+        content["annotations"][1]["bbox"] = [1, 2, 3]
+
+    content = _edit_json(data, damage)
+    first, second = content["annotations"][0]["id"], content["annotations"][1]["id"]
+    run = run_bounded([sys.executable, TOOL, "--config-file", CONFIG] + TINY + data + [
+        "OUTPUT_DIR", str(tmp_path / "o"), "SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()",
+        "DATALOADER.NUM_WORKERS", "1"], timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    assert f"dropped 2 of {len(content['annotations'])} annotations" in log
+    assert f"1 with a polygon of 4 numbers (needs x, y pairs, at least 3 points) (ids {first})" in log
+    assert f"1 with a bbox that is not [x, y, width >= 0, height >= 0] (ids {second})" in log
