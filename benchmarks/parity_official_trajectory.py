@@ -42,7 +42,8 @@ Cases (``--cases``, comma separated):
   (docs/TRAINING.md, "Gradient accumulation"), measured here.
 * ``r50``: as ``fp32`` at ResNet-50 (``--r50-steps``).
 
-Example (one thread; about 40 minutes of CPU for all cases)::
+Example (one thread per process; on a loaded 2-core machine fp32 + r50 took 50 minutes, dist +
+accum at 6 steps 35 minutes; fp16 on CPU is about 15x slower than fp32)::
 
     SOCO_DATA_ROOT=/path/to/data python benchmarks/parity_official_trajectory.py \\
         --official-repo /path/to/SoCo --output trajectory.json
