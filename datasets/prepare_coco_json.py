@@ -25,7 +25,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from soco_d2.data.image_list import default_coco_image_root, list_images  # noqa: E402
-from soco_d2.finetune.coco_data import datasets_root, load_coco_json  # noqa: E402
+from soco_d2.data.coco_catalog import datasets_root, load_coco_json  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ import random
 import shutil
 from typing import Optional, Tuple
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -132,6 +133,11 @@ def _batch_bytes(dataset, key, batch_size: int) -> int:
     process, with the global random states restored afterwards: they are part of an exact
     resume)."""
     states = random.getstate(), np.random.get_state()
+    # OpenCV's thread pool must not start in this process before the loader forks its workers:
+    # a forked worker's first cv2.setNumThreads(1) (PretrainDataset) would wait forever for the
+    # pool's threads, which the fork did not copy. The training process decodes no images
+    # once the workers do, so it stays single-threaded in OpenCV.
+    cv2.setNumThreads(1)
     with torch.random.fork_rng(devices=[]):
         sample = dataset[key]
     random.setstate(states[0])

@@ -118,3 +118,26 @@ def test_too_small_shared_memory_is_reported_before_the_first_step(small_shm, so
     assert not any("shared memory" in m for m in soco_log)
     with pytest.raises(ValueError, match="DATALOADER.SHM_CHECK must be one of"):
         loader.build_pretrain_loader(_shm_cfg("maybe"), _Images())
+
+
+def test_the_shared_memory_check_reads_its_sample_without_opencv_threads(small_shm, monkeypatch):
+    """The check decodes one sample in the training process before the workers are forked: with
+    OpenCV's thread pool started there, a forked worker's cv2.setNumThreads(1) waits forever."""
+    import cv2
+
+    seen = []
+
+    class Decoding(_Images):
+        def __getitem__(self, key):
+            seen.append(cv2.getNumThreads())
+            return super().__getitem__(key)
+
+    small_shm["bytes"] = 10**9
+    monkeypatch.setattr(cv2, "setNumThreads", lambda n, real=cv2.setNumThreads: (seen.append(("set", n)), real(n)))
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(4)
+        loader.build_pretrain_loader(_shm_cfg("error"), Decoding())
+        assert seen[-1] == 1 and ("set", 1) in seen  # single-threaded while it read
+    finally:
+        cv2.setNumThreads(before)
