@@ -1,13 +1,13 @@
 """Running a tool as a subprocess under a hard timeout, and injecting faults into its workers.
 
-``run_and_signal`` starts a training tool and signals it (or its whole process group) once its
-``metrics.json`` reaches an iteration. ``run_bounded`` starts the tool in a session of its own and kills the whole session when the
+``run_bounded`` starts the tool in a session of its own and kills the whole session when the
 timeout passes, so a hang (of the tool or of one of its workers, which would keep the output
-pipes open) fails the test instead of blocking it.
+pipes open) fails the test instead of blocking it. ``run_and_signal`` starts a training tool
+and signals it (or its whole process group) once its ``metrics.json`` reaches an iteration.
 
 ``worker_fault_env`` makes a function or method raise a given built-in exception (or SIGKILL
-its process) inside the tool's worker processes only (torch data-loader workers, or pool
-processes): a ``sitecustomize`` module, which Python imports at start-up in every process the
+its process, or never return) inside the tool's worker processes only (torch data-loader
+workers, or pool processes): a ``sitecustomize`` module, which Python imports at start-up in every process the
 tool starts (spawned ranks included), applies the patch.
 """
 import json

@@ -255,7 +255,8 @@ def test_one_run_per_output_dir(unlabeled, tmp_path):
 
     out = str(tmp_path / "shared")
     cmd, overrides = _cli(out, *unlabeled)
-    first = subprocess.Popen(cmd + overrides, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    long_run = overrides + ["SOLVER.MAX_ITER", "400"]  # still running when the second comes
+    first = subprocess.Popen(cmd + long_run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -263,24 +264,30 @@ def test_one_run_per_output_dir(unlabeled, tmp_path):
                    or time.time() > deadline):
             time.sleep(0.05)
         assert first.poll() is None, "the first run ended before the second could start"
-        second = run_bounded(cmd + overrides, timeout=120)
-        assert second.returncode != 0
+        second = run_bounded(cmd + long_run, timeout=120)
+        assert first.poll() is None, "the first run ended before the second was refused"
+        assert second.returncode == 2
         assert (f"OUTPUT_DIR {out!r} is in use by another run: process {first.pid} on host "
                 f"{socket.gethostname()}") in second.stderr
         assert "Traceback" not in second.stderr
-        text, _ = first.communicate(timeout=300)
+        os.kill(first.pid, signal.SIGTERM)
+        text, _ = first.communicate(timeout=240)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    assert first.returncode == 0, text[-3000:]
-    assert [r["iteration"] for r in read_metrics(out)] == list(range(1, 9))
+    assert first.returncode == 75, text[-3000:]
+    rows = [r["iteration"] for r in read_metrics(out)]
+    assert rows == list(range(1, len(rows) + 1))  # one run's rows only
 
     # A killed run leaves its record in the lock file, but the kernel released its lock.
-    with open(os.path.join(out, "run.lock"), "w") as f:
-        f.write("host=node7\npid=4242\nstarted=yesterday\n")
-    again = run_bounded(cmd + ["--resume"] + overrides, timeout=300)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run.lock").write_text("host=node7\npid=4242\nstarted=yesterday\n")
+    cmd, overrides = _cli(str(other), *unlabeled)
+    again = run_bounded(cmd + overrides, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "left by process 4242 on host node7 (started yesterday)" in again.stdout
+    assert (other / "run.lock").read_text() == ""  # a run that ends releases it
 
 
 def test_output_dir_that_is_a_file_is_named_before_anything_starts(unlabeled, tmp_path):
