@@ -103,6 +103,11 @@ def test_demo_end_to_end_on_synthetic_data(tmp_path, keep_threads, backbone_at_s
     on_disk = json.loads((out / "demo_summary.json").read_text())
     assert on_disk["pretrain"]["iterations"] == 2 and on_disk["finetune"]["soco"]["iterations"] == 2
     assert set(on_disk["stage_seconds"]) >= {"data", "proposals", "pretrain", "convert", "finetune", "report"}
+    # where the CPU time went: per stage, the probes' share of pretraining, the total
+    assert set(on_disk["stage_cpu_seconds"]) == set(on_disk["stage_seconds"])
+    assert all(v >= 0 for v in on_disk["stage_cpu_seconds"].values())
+    assert 0 < on_disk["knn_probe_seconds"] <= on_disk["stage_seconds"]["pretrain"]
+    assert on_disk["total_cpu_seconds"] >= on_disk["stage_cpu_seconds"]["pretrain"] > 0
 
     # The SoCo run started from the converted online backbone; the scratch run did not.
     pretrained = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
