@@ -44,7 +44,7 @@ import numpy as np
 
 from soco_d2.utils.fileio import atomic_write_text
 
-from .image_list import IMAGE_EXTENSIONS, ImageList
+from .image_list import IMAGE_EXTENSIONS, ImageList, read_list_entries
 
 __all__ = [
     "ArchiveMember",
@@ -160,19 +160,7 @@ def zip_map_path(zip_path: str) -> str:
 
 def read_zip_map(map_path: str) -> List[str]:
     """Member names of a map file (``name``, ``name<TAB>label`` or ``name label`` lines)."""
-    names = []
-    with open(map_path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if "\t" in line:
-                names.append(line.split("\t", 1)[0])
-                continue
-            parts = line.rsplit(None, 1)  # "name label": the label is dropped
-            image_last = parts[-1].lower().endswith(IMAGE_EXTENSIONS)
-            names.append(parts[0] if len(parts) == 2 and not image_last else line)
-    return names
+    return read_list_entries(map_path)
 
 
 class ZipImageList(ImageList):

@@ -15,9 +15,10 @@ datasets root.
   pennfudan_val        ``pennfudan/annotations/instances_val.json``          ``pennfudan/PNGImages``
   ===================  ====================================================  =====================
 
-* a name that is the path of a COCO ``.json`` file stands for itself; its images are in the
-  folder named after the json's split next to the json's folder (``annotations/
-  instances_train2017.json`` -> ``train2017/``) if that exists, else in the json's folder.
+* a name that is the path of a COCO ``.json`` file stands for itself; its images are found by
+  :func:`~soco_d2.data.image_list.default_coco_image_root` (the split-named folder beside the
+  json's folder, ``annotations/instances_train2017.json`` -> ``train2017/``; else the one sibling
+  folder holding its images, Penn-Fudan's ``PNGImages/``; else the json's folder).
 
 Fine-tuning (:mod:`soco_d2.finetune.coco_data`) and the evaluation read it; the pretraining
 dataset names (:mod:`soco_d2.data.dataset`) resolve under the same :func:`datasets_root`.

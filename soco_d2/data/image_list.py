@@ -501,21 +501,27 @@ def _check_exist(paths: Sequence[str], source: str) -> None:
         )
 
 
-def _list_file(list_file: str, check_exists: bool) -> ImageList:
-    base = os.path.dirname(os.path.abspath(list_file))
-    paths = []
+def read_list_entries(list_file: str) -> List[str]:
+    """The image entries of a list or map file: one per line (``name``, ``name<TAB>label`` or
+    ``name label``; the last field is dropped when it looks like a label), blank lines and
+    ``#`` comments skipped."""
+    entries = []
     with open(list_file, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             if "\t" in line:
-                entry = line.split("\t", 1)[0].strip()
-            else:
-                parts = line.rsplit(None, 1)
-                # "path label": the last field is dropped when it looks like a label.
-                entry = parts[0] if len(parts) == 2 and not _is_image_file(parts[1]) else line
-            paths.append(os.path.normpath(os.path.join(base, entry)))
+                entries.append(line.split("\t", 1)[0].strip())
+                continue
+            parts = line.rsplit(None, 1)
+            entries.append(parts[0] if len(parts) == 2 and not _is_image_file(parts[1]) else line)
+    return entries
+
+
+def _list_file(list_file: str, check_exists: bool) -> ImageList:
+    base = os.path.dirname(os.path.abspath(list_file))
+    paths = [os.path.normpath(os.path.join(base, e)) for e in read_list_entries(list_file)]
     if check_exists:
         _check_exist(paths, list_file)
     # Keys relative to the list file's folder when every image lies under it (portable lists),

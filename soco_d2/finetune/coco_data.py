@@ -1,25 +1,8 @@
 """Detection datasets in COCO format for fine-tuning and evaluation.
 
 A dataset is a name bound to ``(json_file, image_root)`` in the catalog
-(:mod:`soco_d2.data.coco_catalog`, re-exported here):
-
-* :func:`register_coco_instances` binds any name;
-* builtin names resolve under ``$SOCO_DATASETS`` (default ``./datasets``) when looked up:
-
-  ===================  ====================================================  =====================
-  name                 json                                                  images
-  ===================  ====================================================  =====================
-  coco_2017_train      ``coco/annotations/instances_train2017.json``         ``coco/train2017``
-  coco_2017_val        ``coco/annotations/instances_val2017.json``           ``coco/val2017``
-  coco_mini_train      ``coco_mini/annotations/instances_train2017.json``    ``coco_mini/train2017``
-  coco_mini_val        ``coco_mini/annotations/instances_val2017.json``      ``coco_mini/val2017``
-  pennfudan_train      ``pennfudan/annotations/instances_train.json``        ``pennfudan/PNGImages``
-  pennfudan_val        ``pennfudan/annotations/instances_val.json``          ``pennfudan/PNGImages``
-  ===================  ====================================================  =====================
-
-* a name that is the path of a COCO ``.json`` file stands for itself; its images are in the
-  folder named after the json's split next to the json's folder (``annotations/
-  instances_train2017.json`` -> ``train2017/``) if that exists, else in the json's folder.
+(:mod:`soco_d2.data.coco_catalog`, re-exported here): builtin names under ``$SOCO_DATASETS``,
+names registered with :func:`register_coco_instances`, or the path of a json.
 
 :class:`COCODetection` turns a json into training targets in torchvision's detection format:
 category ids become contiguous labels ``first_label .. first_label + C - 1`` (1..C for Mask
