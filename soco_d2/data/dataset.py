@@ -8,6 +8,15 @@ above ``DATALOADER.MAX_BAD_IMAGE_FRACTION``. The first failure of a file is logg
 remembered in memory shared by the process and its DataLoader workers, so the file is never
 read (nor logged) again; the replacement, hence the sample, is the same either way.
 
+An image whose size no longer matches the one its proposals were computed on is skipped the
+same way (counted, remembered, replaced by the next index) when its aspect ratio changed: the
+file was replaced after the proposals were made, and its boxes would be stretched onto another
+picture. An image of the same aspect ratio at another size (up to the rounding of each side to
+whole pixels) is the same picture resized (e.g. proposals of full-size ImageNet, training on a
+resized copy): its boxes are rescaled. Images skipped for their size are not logged one by one:
+:func:`~soco_d2.data.loader.build_pretrain_loader` logs one line per process at the first
+(:meth:`PretrainDataset.size_change_summary`).
+
 Images that the proposals file records as unreadable are left out of the dataset up front.
 """
 from __future__ import annotations
@@ -41,9 +50,28 @@ __all__ = [
     "check_proposal_coverage",
     "drop_unreadable",
     "datasets_root",
+    "same_picture_resized",
 ]
 
 logger = logging.getLogger(__name__)
+
+# Why an image is skipped: the values of PretrainDataset's per-image flags (0: not skipped).
+UNREADABLE, SIZE_CHANGED = 1, 2
+
+
+def same_picture_resized(stored_hw: Tuple[int, int], read_hw: Tuple[int, int]) -> bool:
+    """Whether an image of ``read_hw`` can be the picture of ``stored_hw`` at another scale:
+    their aspect ratios agree up to the rounding of each side to whole pixels.
+
+    Two sizes ``h x w`` and ``hs x ws`` of one picture differ from its exact proportions by at
+    most half a pixel per side, so ``|h * ws - hs * w| <= (h + w + hs + ws) / 2``.
+    """
+    (hs, ws), (h, w) = stored_hw, read_hw
+    return abs(h * ws - hs * w) <= (h + w + hs + ws) / 2
+
+
+class ImageSizeChanged(Exception):
+    """An image reads with another aspect ratio than the one its proposals were computed on."""
 
 
 class PretrainDataset(Dataset):
@@ -55,7 +83,8 @@ class PretrainDataset(Dataset):
             to DataLoader workers) or ``None``. An image without an entry or with an empty entry
             gets one whole-image box (the official fallback). Boxes computed on an image of another
             size than the one read (e.g. proposals of full-size ImageNet, training on a resized
-            copy) are rescaled to it.
+            copy) are rescaled to it; an image whose aspect ratio changed is skipped (see the
+            module's docstring).
         mapper: ``mapper(image, proposals, rng) -> dict`` (a registered view mapper).
         max_consecutive_failures: raise after this many unreadable images in a row (a wrong image
             root or a dead disk, not a few corrupt files).
@@ -81,30 +110,55 @@ class PretrainDataset(Dataset):
         self._warned_resize = False
         self._cv2_single_thread = False
         # One flag per image, in shared memory: DataLoader workers (forked or spawned) see and
-        # set the same flags, so a file found unreadable is not read again by any of them.
-        self._unreadable = torch.zeros(len(images), dtype=torch.uint8).share_memory_()
+        # set the same flags, so a file found unreadable is not read again by any of them. The
+        # value says why (UNREADABLE, SIZE_CHANGED).
+        self._skipped = torch.zeros(len(images), dtype=torch.uint8).share_memory_()
 
     def unreadable_indices(self) -> List[int]:
-        """Indices of the images found unreadable so far by this process or its loader workers."""
-        return self._unreadable.nonzero().flatten().tolist()
+        """Indices of the images skipped so far by this process or its loader workers: found
+        unreadable, or read with another aspect ratio than their proposals'."""
+        return self._skipped.nonzero().flatten().tolist()
 
     def mark_unreadable(self, indices: Iterable[int]) -> None:
-        """Remember images as unreadable (found by another process, or before a resume)."""
-        indices = list(indices)
-        if indices:
-            self._unreadable[torch.as_tensor(indices, dtype=torch.long)] = 1
+        """Remember images as skipped (found by another process, or before a resume)."""
+        indices = torch.as_tensor(list(indices), dtype=torch.long)
+        if len(indices):
+            self._skipped[indices] = torch.where(self._skipped[indices] > 0,
+                                                 self._skipped[indices], UNREADABLE)
+
+    def size_change_summary(self) -> Optional[str]:
+        """One line on the images skipped so far (by this process or its loader workers) because
+        their size no longer matches their proposals; ``None`` when there are none."""
+        changed = (self._skipped == SIZE_CHANGED).nonzero().flatten()
+        if not len(changed):
+            return None
+        first = int(changed[0])
+        key = self.images.keys[first]
+        h, w = self.proposals.image_size(key)
+        return (
+            f"{len(changed)} image(s) no longer match their proposals in {self.proposals.path!r} "
+            f"(e.g. {self.images.path(first)!r}: its proposals were computed on a {h}x{w} (height x "
+            f"width) image and it now reads with another aspect ratio, so the file was replaced after the proposals "
+            f"were made). They are skipped like unreadable images and counted in num_skipped and "
+            f"num_unreadable_images of metrics.json; further ones get no line of their own. "
+            f"Regenerate the proposals (tools/generate_proposals.py) to train on them."
+        )
 
     def __len__(self) -> int:
         return len(self.images)
 
     def proposals_for(self, index: int, height: int, width: int) -> np.ndarray:
-        """float32 (N, 4) boxes of image ``index`` in the pixels of its ``height x width`` array."""
+        """float32 (N, 4) boxes of image ``index`` in the pixels of its ``height x width`` array.
+        Raises :class:`ImageSizeChanged` when that is not the size the boxes were computed on,
+        resized (:func:`same_picture_resized`)."""
         boxes = None
         if self.proposals is not None:
             key = self.images.keys[index]
             boxes = self.proposals.get(key)
             if boxes is not None and len(boxes):
                 stored_h, stored_w = self.proposals.image_size(key)
+                if not same_picture_resized((stored_h, stored_w), (height, width)):
+                    raise ImageSizeChanged(key)
                 if (stored_h, stored_w) != (height, width):
                     if not self._warned_resize:
                         logger.warning(
@@ -132,22 +186,28 @@ class PretrainDataset(Dataset):
             i = (index + attempt) % n
             # The first try uses sample_seed itself (the contract); replacements derive from it.
             rng = np.random.default_rng(seed if attempt == 0 else [seed, attempt])
-            if self._unreadable[i]:
+            if self._skipped[i]:
                 continue
             try:
                 image = read_image(self.images.source(i), self.max_image_pixels)
             except UnreadableImageError as e:
-                self._unreadable[i] = 1
+                self._skipped[i] = UNREADABLE
                 logger.warning("Skipping unreadable image %s: %s (not read again in this run)",
                                e.path, e.reason)
                 continue
-            sample = self.mapper(image, self.proposals_for(i, *image.shape[:2]), rng)
+            try:
+                proposals = self.proposals_for(i, *image.shape[:2])
+            except ImageSizeChanged:
+                self._skipped[i] = SIZE_CHANGED  # logged once, by the loader (one line)
+                continue
+            sample = self.mapper(image, proposals, rng)
             sample["num_skipped"] = attempt
             return sample
         raise RuntimeError(
-            f"{self.max_consecutive_failures + 1} consecutive images could not be read, starting "
-            f"at {self.images.path(index)!r} (see the warnings above). The image root "
-            f"{self.images.root!r} is probably wrong or unreadable."
+            f"{self.max_consecutive_failures + 1} consecutive images could not be read (or no "
+            f"longer match their proposals), starting at {self.images.path(index)!r} (see the "
+            f"warnings above). The image root {self.images.root!r} is probably wrong or "
+            f"unreadable."
         )
 
 

@@ -191,4 +191,19 @@ def build_pretrain_loader(cfg, dataset, start_iter: int = 0):
         generator=generator,
         worker_init_fn=loader_worker_init,
     )
-    return iter(loader)
+    return _report_size_changes(iter(loader), dataset)
+
+
+def _report_size_changes(batches, dataset):
+    """``batches``, unchanged; the first time a batch skipped an image and the dataset has
+    skipped some for their size (:meth:`~soco_d2.data.dataset.PretrainDataset.size_change_summary`),
+    one line is logged. The workers cannot log it: several could find such images at once."""
+    summary = getattr(dataset, "size_change_summary", None)
+    for batch in batches:
+        if summary is not None and isinstance(batch, dict) and "num_skipped" in batch \
+                and int(torch.as_tensor(batch["num_skipped"]).sum()):
+            line = summary()
+            if line:
+                logger.warning(line)
+                summary = None
+        yield batch

@@ -13,6 +13,7 @@ from soco_d2.data.dataset import (
     build_pretrain_dataset,
     check_proposal_coverage,
     register_pretrain_dataset,
+    same_picture_resized,
 )
 from soco_d2.data.image_list import list_images
 from soco_d2.data.proposals import ProposalStore, write_proposals
@@ -74,6 +75,51 @@ def test_proposals_and_whole_image_fallback(folder, tmp_path):
     no_store = PretrainDataset(list_images(str(root)), None, RecordingMapper())
     np.testing.assert_array_equal(no_store[(0, 1)]["proposals"], [[0, 0, 60, 40]])
     assert no_store[(0, 1)]["proposals"].dtype == np.float32
+
+
+def test_an_image_whose_aspect_ratio_changed_is_skipped_not_stretched(folder, tmp_path, soco_log):
+    """img0 (40x60) was replaced after its proposals were computed on a 60x40 image: its boxes
+    would be stretched onto another picture, so it is skipped like an unreadable image (counted,
+    remembered, replaced by the next index) and summarised, not logged, per image. img3 read at
+    twice the size its proposals were computed on is the same picture: rescaled boxes."""
+    root, keys = folder
+    store_path = tmp_path / "props.bin"
+    write_proposals(str(store_path), {
+        keys[0]: (np.array([[5, 6, 30, 36]], np.float32), (60, 40)),
+        keys[3]: (np.array([[4, 8, 20, 30]], np.float32), (32, 24)),
+    })
+    store = ProposalStore.open(str(store_path))
+    ds = PretrainDataset(list_images(str(root)), store, RecordingMapper())
+    assert ds.size_change_summary() is None
+    sample = ds[(0, 7)]
+    assert sample["num_skipped"] == 1
+    assert sample["image"][0, 0, 0] == 15  # img1, the next index, with its own (whole-image) box
+    np.testing.assert_array_equal(sample["proposals"], [[0, 0, 30, 50]])
+    assert sample["draw"] == np.random.default_rng([7, 1]).random()
+    assert ds.unreadable_indices() == [0]
+    assert not any("img0.png" in m for m in soco_log)  # no line per image
+    summary = ds.size_change_summary()
+    assert summary.startswith("1 image(s) no longer match their proposals")
+    assert "img0.png" in summary and "60x40 (height x width)" in summary
+    np.testing.assert_allclose(ds[(3, 1)]["proposals"], [[8, 16, 40, 60]])
+    # Remembered from another process or a checkpoint as a skipped image: never read again.
+    fresh = PretrainDataset(list_images(str(root)), store, RecordingMapper())
+    fresh.mark_unreadable([0])
+    assert fresh[(0, 7)]["draw"] == sample["draw"]
+
+
+@pytest.mark.parametrize("stored, read, same", [
+    ((375, 500), (188, 250), True),    # halved, one side rounded
+    ((333, 500), (33, 50), True),      # a thumbnail: rounding dominates
+    ((96, 96), (48, 48), True),
+    ((3000, 4000), (3001, 4000), True),  # a pixel of a large image: within rounding
+    ((3000, 4000), (3004, 4000), False),
+    ((500, 375), (375, 500), False),   # rotated
+    ((96, 96), (96, 64), False),
+])
+def test_same_picture_resized_allows_only_the_rounding_of_a_resize(stored, read, same):
+    assert same_picture_resized(stored, read) is same
+    assert same_picture_resized(read, stored) is same
 
 
 def test_sample_is_a_function_of_index_and_seed(folder):

@@ -317,6 +317,35 @@ def test_all_images_unreadable_is_said_as_such(tmp_path):
     assert "out-of-memory" not in run.stderr and "A data-loader worker died" not in run.stderr
 
 
+def test_images_replaced_after_their_proposals_are_skipped_with_one_line(tmp_path):
+    """Two of six images replaced after the proposals were made: one by a picture of another
+    aspect ratio (skipped, counted, one line for the run), one by the same picture at half size
+    (its boxes rescaled). Two loader workers: the line still comes once."""
+    import cv2
+
+    _, image_dir = make_synthetic_coco(str(tmp_path / "data"), num_images=6, image_size=96, seed=0)
+    props = str(tmp_path / "props.socoprop")
+    run_generation(list_images(image_dir), props, workers=1, progress=False)
+    names = sorted(os.listdir(image_dir))
+    replaced, halved = (os.path.join(image_dir, n) for n in names[1:3])
+    cv2.imwrite(replaced, cv2.imread(replaced)[:, 16:80])  # 96x64: another picture
+    cv2.imwrite(halved, cv2.resize(cv2.imread(halved), (48, 48), interpolation=cv2.INTER_AREA))
+    out = str(tmp_path / "out")
+    cmd, overrides = _cli(out, image_dir, props)
+    run = run_bounded(cmd + overrides + ["SOLVER.MAX_ITER", "6"], timeout=300)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert log.count("no longer match their proposals") == 1
+    line = next(x for x in log.splitlines() if "no longer match their proposals" in x)
+    assert names[1] in line and "96x96 (height x width)" in line
+    assert names[2] not in line and names[1] not in log.replace(line, "")
+    assert log.count("rescaling its boxes") == 1 and names[2] in log
+    rows = read_metrics(out)
+    assert rows[-1]["num_unreadable_images"] == 1  # the replaced file, counted once
+    # Drawn once per epoch of six: 12 positions in two epochs, each draw of it skipped.
+    assert rows[-1]["num_skipped_total"] == 2 == sum(r["num_skipped"] for r in rows)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MB tmpfs (needs the right to mount, as root in a container: skipped otherwise)."""
