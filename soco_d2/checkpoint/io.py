@@ -103,7 +103,37 @@ def _load_pkl(path: str, trust: bool) -> Any:
             raise CheckpointError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
 
 
+def _not_written_by_torch(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a file ``torch.save`` wrote, or ``None``. It writes a zip archive
+    (torch >= 1.6) or, in the legacy format, pickles that start with the PROTO opcode (0x80).
+    Checked here because torch reports such files with unpickler internals (``invalid load key``,
+    ``Unsupported operand``, ``KeyError: 101``) that do not say the file is not a checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "the file is empty"
+    if head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80":
+        return None
+    return (f"it is neither a zip archive (what torch.save writes) nor a pickle (its first bytes: "
+            f"{head.hex(' ')})")
+
+
+def _weights_only_reason(error: Exception) -> str:
+    """The specific part of torch's weights_only refusal (after its generic preamble)."""
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it references {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return found.group(1).strip() if found else text.strip().splitlines()[0]
+
+
 def _load_torch(path: str, trust: bool) -> Any:
+    not_torch = _not_written_by_torch(path)
+    if not_torch:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint: {not_torch}. It is damaged, truncated or "
+            "another kind of file: check the path, or copy it again.")
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -111,12 +141,18 @@ def _load_torch(path: str, trust: bool) -> Any:
     except pickle.UnpicklingError as e:
         if trust:
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[0]
+        what = _weights_only_reason(e)
+        if what.startswith("it references"):
+            raise UnsafeCheckpointError(
+                f"{path} contains objects other than tensors and plain containers, so "
+                f"torch.load(weights_only=True) refused it ({what}). If you trust this file, "
+                "pass --trust-checkpoint (trust=True) to load it with full unpickling."
+            ) from None
         raise UnsafeCheckpointError(
-            f"{path} contains objects other than tensors and plain containers, so "
-            f"torch.load(weights_only=True) refused it ({what}). If you trust this file, "
-            "pass --trust-checkpoint (trust=True) to load it with full unpickling."
+            f"{path} is not a readable torch checkpoint with torch.load(weights_only=True), which "
+            f"refused it ({what}): the file is damaged, or holds more than tensors and plain "
+            "containers. If it comes from a trusted source, --trust-checkpoint (trust=True) loads "
+            "it with full unpickling."
         ) from None
     except Exception as e:  # torch raises RuntimeError, KeyError, EOFError... on corrupt files
         raise CheckpointError(

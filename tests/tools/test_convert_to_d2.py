@@ -106,6 +106,23 @@ def test_failures_exit_nonzero_with_message(soco_checkpoint, tmp_path, capsys):
     assert not (tmp_path / "x.pkl").exists()
 
 
+@pytest.mark.parametrize("content, says, trust", [
+    (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
+     "neither a zip archive (what torch.save writes) nor a pickle (its first bytes: 5f 82", False),
+    (b"", "the file is empty", False),
+    # A pickle that torch's weights-only unpickler refuses (an opcode it does not admit).
+    (b"\x80\x02\x5cgarbage", "with torch.load(weights_only=True), which refused it "
+     "(Unsupported operand 92)", True),
+], ids=["random_bytes", "empty", "refused_by_weights_only"])
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path, capsys, content, says, trust):
+    (tmp_path / "weights.pth").write_bytes(content)
+    assert _main(tmp_path / "weights.pth", tmp_path / "x.pkl") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'weights.pth'} is not a readable torch checkpoint")
+    assert says in err and ("--trust-checkpoint" in err) is trust
+    assert "Traceback" not in err and not (tmp_path / "x.pkl").exists()
+
+
 @pytest.mark.slow
 def test_cli_subprocess(soco_checkpoint, tmp_path):
     path, _ = soco_checkpoint
