@@ -12,7 +12,8 @@ from PIL import Image
 from soco_d2.data.proposals import ProposalStore
 from soco_d2.data.selective_search import _process_one
 
-TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "generate_proposals.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "tools", "generate_proposals.py")
 
 
 def _tool():
@@ -177,30 +178,66 @@ def test_a_failing_or_killed_pool_worker_ends_the_run_with_its_cause(tmp_path, f
         assert "TypeError: fault injected in a worker" in run.stderr
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_special_files_and_link_loops_are_never_read_nor_multiplied(tmp_path, workers):
+def _generate_proposals(workers):
+    def command(images, out):
+        return [sys.executable, TOOL, "--images", str(images), "--output", str(out / "p.socoprop"),
+                "--workers", str(workers), "--no-progress"]
+
+    def check(run, out):
+        assert "images done: 4" in run.stderr and "unreadable images skipped: 1" in run.stderr
+        assert ProposalStore.open(out / "p.socoprop").keys == [
+            "cls0/0.jpg", "cls0/2.jpg", "cls1/1.jpg", "cls1/3.jpg"]
+    return command, check
+
+
+def _pretrain_detco():
+    """DetCo pretraining lists the folder itself (no proposals file): a tiny CPU run."""
+    def command(images, out):
+        return [sys.executable, os.path.join(REPO, "tools", "pretrain_net.py"), "--config-file",
+                os.path.join(REPO, "configs", "detco", "detco_r50_200ep.yaml"),
+                "DATASETS.PRETRAIN.NAME", "", "DATASETS.PRETRAIN.IMAGE_ROOT", str(images),
+                "OUTPUT_DIR", str(out / "run"), "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18",
+                "MODEL.DETCO.QUEUE_SIZE", "4", "MODEL.DETCO.HEAD_HIDDEN_DIM", "16",
+                "MODEL.DETCO.FEATURE_DIM", "8", "INPUT.DETCO.GLOBAL_SIZE", "32",
+                "INPUT.DETCO.LOCAL_CROP_SIZE", "96", "INPUT.DETCO.PATCH_SIZE", "24",
+                "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.AMP.ENABLED", "False",
+                "DATALOADER.NUM_WORKERS", "1", "CHANNELS_LAST", "False", "LOG_PERIOD", "1"]
+
+    def check(run, out):
+        log = run.stdout + run.stderr
+        # The four real images and the bad one are listed (each once); the pipe never opened.
+        assert "Pretraining images: 5 from" in log
+        assert "Skipping unreadable image" in log and "cls0/bad.jpg" in log
+        assert os.path.isfile(out / "run" / "model_final.pth")
+    return command, check
+
+
+@pytest.mark.parametrize("tool", [
+    pytest.param(lambda: _generate_proposals(1), id="generate_proposals-1_worker"),
+    pytest.param(lambda: _generate_proposals(2), id="generate_proposals-2_workers"),
+    pytest.param(_pretrain_detco, id="pretrain_net-detco"),
+])
+def test_special_files_and_link_loops_are_never_read_nor_multiplied(tmp_path, tool):
     """A named pipe with an image name (opening it would wait forever), a broken link, a link
-    to a listed file and a folder link back to the root (a loop): the tool lists each real
-    image once, never opens the pipe, and says what it skipped."""
+    to a listed file and a folder link back to the root (a loop): each tool that lists an image
+    folder reads each real image once, never opens the pipe, and says what it skipped."""
+    command, check = tool()
     _images(tmp_path / "img")
     os.mkfifo(tmp_path / "img" / "cls1" / "pipe.jpg")
     os.symlink(tmp_path / "img", tmp_path / "img" / "cls0" / "loop")
     os.symlink(tmp_path / "img" / "cls0" / "0.jpg", tmp_path / "img" / "cls1" / "same.jpg")
     os.symlink(tmp_path / "nowhere.jpg", tmp_path / "img" / "cls1" / "broken.jpg")
     (tmp_path / "img" / "notes.txt").write_text("x")
-    out = tmp_path / "p.socoprop"
-    run = run_bounded([sys.executable, TOOL, "--images", str(tmp_path / "img"), "--output",
-                       str(out), "--workers", str(workers), "--no-progress"], timeout=120)
+    run = run_bounded(command(tmp_path / "img", tmp_path), timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "images done: 4" in run.stderr and "unreadable images skipped: 1" in run.stderr
-    assert ProposalStore.open(out).keys == ["cls0/0.jpg", "cls0/2.jpg", "cls1/1.jpg", "cls1/3.jpg"]
-    line = next(x for x in run.stderr.splitlines() if "entries skipped" in x)
+    line = next(x for x in (run.stdout + run.stderr).splitlines() if "entries skipped" in x)
     assert "5 entries skipped" in line
     assert "1 a named pipe (FIFO) (not a regular file, never opened)" in line
     assert "1 broken link(s)" in line
     assert "1 folder(s) reached again through a link" in line
     assert "1 file(s) listed already under another name" in line
     assert "1 with another extension: .txt (1)" in line
+    check(run, tmp_path)
 
 
 @pytest.mark.slow
