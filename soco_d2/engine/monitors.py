@@ -28,26 +28,22 @@ Everything goes to ``metrics.json``, TensorBoard and the progress line (keys ``k
 validation images), ``knn_time``, ``rankme``, ``emb_std``, ``chance_level``), and
 ``OUTPUT_DIR/monitor_curves.png`` plots them at the end of the run.
 
-Models: the monitors ask a :class:`~soco_d2.modeling.meta_arch.method.PretrainMethod` (SoCo,
-DetCo) only through its contract: ``normalize``, ``probe_features``, ``embedding_module``,
-``chance_level``. Any other model can define ``probe_features(images) -> {name: (B, D)}``
-(``images`` normalised with ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``) and a ``projector`` module.
+This module runs them in the training loop; where they read the model is
+:mod:`soco_d2.engine.model_taps`, the health figures :mod:`soco_d2.engine.health_metrics`, the plot
+:mod:`soco_d2.engine.monitor_plots`. Models: the monitors ask a
+:class:`~soco_d2.modeling.meta_arch.method.PretrainMethod` (SoCo, DetCo) only through its contract
+(``normalize``, ``probe_features``, ``embedding_module``, ``chance_level``); see ``model_taps`` for
+other models.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
-import math
 import os
-import re
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from soco_d2.evaluation.knn import (
     ProbeDataError,
@@ -61,151 +57,14 @@ from soco_d2.evaluation.probe import BN_STATS, bn_statistics_of
 from soco_d2.modeling.meta_arch.method import PretrainMethod
 from soco_d2.utils import comm
 
+from .health_metrics import collapse_warning, embedding_std, gather_rows, rank_drop_warning, rankme
+from .model_taps import EmbeddingWindow, embedding_module, probe_feature_fn, unwrap_model
+from .monitor_plots import plot_monitor_curves
 from .writers import read_metrics
 
-__all__ = [
-    "Monitors",
-    "probe_feature_fn",
-    "embedding_module",
-    "rankme",
-    "embedding_std",
-    "collapse_warning",
-    "rank_drop_warning",
-    "plot_monitor_curves",
-]
+__all__ = ["Monitors"]
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def probe_feature_fn(model: nn.Module, pixel_mean, pixel_std) -> Callable[[torch.Tensor], Dict[str, torch.Tensor]]:
-    """``fn(uint8 images (B, 3, H, W)) -> {feature name: (B, D)}`` for the online network of
-    ``model``: a :class:`~soco_d2.modeling.meta_arch.method.PretrainMethod`'s ``probe_features``
-    of its ``normalize``; any other model's ``probe_features`` of images normalised with
-    ``pixel_mean`` / ``pixel_std``."""
-    m = _unwrap(model)
-    if isinstance(m, PretrainMethod):
-        return lambda images: m.probe_features(m.normalize(images))
-    channels_last = getattr(m, "channels_last", False)
-
-    def normalize(images: torch.Tensor) -> torch.Tensor:
-        mean = torch.as_tensor(pixel_mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-        std = torch.as_tensor(pixel_std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-        x = (images.float() - mean) / std
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-    if callable(getattr(m, "probe_features", None)):
-        return lambda images: m.probe_features(normalize(images))
-    raise ValueError(
-        f"MONITOR.KNN: no probe features for a {type(m).__name__} model: it is no PretrainMethod "
-        "(soco_d2.modeling.meta_arch.method) and has no probe_features(images) -> {name: (B, D)}; "
-        "implement the method contract or turn MONITOR.KNN.ENABLED off.")
-
-
-def embedding_module(model: nn.Module) -> nn.Module:
-    """The module whose outputs are the embeddings the loss uses: a
-    :class:`~soco_d2.modeling.meta_arch.method.PretrainMethod`'s ``embedding_module()``, else
-    the last layer of the model's ``projector`` (so the hook fires however the model runs the
-    projector: as a whole or layer by layer)."""
-    m = _unwrap(model)
-    if isinstance(m, PretrainMethod):
-        return m.embedding_module()
-    proj = getattr(m, "projector", None)
-    if proj is None:
-        raise ValueError(
-            f"MONITOR.HEALTH: a {type(m).__name__} model is no PretrainMethod "
-            "(soco_d2.modeling.meta_arch.method) and has no 'projector' module; implement the "
-            "method contract or turn MONITOR.HEALTH.ENABLED off.")
-    leaves = [mod for mod in proj.modules() if not list(mod.children())]
-    return leaves[-1] if leaves else proj
-
-
-@torch.no_grad()
-def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
-    """Effective rank of ``z`` (N, D): ``exp(-sum p log p)``, ``p = s / |s|_1 + eps`` over the
-    singular values ``s`` (RankMe, Garrido et al. 2023). Between 1 and ``min(N, D)``."""
-    s = torch.linalg.svdvals(z.double())
-    p = s / s.sum().clamp_min(1e-300) + eps
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-@torch.no_grad()
-def embedding_std(z: torch.Tensor) -> float:
-    """Mean over dimensions of the std over rows of the L2-normalised ``z`` (N, D)."""
-    return float(F.normalize(z.double(), dim=1).std(dim=0).mean())
-
-
-def collapse_warning(std: float, dim: int, ratio: float, rank: float, iteration: int) -> Optional[str]:
-    """The warning text when ``std`` is below ``ratio / sqrt(dim)``, else None."""
-    ref = 1.0 / math.sqrt(dim)
-    if std >= ratio * ref:
-        return None
-    return (
-        f"Embedding collapse at iteration {iteration}: the per-dimension std of the L2-normalised "
-        f"projector outputs is {std:.4g}, below {ratio:g} x {ref:.4g} (1/sqrt({dim}), the value of "
-        f"embeddings spread over the sphere); RankMe {rank:.2f} of at most {dim}. Check: the "
-        "learning rate and its warmup (too high a rate collapses BYOL / SoCo early), the EMA "
-        "momentum (MODEL.EMA.BASE_MOMENTUM; a target equal to the online network collapses), the "
-        "predictor and the BN layers of projector / predictor (BYOL needs both), weight decay, and "
-        "that the views differ (augmentations, crops, proposals).")
-
-
-def rank_drop_warning(rank: float, peak: float, ratio: float, iteration: int) -> Optional[str]:
-    """The warning text when RankMe ``rank`` is below ``ratio`` x ``peak`` (its highest value so
-    far in the run), else None."""
-    if rank >= ratio * peak:
-        return None
-    return (
-        f"Dimensional collapse at iteration {iteration}: RankMe of the projector outputs is "
-        f"{rank:.2f}, below {ratio:g} x {peak:.2f} (its highest value in this run): the embeddings "
-        "use few directions, and the kNN accuracy of such runs falls (MONITOR.HEALTH.RANK_DROP_RATIO "
-        "sets the threshold, 0 turns it off). Check: the learning rate and its scaling with the "
-        "batch size (SOLVER.BASE_LR, BASE_LR_BATCH_SIZE, LARS_TRUST_COEF), the warmup, the EMA "
-        "momentum (MODEL.EMA.BASE_MOMENTUM), and that the views differ (augmentations, crops, "
-        "proposals).")
-
-
-class _EmbeddingWindow:
-    """Keeps the last ``rows`` output rows of a module (forward hook, detached float32 copies on
-    the module's device: a copy to the host per forward would wait for the GPU every step)."""
-
-    def __init__(self, module: nn.Module, rows: int):
-        self.rows = rows
-        self.parts: collections.deque = collections.deque()
-        self.count = 0
-        self.dim = None
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output):
-        z = output.detach().reshape(-1, output.shape[-1])[-self.rows:].to(torch.float32, copy=True)
-        self.dim = z.shape[1]
-        self.parts.append(z)
-        self.count += z.shape[0]
-        while self.parts and self.count - self.parts[0].shape[0] >= self.rows:
-            self.count -= self.parts.popleft().shape[0]
-
-    def matrix(self) -> torch.Tensor:
-        if not self.parts:
-            return torch.zeros(0, self.dim or 0)
-        return torch.cat(list(self.parts))[-self.rows:]
-
-    def close(self):
-        self.handle.remove()
-
-
-def _gather_matrix(z: torch.Tensor) -> torch.Tensor:
-    """Rows of ``z`` from every process (different row counts allowed)."""
-    if comm.get_world_size() == 1:
-        return z
-    counts = comm.all_gather(torch.tensor([z.shape[0], z.shape[1]], dtype=torch.long)).view(-1, 2)
-    n, d = int(counts[:, 0].max()), int(counts[:, 1].max())
-    padded = z.new_zeros(n, d)
-    padded[: z.shape[0], : z.shape[1]] = z
-    gathered = comm.all_gather(padded).view(-1, n, d)
-    return torch.cat([gathered[r, : int(c)] for r, c in enumerate(counts[:, 0])])
 
 
 class Monitors:
@@ -222,14 +81,14 @@ class Monitors:
         self.knn_on, self.health_on = bool(k.ENABLED), bool(h.ENABLED)
         self.pending = False
         self._metrics: Dict[str, float] = {}
-        self._window: Optional[_EmbeddingWindow] = None
+        self._window: Optional[EmbeddingWindow] = None
         self._images = None
         self._last_probe_end: Optional[float] = None
         self._last_warned = -10**9
         self._peak_rank = 0.0
         self.chance_level = None
         self._dim: Optional[int] = None
-        m = _unwrap(trainer.model)
+        m = unwrap_model(trainer.model)
         if self.knn_on:
             if k.K < 1 or k.TEMPERATURE <= 0 or k.IMAGE_SIZE < 16 or k.BATCH_SIZE < 1 or k.PERIOD < 0:
                 raise ProbeDataError(
@@ -246,7 +105,7 @@ class Monitors:
                 raise ValueError(f"MONITOR.HEALTH: WINDOW ({h.WINDOW}) must be >= 2, PERIOD "
                                  f"({h.PERIOD}) and COLLAPSE_STD_RATIO ({h.COLLAPSE_STD_RATIO}) >= 0, "
                                  f"RANK_DROP_RATIO ({h.RANK_DROP_RATIO}) in [0, 1).")
-            self._window = _EmbeddingWindow(embedding_module(m), h.WINDOW)
+            self._window = EmbeddingWindow(embedding_module(m), h.WINDOW)
             self.health_period = h.PERIOD or cfg.LOG_PERIOD
             if isinstance(m, PretrainMethod):
                 self.chance_level = m.chance_level
@@ -289,7 +148,7 @@ class Monitors:
 
     # ------------------------------------------------------------------ work
     def _health(self, done: int) -> Dict[str, float]:
-        z = _gather_matrix(self._window.matrix()).cpu()  # the one copy to the host per period
+        z = gather_rows(self._window.matrix()).cpu()  # the one copy to the host per period
         out = {}
         if self.chance_level is not None:
             out["chance_level"] = self.chance_level
@@ -317,7 +176,7 @@ class Monitors:
             bad = comm.all_reduce_sum(torch.tensor(
                 [len(self._images[0].unreadable) + len(self._images[1].unreadable)]))
             self._num_unreadable = int(bad)
-        model = _unwrap(self.trainer.model)
+        model = unwrap_model(self.trainer.model)
         modes = [(mod, mod.training) for mod in model.modules()]
         device = self.trainer.device
         devices = [device] if device.type == "cuda" else []
@@ -356,49 +215,3 @@ class Monitors:
                     "or lower MONITOR.KNN.MAX_PER_CLASS / IMAGE_SIZE.", done, took, interval, k.PERIOD)
         self._last_probe_end = time.perf_counter()
         return out
-
-
-def plot_monitor_curves(rows: List[Dict], path: str, chance_level: Optional[float] = None,
-                        emb_dim: Optional[int] = None) -> None:
-    """A PNG of the losses (with the chance level), kNN accuracies, RankMe and embedding std
-    found in the ``metrics.json`` rows; panels without data are left out."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    def series(key):
-        pts = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    keys = sorted({k for r in rows for k in r})
-    panels = []
-    losses = [k for k in keys if k.startswith("loss")] + (["total_loss"] if "total_loss" in keys else [])
-    if losses:
-        panels.append(("losses", losses))
-    terms = [k for k in keys if re.search(r"_res[2-5]$", k)]  # DetCo's unweighted InfoNCE terms
-    if terms and chance_level is not None:
-        panels.append(("InfoNCE terms", terms))
-    knn = [k for k in keys if k.startswith("knn_") and k.endswith("_top1")]
-    if knn:
-        panels.append(("kNN top-1 (%)", knn))
-    if "rankme" in keys:
-        panels.append(("RankMe (effective rank)", ["rankme"]))
-    if "emb_std" in keys:
-        panels.append(("per-dimension std of normalised embeddings", ["emb_std"]))
-    if not panels:
-        return
-    fig = Figure(figsize=(4.5 * len(panels), 4), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (title, names) in zip(axes, panels):
-        for name in names:
-            x, y = series(name)
-            ax.plot(x, y, "o-" if len(x) < 30 else "-", markersize=3, label=name)
-        if title == "InfoNCE terms":
-            ax.axhline(chance_level, color="grey", ls="--", label=f"chance per term ln(Q+1) = {chance_level:.2f}")
-        if title.startswith("per-dimension") and emb_dim:
-            ax.axhline(1 / math.sqrt(emb_dim), color="grey", ls="--", label=f"1/sqrt({emb_dim})")
-        ax.set(title=title, xlabel="iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)

@@ -72,3 +72,23 @@ def train_and_dump(output_dir, dump_path, overrides, sync_batchnorm=True):
         with open(os.path.join(output_dir, "metrics.json")) as f:
             rows = [json.loads(line) for line in f]
         torch.save({"state": model.state_dict(), "rows": rows}, dump_path)
+
+
+def tiny_method(arch, **kv):
+    """(cfg, model in eval mode) of a tiny CPU SoCo or DetCo, ``kv`` config overrides added."""
+    from soco_d2.config import get_cfg
+    from soco_d2.modeling import build_model
+
+    cfg = get_cfg()
+    opts = ["MODEL.META_ARCHITECTURE", arch, "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18]
+    if arch == "SoCo":
+        opts += ["MODEL.FPN.OUT_CHANNELS", 16, "MODEL.ROI_BOX_HEAD.NUM_CONV", 1,
+                 "MODEL.ROI_BOX_HEAD.CONV_DIM", 8, "MODEL.ROI_BOX_HEAD.FC_DIM", 24,
+                 "MODEL.SOCO.PROJECTOR_HIDDEN_DIM", 16, "MODEL.SOCO.PROJECTOR_OUT_DIM", 8,
+                 "MODEL.SOCO.PREDICTOR_HIDDEN_DIM", 16]
+    else:
+        opts += ["MODEL.DETCO.QUEUE_SIZE", 16, "SOLVER.IMS_PER_BATCH", 2,
+                 "MODEL.DETCO.FEATURE_DIM", 8, "MODEL.DETCO.HEAD_HIDDEN_DIM", 16]
+    cfg.merge_from_list(opts + [x for kv_ in kv.items() for x in kv_])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg).eval()

@@ -10,50 +10,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import monitor_toy as mtoy  # noqa: E402
 import toy_pretrain as toy  # noqa: E402
 
-from soco_d2.config import get_cfg  # noqa: E402
-from soco_d2.engine.monitors import (  # noqa: E402
-    collapse_warning,
-    embedding_module,
-    embedding_std,
-    probe_feature_fn,
-    rank_drop_warning,
-    rankme,
-)
 from soco_d2.engine.trainer import PretrainTrainer  # noqa: E402
 from soco_d2.evaluation.knn import ProbeDataError  # noqa: E402
 from soco_d2.modeling import build_model  # noqa: E402
 
 
-def test_rankme_and_std_of_known_matrices():
-    g = torch.Generator().manual_seed(0)
-    # 4 orthogonal directions with equal energy: effective rank 4, whatever the dimension
-    basis = torch.linalg.qr(torch.randn(32, 4, generator=g))[0].T  # (4, 32) orthonormal rows
-    z = torch.randn(400, 4, generator=g) @ basis
-    assert rankme(z) == pytest.approx(4.0, rel=0.05)
-    # unequal energy lowers it below the rank
-    skew = torch.randn(400, 4, generator=g) * torch.tensor([1.0, 1.0, 1.0, 0.05])
-    assert 2.5 < rankme(skew @ basis) < 3.5
-    # complete collapse: every row the same vector
-    same = torch.randn(1, 32, generator=g).expand(100, 32)
-    assert rankme(same) == pytest.approx(1.0, abs=1e-3)
-    assert embedding_std(same) == pytest.approx(0.0, abs=1e-6)
-    # isotropic Gaussian rows: normalised, each coordinate has std ~ 1/sqrt(D)
-    iso = torch.randn(5000, 64, generator=g)
-    assert embedding_std(iso) == pytest.approx(1 / 8, rel=0.03)
-
-
-def test_collapse_warning_text():
-    assert collapse_warning(0.1, 64, 0.1, 40.0, 7) is None
-    text = collapse_warning(0.001, 64, 0.1, 1.2, 7)
-    assert "iteration 7" in text and "0.125" in text and "EMA momentum" in text and "predictor" in text
-
-
-def test_rank_drop_warning_text():
-    assert rank_drop_warning(25.0, 100.0, 0.25, 9) is None  # at the threshold: no warning
-    assert rank_drop_warning(30.0, 100.0, 0.0, 9) is None  # off
-    text = rank_drop_warning(24.9, 100.0, 0.25, 9)
-    assert "iteration 9" in text and "24.90" in text and "0.25 x 100.00" in text
-    assert "LARS_TRUST_COEF" in text and "RANK_DROP_RATIO" in text
+# The modules of the monitors, whose host syncs are counted.
+MONITOR_MODULES = tuple(f"soco_d2/engine/{m}.py" for m in ("monitors", "model_taps", "health_metrics"))
 
 
 def _run(tmp_path, name, overrides, resume=False, model_cls=mtoy.MonitorToyNet):
@@ -251,63 +214,10 @@ def test_bad_probe_settings_fail_before_training(tmp_path):
         PretrainTrainer(cfg, model=mtoy.MonitorToyNet(cfg), dataset=toy.ToyDataset())
 
 
-def _tiny(arch, **kv):
-    cfg = get_cfg()
-    opts = ["MODEL.META_ARCHITECTURE", arch, "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18]
-    if arch == "SoCo":
-        opts += ["MODEL.FPN.OUT_CHANNELS", 16, "MODEL.ROI_BOX_HEAD.NUM_CONV", 1,
-                 "MODEL.ROI_BOX_HEAD.CONV_DIM", 8, "MODEL.ROI_BOX_HEAD.FC_DIM", 24,
-                 "MODEL.SOCO.PROJECTOR_HIDDEN_DIM", 16, "MODEL.SOCO.PROJECTOR_OUT_DIM", 8,
-                 "MODEL.SOCO.PREDICTOR_HIDDEN_DIM", 16]
-    else:
-        opts += ["MODEL.DETCO.QUEUE_SIZE", 16, "SOLVER.IMS_PER_BATCH", 2,
-                 "MODEL.DETCO.FEATURE_DIM", 8, "MODEL.DETCO.HEAD_HIDDEN_DIM", 16]
-    cfg.merge_from_list(opts + [x for kv_ in kv.items() for x in kv_])
-    torch.manual_seed(0)
-    return cfg, build_model(cfg).eval()
-
-
-def test_soco_probe_features_are_res5_and_the_whole_image_box():
-    cfg, model = _tiny("SoCo")
-    fn = probe_feature_fn(model, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
-    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    with torch.no_grad():
-        out = fn(images)
-        x = (images.float() - torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-            cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
-        res5 = model.backbone.body(x)["3"].mean(dim=(2, 3))
-        # the whole-image box (64 px) goes to P2 at canonical size 96 ... computed independently:
-        p = model.backbone(x)
-        level = int(model.pooler.assign_levels(torch.tensor([[0.0, 0.0, 64.0, 64.0]])))
-        from torchvision.ops import roi_align
-
-        feat = list(p.values())[level]
-        pooled = roi_align(feat, [torch.tensor([[0.0, 0.0, 64.0, 64.0]])] * 2, 7,
-                           spatial_scale=feat.shape[-1] / 64, sampling_ratio=-1, aligned=True)
-        box = model.box_head(pooled)
-    assert sorted(out) == ["box", "res5"]
-    torch.testing.assert_close(out["res5"], res5)
-    assert out["box"].shape == (2, 24)
-    torch.testing.assert_close(out["box"], box)
-
-
-def test_detco_probe_features_and_health_hook():
-    cfg, model = _tiny("DetCo")
-    fn = probe_feature_fn(model, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    with torch.no_grad():
-        out = fn(images)
-    assert list(out) == ["res5"] and out["res5"].shape == (2, 512)
-    # the health hook sits on the last layer of the deepest global head
-    assert embedding_module(model) is model.encoder_q.global_heads["res5"][-1]
-    _, soco = _tiny("SoCo")
-    assert embedding_module(soco) is soco.embedding_tap
-
-
 def test_detco_chance_level_is_reported(tmp_path):
     from soco_d2.engine.monitors import Monitors
 
-    cfg, model = _tiny("DetCo", **{"MONITOR.HEALTH.ENABLED": True})
+    cfg, model = mtoy.tiny_method("DetCo", **{"MONITOR.HEALTH.ENABLED": True})
 
     class T:  # what Monitors reads of a trainer
         pass
@@ -382,7 +292,7 @@ def test_health_window_of_the_faithful_head_holds_the_rows_the_loss_uses():
     n, k = 2, 3
     batch = random_batch(n, k)
     for mode in ("faithful", "per_view"):
-        cfg, model = _tiny("SoCo", **{"MODEL.SOCO.HEAD_MODE": mode, "MONITOR.HEALTH.ENABLED": True,
+        cfg, model = mtoy.tiny_method("SoCo", **{"MODEL.SOCO.HEAD_MODE": mode, "MONITOR.HEALTH.ENABLED": True,
                                       "MONITOR.HEALTH.WINDOW": 1000})
         model.train()
         mon = Monitors(cfg, _TrainerStub(model))
@@ -414,7 +324,7 @@ def test_health_window_is_copied_to_the_host_once_per_period():
     import fake_cuda
     from soco_tiny import random_batch
 
-    cfg, _ = _tiny("SoCo", **{"MODEL.DEVICE": "cuda", "MONITOR.HEALTH.ENABLED": True,
+    cfg, _ = mtoy.tiny_method("SoCo", **{"MODEL.DEVICE": "cuda", "MONITOR.HEALTH.ENABLED": True,
                               "MONITOR.HEALTH.PERIOD": 3})
     batch = random_batch(2)
     with fake_cuda.fake_cuda() as mode:
@@ -426,7 +336,7 @@ def test_health_window_is_copied_to_the_host_once_per_period():
         def monitor_syncs(fn, *args):
             with fake_cuda.HostSyncRecorder() as recorder:
                 fn(*args)
-            return [s for s in recorder.syncs if s.where.startswith("soco_d2/engine/monitors.py")]
+            return [s for s in recorder.syncs if s.where.startswith(MONITOR_MODULES)]
 
         for it in (1, 2):
             assert monitor_syncs(model, batch) == []

@@ -21,7 +21,7 @@ import toy_pretrain  # noqa: E402
 
 from soco_d2.config import get_cfg  # noqa: E402
 from soco_d2.data.visualize import write_view_sheets  # noqa: E402
-from soco_d2.engine.monitors import embedding_module, probe_feature_fn  # noqa: E402
+from soco_d2.engine.model_taps import embedding_module, probe_feature_fn  # noqa: E402
 from soco_d2.engine.trainer import PretrainTrainer  # noqa: E402
 from soco_d2.modeling import build_model  # noqa: E402
 from soco_d2.modeling.meta_arch.detco import DetCo  # noqa: E402

@@ -277,7 +277,7 @@ class SoCo(PretrainMethod):
     def _online_heads(self, pooled: Dict, groups_per_entry: int = 1, used_rows=None) -> Dict:
         """The online predictions of each entry of ``pooled`` (box head, projector, predictor; see
         :meth:`_heads`). The projector outputs that the loss uses go through ``embedding_tap``
-        (an identity) on the way, for the monitors' hook (:mod:`soco_d2.engine.monitors`): all of
+        (an identity) on the way, for the monitors' hook (:mod:`soco_d2.engine.model_taps`): all of
         them, or ``used_rows(key, outputs)`` of each entry (the faithful head's assigned levels)."""
         z = self._heads(pooled, [self.box_head, self.projector], groups_per_entry)
         for key, out in z.items():
