@@ -18,7 +18,7 @@ statistics, ``train``: batch statistics, as in pretraining):
   its target network is perturbed (so that a mix-up of online and target weights shows).
 * **Weights**: the official model's state dict, saved as its training script does
   (``{"model": {"module.<name>": tensor}}``), goes through this project's converter
-  (:func:`soco_d2.checkpoint.convert.convert_to_torchvision`, which reads the official layout:
+  (:func:`soco_d2.checkpoint.to_torchvision.convert_to_torchvision`, which reads the official layout:
   ``module.encoder`` / ``neck`` / ``head`` and their ``_k`` target copies) and the projector /
   predictor table below, into the model with ``load_state_dict(strict=True)``. A key that
   cannot be mapped stops the run with a message that names it and what was expected.
@@ -71,7 +71,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from soco_d2.checkpoint.convert import ConversionError, convert_to_torchvision
+from soco_d2.checkpoint import ConversionError, convert_to_torchvision
 from soco_d2.checkpoint.io import unwrap_state_dict
 from soco_d2.config import load_config
 from soco_d2.data.image_list import read_image

@@ -26,15 +26,15 @@ import sys
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from soco_d2.checkpoint.convert import (  # noqa: E402
-    PARTS,
+from soco_d2.checkpoint import (  # noqa: E402
+    CheckpointError,
     ConversionError,
     convert_to_d2,
     convert_to_torchvision,
     save_d2_pkl,
     save_torchvision_state_dict,
 )
-from soco_d2.checkpoint.io import CheckpointError  # noqa: E402
+from soco_d2.checkpoint.layout import PARTS  # noqa: E402
 
 DETECTRON2_SETTINGS = """\
 Fine-tune with detectron2 (weights are torchvision-style: RGB input, stride in the 3x3 conv):

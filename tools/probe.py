@@ -30,8 +30,7 @@ import sys
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from soco_d2.checkpoint.convert import ConversionError  # noqa: E402
-from soco_d2.checkpoint.io import CheckpointError  # noqa: E402
+from soco_d2.checkpoint import CheckpointError, ConversionError  # noqa: E402
 from soco_d2.evaluation.knn import ProbeDataError, build_probe_split  # noqa: E402
 from soco_d2.evaluation.probe import (  # noqa: E402
     BN_STATS,

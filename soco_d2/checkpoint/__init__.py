@@ -1,14 +1,8 @@
 """Safe loading of checkpoints and conversion to detectron2 ``.pkl`` / torchvision weights."""
-from .convert import (
-    ConversionError,
-    ConversionReport,
-    convert_to_d2,
-    convert_to_torchvision,
-    d2_to_torchvision,
-    save_d2_pkl,
-    save_torchvision_state_dict,
-)
 from .io import CheckpointError, UnsafeCheckpointError, load_checkpoint_file
+from .layout import ConversionError
+from .to_d2 import ConversionReport, convert_to_d2, save_d2_pkl
+from .to_torchvision import convert_to_torchvision, d2_to_torchvision, save_torchvision_state_dict
 
 __all__ = [
     "CheckpointError",

@@ -2,7 +2,7 @@
 
 :func:`load_probe_backbone` reads any weight file the converter understands (a checkpoint of
 this project, a converted detectron2 ``.pkl``, a torchvision ResNet state dict, a MoCo-style
-``module.encoder_q.`` checkpoint, ...; see :mod:`soco_d2.checkpoint.convert`) into a torchvision
+``module.encoder_q.`` checkpoint, ...; see :mod:`soco_d2.checkpoint.layout`) into a torchvision
 ResNet whose output is the global-average-pooled res5 feature, or builds a randomly initialised
 one. :func:`probe_backbones` runs the same weighted kNN as the training monitor (and optionally a
 linear probe) for each backbone on one labelled folder. ``tools/probe.py`` is the command line.
@@ -26,7 +26,9 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from soco_d2.checkpoint.convert import SUPPORTED_DEPTHS, ConversionError, convert_to_torchvision
+from soco_d2.checkpoint.layout import ConversionError
+from soco_d2.checkpoint.to_torchvision import convert_to_torchvision
+from soco_d2.checkpoint.validate import SUPPORTED_DEPTHS
 
 from ..utils import comm
 from .knn import (ProbeImages, ProbeSplit, _gather_rows, extract_features, linear_probe, sampling_noise,

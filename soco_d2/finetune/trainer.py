@@ -179,7 +179,7 @@ def _is_bare_resnet_names(keys) -> bool:
 def _to_detector_names(state: Dict, path: str, fpn_levels) -> Dict[str, torch.Tensor]:
     """Rename a loaded state dict to the detector's (torchvision) names."""
     if _is_detectron2_names(state):
-        from soco_d2.checkpoint.convert import d2_to_torchvision
+        from soco_d2.checkpoint import d2_to_torchvision
 
         state, skipped = d2_to_torchvision(state, fpn_levels)
         logger.info("%s: detectron2 names converted to torchvision's (%d entries have no "

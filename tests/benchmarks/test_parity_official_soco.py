@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from soco_d2.checkpoint.convert import ConversionError
+from soco_d2.checkpoint import ConversionError
 from soco_d2.config import load_config
 from soco_d2.modeling import build_model
 

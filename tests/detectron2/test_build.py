@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from soco_d2.checkpoint.convert import convert_to_d2  # noqa: E402
+from soco_d2.checkpoint import convert_to_d2  # noqa: E402
 from soco_d2.config import ConfigError, load_config  # noqa: E402
 from soco_d2.data.image_list import list_images  # noqa: E402
 from soco_d2.data.selective_search import run_generation  # noqa: E402

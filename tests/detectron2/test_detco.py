@@ -12,7 +12,8 @@ from detectron2.config import get_cfg as get_d2_cfg  # noqa: E402
 from detectron2.modeling import META_ARCH_REGISTRY  # noqa: E402
 from detectron2.modeling import build_model as build_d2_model  # noqa: E402
 
-from soco_d2.checkpoint.convert import convert_to_d2, map_torchvision_resnet_key, save_d2_pkl  # noqa: E402
+from soco_d2.checkpoint import convert_to_d2, save_d2_pkl  # noqa: E402
+from soco_d2.checkpoint.layout import map_torchvision_resnet_key  # noqa: E402
 from soco_d2.config import get_cfg  # noqa: E402
 from soco_d2.detectron2 import D2DetCo, add_soco_d2_config  # noqa: E402
 from soco_d2.modeling import build_model  # noqa: E402

@@ -17,7 +17,7 @@ from detectron2.modeling import build_model as build_d2_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from soco_d2.checkpoint.convert import d2_to_torchvision  # noqa: E402
+from soco_d2.checkpoint import d2_to_torchvision  # noqa: E402
 from soco_d2.config import load_config  # noqa: E402
 from soco_d2.finetune.detectors import build_detector  # noqa: E402
 

@@ -15,7 +15,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model as build_d2_model  # noqa: E402
 from detectron2.modeling.roi_heads import Res5ROIHeads  # noqa: E402
 
-from soco_d2.checkpoint.convert import save_d2_pkl  # noqa: E402
+from soco_d2.checkpoint import save_d2_pkl  # noqa: E402
 from soco_d2.config import ConfigError  # noqa: E402
 from soco_d2.data.synthetic import make_synthetic_coco  # noqa: E402
 from soco_d2.detectron2.train import (  # noqa: E402

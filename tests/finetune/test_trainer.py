@@ -118,7 +118,7 @@ def test_load_bare_torchvision_resnet(tiny_overrides, tmp_path, caplog):
 
 
 def test_load_detectron2_pkl(tiny_overrides, tmp_path):
-    from soco_d2.checkpoint.convert import convert_to_d2, save_d2_pkl
+    from soco_d2.checkpoint import convert_to_d2, save_d2_pkl
 
     src = _tiny_model(tiny_overrides, 1)
     d2, _ = convert_to_d2(src.state_dict(), parts=("backbone", "fpn", "head"), allow_unmapped=True)

@@ -10,7 +10,7 @@ import torchvision
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "engine"))
 import monitor_toy as mtoy  # noqa: E402
 
-from soco_d2.checkpoint.convert import convert_to_d2, save_d2_pkl  # noqa: E402
+from soco_d2.checkpoint import convert_to_d2, save_d2_pkl  # noqa: E402
 from soco_d2.config import get_cfg  # noqa: E402
 from soco_d2.evaluation.knn import ProbeImages, sampling_noise  # noqa: E402
 from soco_d2.evaluation.probe import (  # noqa: E402

@@ -20,7 +20,7 @@ member                   used by
 =======================  =============================================================================
 
 Conversion (``tools/convert_to_d2.py``) reads the saved state dict by key layout
-(:mod:`soco_d2.checkpoint.convert`): a method's ResNet is exported when it carries torchvision
+(:mod:`soco_d2.checkpoint.layout`): a method's ResNet is exported when it carries torchvision
 (``conv1``, ``layer1.0.conv1``) or detectron2 (``stem``, ``res2``) names under any prefix, and its
 target network is told apart by a ``target*`` / ``momentum*`` / ``*_k`` prefix component.
 How a method's views look is its view mapper's job (:class:`soco_d2.data.view_mapper.ViewMapper`).
