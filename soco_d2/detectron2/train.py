@@ -45,7 +45,7 @@ from detectron2.modeling.roi_heads import Res5ROIHeads
 from detectron2.utils import comm as d2_comm
 from detectron2.utils.logger import setup_logger
 
-from soco_d2.engine.sync_bn import sync_batchnorm_to_gloo
+from soco_d2.modeling.sync_bn import sync_batchnorm_to_gloo
 from soco_d2.finetune.coco_data import get_dataset_paths
 from soco_d2.utils import comm
 from soco_d2.utils.env import write_run_record

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from soco_d2.config import ConfigError
 from soco_d2.data.loader import build_pretrain_loader, usable_cores, usable_num_workers
+from soco_d2.modeling.sync_bn import convert_sync_batchnorm
 from soco_d2.utils import comm
 from soco_d2.utils.env import write_run_record
 from soco_d2.utils.watchdog import Watchdog, beat
@@ -40,7 +41,6 @@ from .preemption import Preempted, PreemptionWatcher, explain_worker_death, requ
 from .optimizer import build_optimizer
 from .output_dir import lock_output_dir
 from .schedules import build_lr_schedule, build_momentum_schedule, max_iter_from_cfg
-from .sync_bn import convert_sync_batchnorm
 from .writers import build_writers, check_writers, setup_logging, writers_state
 
 __all__ = ["PretrainTrainer", "seed_all", "resolve_device", "move_to_device", "NonFiniteLossGuard",

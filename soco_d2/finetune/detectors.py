@@ -46,7 +46,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from soco_d2.engine.sync_bn import convert_sync_batchnorm
+from soco_d2.modeling.sync_bn import convert_sync_batchnorm
 from soco_d2.finetune.retinanet import ConfigurableRetinaNet, box_regression_loss
 from soco_d2.utils import comm
 from soco_d2.utils.torchvision_internals import convert_to_roi_format, filter_input, setup_scales

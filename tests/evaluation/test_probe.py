@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from soco_d2.engine.sync_bn import convert_sync_batchnorm
+from soco_d2.modeling.sync_bn import convert_sync_batchnorm
 from soco_d2.evaluation.knn import ProbeImages
 from soco_d2.evaluation.probe import load_probe_backbone, recompute_bn_statistics
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...engine.sync_bn import batch_norm_per_group
+from ..sync_bn import batch_norm_per_group
 from ..backbone import build_resnet_fpn_backbone
 from ..ema import frozen_copy
 from ..heads import box_head_output_dim, build_box_head, build_predictor, build_projector

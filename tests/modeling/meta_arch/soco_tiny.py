@@ -53,7 +53,7 @@ def half_batch(batch, rank, world_size):
 def dump_gradients(dump_path, overrides):
     """Build the tiny model (seed 0), convert its BN for this process group as the trainer does,
     run this process's share of ``random_batch(4)`` and save the loss and online gradients."""
-    from soco_d2.engine.sync_bn import convert_sync_batchnorm
+    from soco_d2.modeling.sync_bn import convert_sync_batchnorm
     from soco_d2.modeling import build_model
     from soco_d2.utils import comm
 

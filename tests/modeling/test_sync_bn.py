@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from fvcore.nn.precise_bn import get_bn_modules
 from torch import nn
 
-from soco_d2.engine.sync_bn import (
+from soco_d2.modeling.sync_bn import (
     AllReduceBatchNorm, batch_norm_per_group, convert_sync_batchnorm, sync_batchnorm_to_gloo,
 )
 
