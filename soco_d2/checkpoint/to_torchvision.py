@@ -11,7 +11,7 @@ import torch
 
 from soco_d2.utils.fileio import atomic_write
 
-from .layout import PARTS, ConversionError
+from .layout import ConversionError
 from .to_d2 import ConversionReport, convert_to_d2
 
 __all__ = ["TORCHVISION_FPN_LEVELS", "convert_to_torchvision", "d2_to_torchvision",
@@ -111,17 +111,15 @@ def d2_to_torchvision(
 
 def convert_to_torchvision(
     state_or_path: Union[str, os.PathLike, Mapping[str, Any]],
-    parts: Sequence[str] = PARTS,
-    branch: str = "online",
-    depth: Optional[int] = None,
-    allow_unmapped: bool = False,
-    trust: bool = False,
     fpn_levels: Sequence[int] = (2, 3, 4, 5),
+    **options,
 ) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
-    """Like :func:`convert_to_d2`, but returns torchvision detector names (``backbone.body.*``,
+    """Like :func:`convert_to_d2` (``options``: its ``parts``, ``branch``, ``depth``,
+    ``allow_unmapped``, ``trust``), but returns torchvision detector names (``backbone.body.*``,
     ``backbone.fpn.*``, ``roi_heads.box_head.*``), for ``maskrcnn_resnet50_fpn_v2`` /
-    ``retinanet_resnet50_fpn(_v2)`` fine-tuning (load with ``strict=False``)."""
-    d2, report = convert_to_d2(state_or_path, parts, branch, depth, allow_unmapped, trust)
+    ``retinanet_resnet50_fpn(_v2)`` fine-tuning (load with ``strict=False``); ``fpn_levels`` as
+    for :func:`d2_to_torchvision`."""
+    d2, report = convert_to_d2(state_or_path, **options)
     tv, skipped = d2_to_torchvision(d2, fpn_levels)
     inverse = {v: k for k, v in report.mapped.items()}
     for d2_key, reason in skipped.items():

@@ -9,12 +9,18 @@ from monitor_toy import tiny_method  # noqa: E402
 from soco_d2.engine.model_taps import embedding_module, probe_feature_fn  # noqa: E402
 
 
-def test_soco_probe_features_are_res5_and_the_whole_image_box():
-    cfg, model = tiny_method("SoCo")
+def _probe_features(arch, size):
+    """(cfg, model, two random images of ``size`` px, their probe features)."""
+    cfg, model = tiny_method(arch)
     fn = probe_feature_fn(model, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
-    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     with torch.no_grad():
-        out = fn(images)
+        return cfg, model, images, fn(images)
+
+
+def test_soco_probe_features_are_res5_and_the_whole_image_box():
+    cfg, model, images, out = _probe_features("SoCo", 64)
+    with torch.no_grad():
         x = (images.float() - torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)) / torch.tensor(
             cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
         res5 = model.backbone.body(x)["3"].mean(dim=(2, 3))
@@ -34,11 +40,7 @@ def test_soco_probe_features_are_res5_and_the_whole_image_box():
 
 
 def test_detco_probe_features_and_health_hook():
-    cfg, model = tiny_method("DetCo")
-    fn = probe_feature_fn(model, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    with torch.no_grad():
-        out = fn(images)
+    _, model, _, out = _probe_features("DetCo", 32)
     assert list(out) == ["res5"] and out["res5"].shape == (2, 512)
     # the health hook sits on the last layer of the deepest global head
     assert embedding_module(model) is model.encoder_q.global_heads["res5"][-1]
