@@ -449,8 +449,9 @@ def part_loader(bench: Bench, method: str, workers: int) -> Dict:
     finally:
         # Stop the workers now: they ignore SIGTERM (the trainer's preemption handling), so
         # workers left to the exit of the interpreter (or stuck ones) would keep it waiting.
-        loader._shutdown_workers()
-        for worker in getattr(loader, "_workers", []):
+        workers_of = loader.dataloader_iter
+        workers_of._shutdown_workers()
+        for worker in getattr(workers_of, "_workers", []):
             if worker.is_alive():
                 worker.kill()
 

@@ -14,7 +14,7 @@ file was replaced after the proposals were made, and its boxes would be stretche
 picture. An image of the same aspect ratio at another size (up to the rounding of each side to
 whole pixels) is the same picture resized (e.g. proposals of full-size ImageNet, training on a
 resized copy): its boxes are rescaled. Images skipped for their size are not logged one by one:
-:func:`~soco_d2.data.loader.build_pretrain_loader` logs one line per process at the first
+:class:`~soco_d2.data.loader.PretrainBatches` logs one line per process at the first
 (:meth:`PretrainDataset.size_change_summary`).
 
 Images that the proposals file records as unreadable are left out of the dataset up front.

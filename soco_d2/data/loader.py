@@ -25,7 +25,7 @@ def loader_worker_init(worker_id: int) -> None:
     ignore_preemption_signals(worker_id)
     dump_stacks_on_request()
 
-__all__ = ["per_process_batch_size", "build_pretrain_loader", "usable_num_workers",
+__all__ = ["per_process_batch_size", "build_pretrain_loader", "PretrainBatches", "usable_num_workers",
            "loader_worker_init", "check_shared_memory", "SharedMemoryTooSmall"]
 
 logger = logging.getLogger(__name__)
@@ -191,19 +191,29 @@ def build_pretrain_loader(cfg, dataset, start_iter: int = 0):
         generator=generator,
         worker_init_fn=loader_worker_init,
     )
-    return _report_size_changes(iter(loader), dataset)
+    return PretrainBatches(iter(loader), dataset)
 
 
-def _report_size_changes(batches, dataset):
-    """``batches``, unchanged; the first time a batch skipped an image and the dataset has
-    skipped some for their size (:meth:`~soco_d2.data.dataset.PretrainDataset.size_change_summary`),
-    one line is logged. The workers cannot log it: several could find such images at once."""
-    summary = getattr(dataset, "size_change_summary", None)
-    for batch in batches:
-        if summary is not None and isinstance(batch, dict) and "num_skipped" in batch \
+class PretrainBatches:
+    """The batches of a DataLoader iterator (``dataloader_iter``, which holds the workers),
+    unchanged. The first time a batch skipped an image and the dataset has skipped some for
+    their size (:meth:`~soco_d2.data.dataset.PretrainDataset.size_change_summary`), one line is
+    logged here, in the training process: the workers cannot, several could find such images at
+    once."""
+
+    def __init__(self, dataloader_iter, dataset):
+        self.dataloader_iter = dataloader_iter
+        self._summary = getattr(dataset, "size_change_summary", None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.dataloader_iter)
+        if self._summary is not None and isinstance(batch, dict) and "num_skipped" in batch \
                 and int(torch.as_tensor(batch["num_skipped"]).sum()):
-            line = summary()
+            line = self._summary()
             if line:
                 logger.warning(line)
-                summary = None
-        yield batch
+                self._summary = None
+        return batch
