@@ -2,7 +2,7 @@
 
 Each box goes to a level by ``MODEL.SOCO.LEVEL_ASSIGNMENT``: ``"official"`` (the official SoCo
 code's rule on integer corners, ``<=`` thresholds 48 / 96 / 192) or ``"torchvision"`` (the FPN
-paper's rule of torchvision's ``LevelMapper``); the two disagree on 1.56% of SoCo's boxes
+paper's rule of torchvision's ``LevelMapper``); the two disagree on 1.55% of SoCo's boxes
 (BENCHMARKS.md). :meth:`ScaleAwareRoIPooler.forward` pools each box on its level only,
 :meth:`ScaleAwareRoIPooler.pool_all_levels` every box on every level (the faithful head mode).
 RoIAlign is ``torchvision.ops.roi_align(aligned=True)``, once per level: torchvision's
