@@ -43,7 +43,7 @@ def add_monitor_config(cfg: CN) -> None:
     # Dimensional-collapse warning when RankMe falls below this fraction of its highest value in
     # the run (0: off; a resumed run counts from its restart). SoCo runs whose RankMe fell to
     # 0.13-0.32 of its peak lost 4.6-7.5 box-head kNN points; those at 0.55-0.79 (the recipe's
-    # 0.79) lost 1.1-2.0 (BENCHMARKS.md, "Learning").
+    # 0.79) lost 1.1-2.0 (docs/notes/learning.md).
     cfg.MONITOR.HEALTH.RANK_DROP_RATIO = 0.4
 
     # OUTPUT_DIR/monitor_curves.png at the end of a run with a monitor on.

@@ -1,38 +1,13 @@
 """The proposals file: per-image boxes, compact and memory-mapped.
 
-One file holds, for N images and M boxes in total:
-
-==============  =======================  ====================================================
-array           dtype, shape             content
-==============  =======================  ====================================================
-``key_offsets``  int64 (N+1,)            byte offsets of each key in ``key_blob``
-``key_blob``     uint8                   UTF-8 image keys, concatenated, sorted by bytes
-``image_hw``     uint32 (N, 2)           original image height, width
-``box_offsets``  int64 (N+1,)            image i owns ``boxes[box_offsets[i]:box_offsets[i+1]]``
-``boxes``        uint16 (M, 4)           x1, y1, x2, y2 in original-image pixels (8 bytes/box)
-
-``box_crc``      uint32 (N,)             CRC-32 of the bytes of each image's boxes
-==============  =======================  ====================================================
-
-Layout: ``b"SOCOPROP"``, uint32 format version, uint32 header length L, uint32 CRC-32 of the
-header, a UTF-8 JSON header of L bytes (array offsets relative to the data section, counts, file
-size, the CRC-32 of the index arrays, generation metadata), then the data section at the next
-64-byte boundary with every array 64-byte aligned. The file is opened with one read-only
-``mmap``; lookups binary-search the sorted keys in place, so DataLoader workers share the page
-cache and copy nothing (pickling reopens by path).
-
-Integrity: opening a file checks the header's and the index's checksums (everything but the
-boxes: a few bytes per image), and reading the boxes of an image checks that image's checksum,
-so flipped bits (a bad disk, a damaged copy) raise an error naming the file and the image
-instead of feeding wrong boxes to training. Files of format version 1 (without checksums) are
-still read, unverified, with a warning; ``tools/generate_proposals.py --merge NEW OLD`` rewrites
-one with checksums.
-
-Keys are image paths relative to the image root (see :mod:`soco_d2.data.image_list`).
-
-The header's ``unreadable`` entry maps the key of every image the generator could not read
-to the reason (:attr:`ProposalStore.unreadable`): such an image has no row, and pretraining
-leaves it out up front instead of counting it as an image without proposals.
+One file holds every image's boxes as uint16 ``x1, y1, x2, y2`` in original-image pixels (8 bytes
+per box), indexed by image key (the path relative to the image root, :mod:`soco_d2.data.image_list`)
+with sorted keys that lookups binary-search in place. The file is opened with one read-only
+``mmap``, so DataLoader workers share the page cache (pickling reopens by path). Checksums of the
+header, the index and each image's boxes turn flipped bits into an error naming the file and
+the image; the header's ``unreadable`` entry lists the images the generator could not read
+(:attr:`ProposalStore.unreadable`). The arrays, the layout and format versions:
+docs/ARCHITECTURE.md, "The proposals file".
 """
 from __future__ import annotations
 

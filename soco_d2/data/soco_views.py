@@ -28,52 +28,12 @@ def _to_chw_tensor(img: np.ndarray) -> torch.Tensor:
 class SoCoViewMapper(ViewMapper):
     """Builds SoCo's views V1, V2, V3 (and SoCo*'s V4) with K corresponding proposals per pair.
 
-    Views (config ``INPUT.SOCO``):
-
-    * **V1**: the whole image resized to ``VIEW1_SIZE`` squared (aspect ratio not kept).
-    * **V2**: a random resized crop (``CROP_SCALE``, ``CROP_RATIO``) of the original image,
-      resized to ``VIEW2_SIZE``.
-    * **V3**, ``V3_MODE``:
-
-      - ``"independent"`` (the official code): its own random resized crop of the original image,
-        resized to ``VIEW3_SIZE``, its own flip, and its own K proposals paired with V1;
-      - ``"downsample"`` (the paper's wording): V2 (after V2's flip) resized to ``VIEW3_SIZE``;
-        its boxes and ids are V2's, scaled.
-
-    * **V4** (SoCo*, ``VIEW4_SIZE > 0``): V2 before its flip resized to ``VIEW4_SIZE``, with its
-      own flip; its boxes are V2's scaled and its V1 partner boxes are those of the V1-V2 pair
-      (as the official ``...Multi3ResizeExtra`` dataset).
-
-    Geometry: V1 is flipped once (all its box sets flip together), V2/V3/V4 each with their own
-    coin, all with probability ``FLIP_PROB``.
-
-    Proposals of a pair (V1-V2, V1-V3, drawn independently): the proposals overlapping both views
-    by at least ``MIN_BOX_SIZE`` original pixels in width and height, clipped to each view;
-    K = ``NUM_PROPOSALS`` of them drawn without replacement. Each box set (V1's and the other
-    view's) is then padded to K with its own duplicates, drawn with replacement among the chosen
-    (the official code pads each of its four box sets separately): ``ids_a`` and ``ids_b`` list
-    the chosen proposals once each in the same order and may differ in the padded entries; every
-    id occurs on both sides. Retry loop (official ``max_tries`` / ``least_common``): the crops
-    are drawn at most ``MAX_TRIES`` times; a draw is accepted when both pairs have at least
-    ``need`` candidates, where ``need`` starts at ``max(K // 2, 1)`` and is halved after each
-    rejected draw but never drops below 1; after ``MAX_TRIES`` rejected draws the last one is
-    used anyway. With no candidate at all, the pair uses the crop rectangle
-    itself (V2's / V3's whole view and the same region of V1) with id N (one past the last
-    proposal): the official code used the whole of each view with id 1, which collides with
-    proposal 1 and pairs regions that do not show the same content. Ids are the proposals' row
-    numbers, so equal ids mean the same proposal. V1's chosen boxes are jittered (``JITTER_PROB``,
-    ``JITTER_RATIO``, :func:`~soco_d2.data.boxes.jitter_boxes`) and clipped to V1 before padding,
-    so duplicates are exact copies (official); V2/V3/V4 boxes are never jittered.
-
-    Colour (:class:`~soco_d2.data.augment.ColorAugment`, independent draws per view): V1 uses
-    index 0 of ``BLUR_PROB`` / ``SOLARIZE_PROB``, V2/V3/V4 index 1 (BYOL's asymmetric recipe).
-    ``CUTOUT``: on V2 and V3, each distinct box, with probability ``CUTOUT_PROB``, gets a square
-    of area ``U(CUTOUT_RATIO)`` x box area centred at a uniform point of the box, filled with
-    ``MODEL.PIXEL_MEAN`` (zero after normalisation, as the official code).
-
-    Draw order from ``rng``: crops (retry loop; V2's then V3's crop per draw), V1-V2 pair, V1-V3
-    pair (each: choice, V1's jitter, V1's padding, the other view's padding), flips (V1, V2, V3,
-    V4), colour (V1, V2, V3, V4), cutout (V2, V3).
+    V1 is the whole image, V2 a random resized crop, V3 another crop (``V3_MODE "independent"``,
+    the official code) or V2 downsampled (``"downsample"``), V4 (SoCo*) V2 resized. Each pair
+    (V1-V2, V1-V3) draws its own K proposals among those inside both views, retrying the crops up
+    to ``MAX_TRIES`` times, and pads each box set to K with its own duplicates; boxes correspond by
+    id, never by position. Colour, blur, solarize and cutout follow the official recipe. Every
+    rule, the no-proposal fallback and the draw order from ``rng``: docs/SOCO.md.
     """
 
     sheet_name = "soco"

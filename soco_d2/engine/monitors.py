@@ -1,39 +1,15 @@
 """Representation monitors of a pretraining run: is the representation improving, or collapsing?
 
-* **kNN probe** (``MONITOR.KNN``): weighted kNN top-1 / top-5 (k = 20, T = 0.07, cosine, as
-  InstDisc and solo-learn) on a labelled image folder, from L2-normalised, globally average-pooled
-  res5 features of the online backbone and, for SoCo, from the box-head embedding of the
-  whole-image box. Runs at iteration 0, every ``PERIOD`` iterations and at the end, on the
-  training device; with several processes each extracts its share of the images and the features
-  are gathered. The model runs in eval mode (BN with running statistics, which it does not
-  update) under a forked RNG, and every module gets its training flag back afterwards, so the
-  training stream is the same with the monitor on or off. ``BN_STATS "train"`` probes with BN
-  statistics recomputed over the probe's training images (the model's own restored afterwards),
-  so that a random initialisation at iteration 0 is probed as the same kind of function as later
-  points. The time of each probe is logged, and a probe slower than the training interval it
-  sits in is a warning with both times.
-* **Health** (``MONITOR.HEALTH``), label-free: RankMe (Garrido et al. 2023: the exponential of the
-  entropy of the normalised singular values) and the mean per-dimension std of the L2-normalised
-  projector outputs that the loss uses over the last ``WINDOW`` rows (kept on the device, copied
-  to the host once per ``PERIOD``; gathered over processes). Evenly spread
-  embeddings have std ``1 / sqrt(dim)``; collapsed ones 0. Below ``COLLAPSE_STD_RATIO`` of that, a
-  warning says what to check; so does a RankMe below ``RANK_DROP_RATIO`` of its highest value in
-  the run (dimensional collapse: the embeddings keep their spread in few directions, which the
-  std does not see; measured in BENCHMARKS.md, "Learning"). For DetCo the chance level of each
-  InfoNCE term, ``ln(Q + 1)`` with ``Q = MODEL.DETCO.QUEUE_SIZE`` negatives, is reported beside
-  the losses.
-
-Everything goes to ``metrics.json``, TensorBoard and the progress line (keys ``knn_<feature>_top1``,
-``knn_<feature>_top5``, each with its sampling noise ``..._2se`` (two standard errors over the
-validation images), ``knn_time``, ``rankme``, ``emb_std``, ``chance_level``), and
-``OUTPUT_DIR/monitor_curves.png`` plots them at the end of the run.
+* **kNN probe** (``MONITOR.KNN``): weighted kNN top-1 / top-5 on a labelled image folder, from
+  res5 features (and, for SoCo, the box-head embedding of the whole-image box), at iteration 0,
+  every ``PERIOD`` iterations and at the end; the training stream is the same with it on or off.
+* **Health** (``MONITOR.HEALTH``), label-free: RankMe and the embedding std of the projector
+  outputs, with collapse warnings; for DetCo the chance level ``ln(Q + 1)`` of each InfoNCE term.
 
 This module runs them in the training loop; where they read the model is
 :mod:`soco_d2.engine.model_taps`, the health figures :mod:`soco_d2.engine.health_metrics`, the plot
-:mod:`soco_d2.engine.monitor_plots`. Models: the monitors ask a
-:class:`~soco_d2.modeling.meta_arch.method.PretrainMethod` (SoCo, DetCo) only through its contract
-(``normalize``, ``probe_features``, ``embedding_module``, ``chance_level``); see ``model_taps`` for
-other models.
+:mod:`soco_d2.engine.monitor_plots`. Keys, warnings, the probe's BN statistics and what the
+monitors ask of a model: docs/TRAINING.md, "Is it learning? Monitors".
 """
 from __future__ import annotations
 

@@ -1,40 +1,13 @@
 """Scale-aware RoIAlign over FPN levels P2-P5.
 
-Level assignment, ``MODEL.SOCO.LEVEL_ASSIGNMENT`` (side ``s`` in pixels of the box's own view,
-boundaries ``b_l = CANONICAL_BOX_SIZE * 2 ** (l + 1 - CANONICAL_LEVEL)``: 48, 96, 192 with
-SoCo's 96 at level 4):
-
-* ``"official"`` (the official SoCo code, ``assign_bboxs_to_feature_map``): the box corners
-  truncated to integers, ``s = sqrt((x2 - x1 + 1) * (y2 - y1 + 1))``, and ``<=`` thresholds:
-  ``s <= 48 -> P2``, ``<= 96 -> P3``, ``<= 192 -> P4``, else P5. The official code truncates
-  the corners before the horizontal flip, so a box given after a flip (the sample's ``flips``
-  flags) has its x corners rounded up instead. (The official code leaves a box with ``s > 224``
-  on no level; its inclusive integer boxes in a 224 px view never get there. Here such a box
-  goes to P5.)
-* ``"torchvision"`` (torchvision's ``LevelMapper``, the FPN paper's eq. 1, which the torchvision
-  and detectron2 FPN poolers of fine-tuned detectors use): ``s = sqrt(w h)`` on the float box,
-  ``level = clamp(floor(4 + log2(s / 96) + 1e-6), 2, 5)``: ``s < 48 -> P2``, ``< 96 -> P3``,
-  ``< 192 -> P4``, else P5. Of the boxes that SoCo's view mapper draws on COCO images (32,000
-  boxes: coco_mini train2017, 80 images x 25 draws, recipe of configs/soco), 1.56% land on
-  another level than with ``"official"`` (BENCHMARKS.md).
-
-Two ways of pooling:
-
-* :meth:`ScaleAwareRoIPooler.forward`: each box on its assigned level only (``HEAD_MODE``
-  ``"per_view"`` / ``"all"``); feature scales are inferred from the feature and view sizes,
-  rounded to a power of two (as torchvision's ``MultiScaleRoIAlign``).
-* :meth:`ScaleAwareRoIPooler.pool_all_levels`: every box on every level (``HEAD_MODE``
-  ``"faithful"``, the official code), each level scaled by the exact ratio of feature size to
-  view size per axis, as the official code (which multiplies boxes normalised by the view size
-  by the map's height and width). The two scalings differ only on maps whose size does not
-  divide the view: P5 of a 112 px view is 4 x 4 (ResNet rounds up), scale 4/112 here, 1/32 there.
-
-RoIAlign is ``torchvision.ops.roi_align(..., aligned=True)`` with adaptive sampling (sampling
-ratio 0 in the config = torchvision's -1), as the official code (``--aligned``) and detectron2's
-ROIAlignV2. torchvision's ``MultiScaleRoIAlign`` cannot be used as is: it always calls
-``roi_align`` with ``aligned=False``, which samples half a feature cell off (no -0.5 pixel shift:
-2 px on P2, 16 px on P5) and stretches RoIs smaller than one feature cell to one cell. So this
-module combines its own level assignment with one ``roi_align(aligned=True)`` call per level.
+Each box goes to a level by ``MODEL.SOCO.LEVEL_ASSIGNMENT``: ``"official"`` (the official SoCo
+code's rule on integer corners, ``<=`` thresholds 48 / 96 / 192) or ``"torchvision"`` (the FPN
+paper's rule of torchvision's ``LevelMapper``); the two disagree on 1.55% of SoCo's boxes
+(BENCHMARKS.md). :meth:`ScaleAwareRoIPooler.forward` pools each box on its level only,
+:meth:`ScaleAwareRoIPooler.pool_all_levels` every box on every level (the faithful head mode).
+RoIAlign is ``torchvision.ops.roi_align(aligned=True)``, once per level: torchvision's
+``MultiScaleRoIAlign`` always uses ``aligned=False`` (half a cell off). The rules, the scales and
+why: docs/SOCO.md, "Box levels" and "Pooling".
 """
 import math
 from typing import List, Optional, Sequence, Tuple
