@@ -8,7 +8,7 @@ param schedulers), periodic and final COCO evaluation, optional precise BN befor
 
 The step does what a bare torchvision training step does and little else: the per-step losses
 stay on the device; they are read (one host sync) every ``LOG_PERIOD`` iterations, before a
-checkpoint and at the end, and checked there (:class:`~soco_d2.engine.trainer.NonFiniteLossGuard`:
+checkpoint and at the end, and checked there (:class:`~soco_d2.engine.train_loop.NonFiniteLossGuard`:
 with float16 the steps the gradient scaler skipped are tolerated up to
 ``SOLVER.AMP.MAX_CONSECUTIVE_NONFINITE`` in a row).
 """
@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from soco_d2.checkpoint.io import load_checkpoint_file
 from soco_d2.engine.checkpoint import Checkpointer
 from soco_d2.engine.preemption import PreemptionWatcher, explain_worker_death
-from soco_d2.engine.trainer import (
-    NonFiniteLossGuard, save_checkpoint, setup_run, stop_for_preemption)
+from soco_d2.engine.train_loop import NonFiniteLossGuard, save_checkpoint, stop_for_preemption
+from soco_d2.engine.trainer import setup_run
 from soco_d2.engine.writers import ConsolePrinter, build_writers, writers_state
 from soco_d2.evaluation.coco_evaluation import (
     COCOEvaluator,
