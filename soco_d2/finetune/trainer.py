@@ -1,4 +1,5 @@
-"""Fine-tuning loop for the torchvision detectors, on the pretraining engine's pieces.
+"""Fine-tuning trainer for the torchvision detectors, on the loop of
+:mod:`soco_d2.engine.train_loop` (metrics flush, checkpoints, preemption stop and closing).
 
 The engine provides the process launch, logging and writers (``metrics.json``, TensorBoard,
 console progress line), atomic checkpoints with RNG states and the synchronised BN; this module
@@ -28,14 +29,12 @@ from fvcore.common.param_scheduler import (
     MultiStepParamScheduler,
 )
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from soco_d2.checkpoint.io import load_checkpoint_file
 from soco_d2.engine.checkpoint import Checkpointer
-from soco_d2.engine.preemption import PreemptionWatcher, explain_worker_death
-from soco_d2.engine.train_loop import NonFiniteLossGuard, save_checkpoint, stop_for_preemption
+from soco_d2.engine.train_loop import NonFiniteLossGuard, TrainLoop
 from soco_d2.engine.trainer import setup_run
-from soco_d2.engine.writers import ConsolePrinter, build_writers, writers_state
+from soco_d2.engine.writers import ConsolePrinter, build_writers
 from soco_d2.evaluation.coco_evaluation import (
     COCOEvaluator,
     check_coco_eval_backend,
@@ -43,7 +42,6 @@ from soco_d2.evaluation.coco_evaluation import (
     inference_on_dataset,
 )
 from soco_d2.utils import comm
-from soco_d2.utils.watchdog import Watchdog, beat
 
 from .coco_data import build_dataset, build_test_loader, build_train_loader
 from .detectors import backbone_prefix, build_detector, first_label
@@ -281,10 +279,6 @@ def _log_weights_report(path: str, report: Dict[str, List[str]]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def _targets_to(targets: List[dict], device: torch.device) -> List[dict]:
     return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
              for k, v in t.items()} for t in targets]
@@ -303,7 +297,7 @@ class _LossForward(nn.Module):
                           _targets_to(targets, self.device))
 
 
-class FinetuneTrainer:
+class FinetuneTrainer(TrainLoop):
     """Fine-tunes ``MODEL.DETECTOR`` on ``DATASETS.TRAIN`` and evaluates on ``DATASETS.TEST``.
 
     Typical use::
@@ -314,13 +308,11 @@ class FinetuneTrainer:
     """
 
     def __init__(self, cfg, model: Optional[nn.Module] = None, train: bool = True):
-        self.cfg = cfg
-        self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
         s = cfg.SOLVER
         if s.GRAD_ACCUM_STEPS != 1:
             raise ValueError("SOLVER.GRAD_ACCUM_STEPS must be 1 for fine-tuning; scale "
                              "SOLVER.IMS_PER_BATCH (the learning rate follows linearly).")
-        self.device = setup_run(cfg)
+        super().__init__(cfg, setup_run(cfg))
         check_coco_eval_backend(cfg.TEST.COCO_EVAL_BACKEND)  # at start, not after training
 
         self.model = model if model is not None else build_detector(cfg, self.device)
@@ -332,10 +324,9 @@ class FinetuneTrainer:
             cfg, self.scaler, "Lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS or set "
             "SOLVER.CLIP_GRAD_NORM.")
         self.max_iter = int(s.MAX_ITER)
-        self.start_iter = 0
-        self.iter = 0
         self.optimizer = None
         self.train_dataset = None
+        self.results: Dict = {}  # the last evaluation's
         if train:
             if not cfg.DATASETS.TRAIN:
                 raise ValueError("DATASETS.TRAIN is empty: name at least one training dataset.")
@@ -343,12 +334,8 @@ class FinetuneTrainer:
             self.scheduler = build_lr_scheduler(cfg, self.max_iter)
             self.train_dataset = self._build_train_dataset()
             if self.world_size > 1:
-                self.model = DistributedDataParallel(
-                    self.model,
-                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                    broadcast_buffers=False,
-                )
-        self.checkpointer = Checkpointer(_unwrap(self.model), cfg.OUTPUT_DIR, self.optimizer,
+                self.model = comm.wrap_ddp(self.model, self.device)
+        self.checkpointer = Checkpointer(comm.unwrap(self.model), cfg.OUTPUT_DIR, self.optimizer,
                                          self.scaler, max_to_keep=s.MAX_TO_KEEP, config=cfg.dump())
 
     def _build_train_dataset(self):
@@ -379,7 +366,7 @@ class FinetuneTrainer:
                 return
             logger.info("No checkpoint in %s: starting a new run.", self.cfg.OUTPUT_DIR)
         if self.cfg.MODEL.WEIGHTS:
-            load_detector_weights(_unwrap(self.model), self.cfg.MODEL.WEIGHTS)
+            load_detector_weights(comm.unwrap(self.model), self.cfg.MODEL.WEIGHTS)
         else:
             logger.info("MODEL.WEIGHTS is empty: training from random initialisation.")
 
@@ -388,7 +375,7 @@ class FinetuneTrainer:
         checkpoint of ``OUTPUT_DIR``. Returns the iteration the weights come from (0 if unknown)."""
         if self.cfg.MODEL.WEIGHTS and not resume:
             path = self.cfg.MODEL.WEIGHTS
-            report = load_detector_weights(_unwrap(self.model), path)
+            report = load_detector_weights(comm.unwrap(self.model), path)
             if report["missing"]:
                 logger.warning("Evaluating with %d detector tensors left at random init.",
                                len(report["missing"]))
@@ -415,64 +402,33 @@ class FinetuneTrainer:
     def train(self) -> Dict:
         """Train to ``SOLVER.MAX_ITER`` (evaluating every ``TEST.EVAL_PERIOD``) and evaluate the
         final model. Returns the last evaluation results (``{}`` on non-main processes)."""
-        cfg = self.cfg
-        logger.info("Fine-tuning %s for %d iterations from iteration %d: %d process(es), %d "
-                    "images per step, lr %.5g.", cfg.MODEL.DETECTOR, self.max_iter,
-                    self.start_iter, self.world_size, cfg.SOLVER.IMS_PER_BATCH,
-                    self.scheduler.base_lr)
-        self.writers = build_writers(cfg.OUTPUT_DIR, self.max_iter, cfg,
-                                     getattr(self, "_writers_state", {}))
-        self._reset_window()
-        results = {}
-        self.model.train()
-        save = lambda name, it, final=False: save_checkpoint(  # noqa: E731
-            cfg, self.checkpointer, name, it, final=final, writers=writers_state(self.writers))
-        try:
-            # (outside the watcher: torch may report the worker's death again, from its SIGCHLD
-            # handler, while the watcher restores the signal handlers)
-            with explain_worker_death(self.checkpointer.last_checkpoint), \
-                    PreemptionWatcher() as watcher, \
-                    Watchdog(cfg.SOLVER.WATCHDOG_TIMEOUT, "SOLVER.WATCHDOG_TIMEOUT"):
-                # (the loader's workers start here: a worker that dies at once is explained too)
-                self._data = build_train_loader(cfg, self.train_dataset, self.start_iter)
-                for it in range(self.start_iter, self.max_iter):
-                    self.iter = it
-                    self.run_step(it)
-                    done = it + 1
-                    beat(f"iteration {done + 1}")
-                    last = done == self.max_iter
-                    ckpt = cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0
-                    if done % cfg.LOG_PERIOD == 0 or ckpt or last:
-                        self._flush_metrics(done)
-                    period = cfg.TEST.EVAL_PERIOD
-                    if cfg.DATASETS.TEST and period > 0 and done % period == 0 and not last:
-                        results = self.test(done)
-                        self.model.train()
-                    if ckpt and not last:
-                        save(f"model_{done:07d}.pth", done)
-                    if not last and watcher.should_stop():
-                        self._flush_metrics(done)
-                        stop_for_preemption(cfg, watcher, lambda n, i: save(n, i, final=True),
-                                            done, self.max_iter)
-                if self.start_iter < self.max_iter or self.checkpointer.last_checkpoint() is None:
-                    save("model_final.pth", self.max_iter, final=True)
-            if cfg.DATASETS.TEST:  # the final model is saved first: a failed evaluation loses nothing
-                results = self.test(self.max_iter)
-        finally:
-            self._data = None  # stops the loader's worker processes (first: see below)
-            # A loader worker that died can still be reported (SIGCHLD) while closing up.
-            with explain_worker_death(self.checkpointer.last_checkpoint):
-                for w in self.writers:
-                    w.close()
-        # Every process leaves its last collective before any of them tears the group down.
-        comm.synchronize()
-        return results
+        self.results = {}
+        super().train()
+        return self.results
+
+    def start_message(self) -> str:
+        return (f"Fine-tuning {self.cfg.MODEL.DETECTOR} for {self.max_iter} iterations from "
+                f"iteration {self.start_iter}: {self.world_size} process(es), "
+                f"{self.cfg.SOLVER.IMS_PER_BATCH} images per step, lr {self.scheduler.base_lr:.5g}.")
+
+    def build_train_loader(self):
+        return build_train_loader(self.cfg, self.train_dataset, self.start_iter)
+
+    def evaluate(self, done: int) -> None:
+        period = self.cfg.TEST.EVAL_PERIOD
+        if self.cfg.DATASETS.TEST and period > 0 and done % period == 0:
+            self.results = self.test(done)
+            self.model.train()
+
+    def after_train(self) -> None:
+        if self.cfg.DATASETS.TEST:
+            self.results = self.test(self.max_iter)
 
     def run_step(self, it: int) -> None:
         """One optimizer step on the next batch (no host sync)."""
         t0 = time.perf_counter()
         images, targets = next(self._data)
-        self._data_time += time.perf_counter() - t0
+        data_time = time.perf_counter() - t0
         lr = self.scheduler.lr_at(it)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -491,47 +447,16 @@ class FinetuneTrainer:
                 [p for p in self.model.parameters() if p.grad is not None], clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self._loss_names is None:
-            self._loss_names = list(loss_dict)
-        self._rows.append(torch.stack([loss_dict[k].detach().float() for k in self._loss_names]))
-        self._iters.append(it)
-        self._lr = lr
+        self.record(it, loss_dict, lr=lr, data_time=data_time)
 
-    def _reset_window(self) -> None:
-        self._loss_names: Optional[List[str]] = getattr(self, "_loss_names", None)
-        self._rows: List[torch.Tensor] = []  # per-step losses, on the device
-        self._iters: List[int] = []
-        self._data_time = 0.0
-        self._window_start = time.perf_counter()
-
-    def _flush_metrics(self, done: int) -> None:
-        """Average the window's losses over processes (one host sync), check them
-        (:class:`NonFiniteLossGuard`), and write the mean over its finite steps on the main
-        process. Every process calls it."""
-        if not self._iters:
-            return
-        rows = (comm.all_reduce_sum(torch.stack(self._rows)) / self.world_size).double().cpu()
-        iters = self._iters
-        elapsed = time.perf_counter() - self._window_start
-        steps, data_time = len(iters), self._data_time
-        self._reset_window()
-        finite = self.nonfinite.check(rows, self._loss_names, iters, self.max_iter,
-                                      self.checkpointer.last_checkpoint)
-        mean = rows[finite].mean(dim=0).tolist()
-        losses = dict(zip(self._loss_names, mean))
-        if not self.writers:
-            return
+    def window_metrics(self, done: int, window: List[Dict], losses: Dict[str, float],
+                       elapsed: float) -> Dict:
+        steps = len(window)
         iter_time = elapsed / steps
-        metrics = {"total_loss": sum(mean), **losses, "lr": self._lr,
-                   "data_time": data_time / steps, "iter_time": iter_time,
-                   "images_per_sec": self.cfg.SOLVER.IMS_PER_BATCH / max(iter_time, 1e-9),
-                   "eta_seconds": iter_time * (self.max_iter - done)}
-        if not bool(finite.all()):
-            metrics["num_nonfinite"] = int((~finite).sum())
-        if self.device.type == "cuda":
-            metrics["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        for w in self.writers:
-            w.write(done, metrics)
+        return {"total_loss": sum(losses.values()), "lr": window[-1]["lr"],
+                "data_time": sum(w["data_time"] for w in window) / steps, "iter_time": iter_time,
+                "images_per_sec": self.cfg.SOLVER.IMS_PER_BATCH / max(iter_time, 1e-9),
+                "eta_seconds": iter_time * (self.max_iter - done)}
 
     # ------------------------------------------------------------------ evaluation
     def _precise_bn(self) -> None:
@@ -541,7 +466,7 @@ class FinetuneTrainer:
         from fvcore.nn.precise_bn import update_bn_stats
 
         loader = build_train_loader(cfg, self.train_dataset, start_iter=0)
-        model = _unwrap(self.model)
+        model = comm.unwrap(self.model)
         model.train()
         update_bn_stats(_LossForward(model, self.device), loader, cfg.TEST.PRECISE_BN.NUM_ITER)
 
@@ -553,7 +478,7 @@ class FinetuneTrainer:
             logger.warning("DATASETS.TEST is empty: nothing to evaluate.")
             return {}
         self._precise_bn()
-        model = _unwrap(self.model)
+        model = comm.unwrap(self.model)
         results = {}
         for name in cfg.DATASETS.TEST:
             dataset = build_dataset(cfg, name, False, first_label(cfg))
