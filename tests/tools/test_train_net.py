@@ -74,7 +74,7 @@ def test_train_eval_only_and_resume(data, tmp_path):
 
 def test_missing_weights_file_is_a_clear_error(data, tmp_path):
     tool = _load_tool()
-    from soco_d2.finetune.trainer import WeightsLoadingError
+    from soco_d2.finetune.weights import WeightsLoadingError
 
     with pytest.raises(WeightsLoadingError, match="nowhere.pkl"):
         tool.cli(["--config-file", CONFIG] + TINY + data + [
