@@ -1,7 +1,7 @@
 """The loop both trainers share: its hook order, its metrics flush and its one final-save rule."""
 import json
 import os
-import shutil
+import signal
 import sys
 
 import pytest
@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 import toy_pretrain as toy  # noqa: E402
+from final_save import check_final_save_rule  # noqa: E402
 
 from soco_d2.config import get_cfg  # noqa: E402
 from soco_d2.engine.checkpoint import Checkpointer  # noqa: E402
@@ -47,7 +49,7 @@ class RecordingLoop(TrainLoop):
         self.optimizer.step()
         self.calls.append(f"step {it}")
         if it == self.stop_in_step:
-            os.kill(os.getpid(), __import__("signal").SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR1)
         self.record(it, {"loss": loss}, lr=0.1)
 
     def after_step(self, done):
@@ -109,36 +111,24 @@ def test_preemption_flushes_checkpoints_and_skips_the_rest(tmp_path):
 
 def test_after_train_is_not_called_after_an_error_but_close_is(tmp_path):
     loop = RecordingLoop(_cfg(tmp_path))
-    loop.run_step = lambda it: (_ for _ in ()).throw(RuntimeError("step failed"))
+
+    def failing_step(it):
+        raise RuntimeError("step failed")
+
+    loop.run_step = failing_step
     with pytest.raises(RuntimeError, match="step failed"):
         loop.train()
     assert loop.calls == ["loader", "before_train", "close"]
 
 
-def _toy_run(cfg, resume):
-    torch.manual_seed(0)
-    trainer = PretrainTrainer(cfg, model=toy.EngineToyNet(cfg), dataset=toy.ToyDataset())
-    trainer.resume_or_load(resume)
-    trainer.train()
-    return trainer
+def test_final_save_rule_through_pretraining(tmp_path):
+    """(tests/finetune/test_trainer.py: the same rule through fine-tuning)"""
+    def run(out, max_iter, resume):
+        cfg = toy.toy_cfg(out, **{"SOLVER.MAX_ITER": max_iter, "SOLVER.CHECKPOINT_PERIOD": 1})
+        torch.manual_seed(0)
+        trainer = PretrainTrainer(cfg, model=toy.EngineToyNet(cfg), dataset=toy.ToyDataset())
+        trainer.resume_or_load(resume)
+        trainer.train()
+        return trainer
 
-
-def test_final_save_rule_of_a_run_resumed_at_its_end(tmp_path):
-    """A run whose last checkpoint is a periodic one at MAX_ITER writes model_final.pth on
-    resuming (tests/finetune/test_trainer.py: the same through the fine-tuning trainer)."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    _toy_run(toy.toy_cfg(a, **{"SOLVER.MAX_ITER": 3, "SOLVER.CHECKPOINT_PERIOD": 1}), False)
-    b.mkdir()
-    shutil.copy(a / "model_0000002.pth", b / "model_0000002.pth")
-    (b / "last_checkpoint").write_text("model_0000002.pth")
-    cfg = toy.toy_cfg(b, **{"SOLVER.MAX_ITER": 2, "SOLVER.CHECKPOINT_PERIOD": 1})
-    trainer = _toy_run(cfg, True)
-    assert trainer.start_iter == trainer.max_iter == 2
-    final = torch.load(b / "model_final.pth", weights_only=True)
-    periodic = torch.load(b / "model_0000002.pth", weights_only=True)
-    assert final["iteration"] == 2
-    for k, v in periodic["model"].items():
-        assert torch.equal(final["model"][k], v), k
-    before = os.path.getmtime(b / "model_final.pth")
-    _toy_run(cfg, True)  # a finished run resumed again keeps its file
-    assert os.path.getmtime(b / "model_final.pth") == before
+    check_final_save_rule(run, tmp_path)

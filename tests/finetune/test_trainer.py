@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ import torch
 from soco_d2.config import load_config
 from soco_d2.finetune.trainer import FinetuneTrainer
 from soco_d2.finetune.weights import WeightsLoadingError
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from final_save import check_final_save_rule  # noqa: E402
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "../../configs/finetune/*.yaml")))
 SHIPPED = [c for c in CONFIGS if not os.path.basename(c).startswith("Base")]
@@ -65,35 +69,19 @@ def test_resume_continues_exactly(tiny_coco, tiny_overrides, tmp_path):
         torch.testing.assert_close(resumed[k], v, rtol=0, atol=0, msg=k)
 
 
-def test_final_save_rule_of_a_run_resumed_at_its_end(tiny_coco, tiny_overrides, tmp_path):
-    """The loop's one rule (tests/engine/test_train_loop.py: the same through pretraining): a run
-    whose last checkpoint is a periodic one at MAX_ITER writes model_final.pth on resuming; a
-    finished run resumed again keeps its file."""
+def test_final_save_rule_through_finetuning(tiny_coco, tiny_overrides, tmp_path):
+    """(tests/engine/test_train_loop.py: the same rule through pretraining)"""
     json_file, _ = tiny_coco
-    common = ["SOLVER.CHECKPOINT_PERIOD", 1, "DATASETS.TEST", "()"]
 
     def run(out, max_iter, resume):
-        cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, out) + common +
-                          ["SOLVER.MAX_ITER", max_iter])
+        cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, out) + [
+            "SOLVER.CHECKPOINT_PERIOD", 1, "DATASETS.TEST", "()", "SOLVER.MAX_ITER", max_iter])
         trainer = FinetuneTrainer(cfg)
         trainer.resume_or_load(resume=resume)
         trainer.train()
         return trainer
 
-    a, b = tmp_path / "a", tmp_path / "b"
-    run(a, 3, False)
-    b.mkdir()
-    shutil.copy(a / "model_0000002.pth", b / "model_0000002.pth")
-    (b / "last_checkpoint").write_text("model_0000002.pth")
-    assert run(b, 2, True).start_iter == 2
-    final = torch.load(b / "model_final.pth", weights_only=True)
-    periodic = torch.load(b / "model_0000002.pth", weights_only=True)
-    assert final["iteration"] == 2
-    for k, v in periodic["model"].items():
-        assert torch.equal(final["model"][k], v), k
-    before = os.path.getmtime(b / "model_final.pth")
-    run(b, 2, True)
-    assert os.path.getmtime(b / "model_final.pth") == before
+    check_final_save_rule(run, tmp_path)
 
 
 def test_eval_only_needs_weights(tiny_coco, tiny_overrides, tmp_path):
