@@ -82,7 +82,8 @@ def build_lr_scheduler(cfg, max_iter: int) -> WarmupMultiStepLR:
     if s.LR_SCHEDULER != "WarmupMultiStep":
         raise ValueError(
             f"Fine-tuning needs SOLVER.LR_SCHEDULER 'WarmupMultiStep', got {s.LR_SCHEDULER!r} "
-            "(the shared default is the pretraining schedule; see configs/finetune/Base-Finetune.yaml)."
+            "(pretraining's schedule: load fine-tuning configs on soco_d2.config.get_finetune_cfg's "
+            "defaults, as tools/train_net.py does, or set the key)."
         )
     lr = s.BASE_LR * s.IMS_PER_BATCH / s.BASE_LR_BATCH_SIZE
     return WarmupMultiStepLR(lr, max_iter, resolve_steps(s.STEPS, max_iter), s.GAMMA,
@@ -95,8 +96,9 @@ def build_finetune_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     s = cfg.SOLVER
     if s.OPTIMIZER != "SGD":
         raise ValueError(
-            f"Fine-tuning uses SOLVER.OPTIMIZER 'SGD', got {s.OPTIMIZER!r} (the shared default is "
-            "the pretraining optimizer; see configs/finetune/Base-Finetune.yaml)."
+            f"Fine-tuning uses SOLVER.OPTIMIZER 'SGD', got {s.OPTIMIZER!r} (pretraining's optimizer: "
+            "load fine-tuning configs on soco_d2.config.get_finetune_cfg's defaults, as "
+            "tools/train_net.py does, or set the key)."
         )
     norm, other, seen = [], [], set()
     for module in model.modules():

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from soco_d2.config import load_config
+from soco_d2.config import get_finetune_cfg, load_config
 from soco_d2.finetune.detectors import build_detector
 from soco_d2.finetune.solver import (
     WarmupMultiStepLR,
@@ -63,3 +63,11 @@ def test_optimizer_weight_decay_groups(tiny_overrides):
     assert by_id[id(params["roi_heads.box_predictor.cls_score.bias"])] == pytest.approx(2.5e-5)
     assert len(by_id) == len(params)
     assert opt.defaults["momentum"] == 0.9
+
+
+def test_finetune_defaults_build_the_solver_without_solver_keys():
+    cfg = load_config("", ["SOLVER.MAX_ITER", 100], defaults=get_finetune_cfg)
+    opt = build_finetune_optimizer(cfg, torch.nn.Linear(2, 2))
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["weight_decay"] == 1e-4
+    sched = build_lr_scheduler(cfg, 100)
+    assert sched.base_lr == pytest.approx(0.02) and sched.lr_at(0) == pytest.approx(0.02 * 0.001)
