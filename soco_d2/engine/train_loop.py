@@ -128,8 +128,6 @@ class NonFiniteLossGuard:
         return finite
 
 
-
-
 class TrainLoop:
     """The loop, its metrics flush, checkpoints, preemption stop and closing (see module doc).
 
@@ -143,7 +141,7 @@ class TrainLoop:
     model: torch.nn.Module
     max_iter: int
     checkpointer: Checkpointer
-    nonfinite: "NonFiniteLossGuard"
+    nonfinite: NonFiniteLossGuard
 
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -273,7 +271,7 @@ class TrainLoop:
                 f"{self._loss_names}; every iteration must return the same keys."
             )
         vec = torch.stack([losses[k].detach().float().to(self.device).reshape(()) for k in names])
-        self._window.append(dict(info, it=it, losses=vec))
+        self._window.append(dict(info, it=it, vec=vec))
 
     def _reset_window(self) -> None:
         self._window: List[Dict] = []
@@ -286,7 +284,7 @@ class TrainLoop:
         if not self._window:
             return
         window = self._window
-        rows = comm.all_reduce_sum(torch.stack([w["losses"] for w in window])) / self.world_size
+        rows = comm.all_reduce_sum(torch.stack([w["vec"] for w in window])) / self.world_size
         rows = rows.double().cpu()
         elapsed = time.perf_counter() - self._window_start
         self._reset_window()
