@@ -284,10 +284,6 @@ def make_trainer(cfg, state, fp16=False):
     return trainer
 
 
-def _unwrapped(trainer):
-    return trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-
-
 def run_ours(trainer, run, micro_batches, first, last):
     """``trainer.run_step(it)`` for it in [first, last), recording into ``run``."""
     accum = trainer.cfg.SOLVER.GRAD_ACCUM_STEPS
@@ -304,7 +300,7 @@ def run_ours(trainer, run, micro_batches, first, last):
         if scale is not None:  # GradScaler halves the scale exactly when it skips the step
             extra = {"scale": trainer.scaler.get_scale(), "skipped": trainer.scaler.get_scale() < scale}
         if run is not None:
-            run.add(_unwrapped(trainer).state_dict(), loss=values["total_loss"], lr=w["lr"],
+            run.add(comm.unwrap(trainer.model).state_dict(), loss=values["total_loss"], lr=w["lr"],
                     momentum=w["momentum"], **extra)
     trainer._window.clear()
 

@@ -42,6 +42,15 @@ def test_no_module_imports_from_a_layer_above_its_own():
     assert upward == KNOWN_UPWARD
 
 
+def test_the_training_loop_knows_neither_trainer():
+    """engine/train_loop.py is below both trainers (pretraining's, fine-tuning's) and their
+    hooks' providers (the monitors): it imports none of them."""
+    module, is_package, path = next(m for m in ALL if m[0] == "soco_d2.engine.train_loop")
+    above = {"soco_d2.engine.trainer", "soco_d2.engine.monitors", "soco_d2.finetune"}
+    assert not {t for t in imports_of(module, is_package, path)
+                if any(t == a or t.startswith(a + ".") for a in above)}
+
+
 @pytest.mark.parametrize("code, expected", [
     ("from soco_d2.engine import trainer", {"soco_d2.engine"}),
     ("def f():\n    from ..engine.preemption import Preempted", {"soco_d2.engine.preemption"}),

@@ -19,7 +19,7 @@ import sys
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from soco_d2.config import is_detectron2_config, load_config  # noqa: E402
+from soco_d2.config import get_finetune_cfg, is_detectron2_config, load_config  # noqa: E402
 from soco_d2.engine.arguments import (  # noqa: E402
     check_before_launch, default_argument_parser, run_tool)
 from soco_d2.engine.trainer import check_cpu_run  # noqa: E402
@@ -29,7 +29,7 @@ from soco_d2.engine.launch import launch_from_args  # noqa: E402
 def main(args):
     from soco_d2.finetune.trainer import FinetuneTrainer
 
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts, defaults=get_finetune_cfg)
     if args.eval_only:
         trainer = FinetuneTrainer(cfg, train=False)
         iteration = trainer.load_for_eval(resume=args.resume)
@@ -53,7 +53,8 @@ def cli(argv=None):
         from soco_d2.detectron2.train import launch_finetune
 
         return launch_finetune(args)
-    cfg = load_config(args.config_file, args.opts)  # fail early, before spawning processes
+    # fail early, before spawning processes
+    cfg = load_config(args.config_file, args.opts, defaults=get_finetune_cfg)
     check_cpu_run(cfg)  # before anything touches OUTPUT_DIR
     check_before_launch(cfg, args)
     return launch_from_args(main, args, cfg.MODEL.DEVICE)

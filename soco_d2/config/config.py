@@ -1,14 +1,14 @@
 """Building, loading and validating configs."""
 import difflib
 import os
-from typing import List
+from typing import Callable, List
 
 import yaml
 from fvcore.common.config import CfgNode
 
 from .defaults import _C
 from .detco import add_detco_config
-from .finetune import add_finetune_config
+from .finetune import add_finetune_config, set_finetune_defaults
 from .monitor import add_monitor_config
 from .soco import add_soco_config
 
@@ -18,7 +18,8 @@ class ConfigError(ValueError):
 
 
 def get_cfg() -> CfgNode:
-    """Return a fresh copy of the full default config (pretraining and fine-tuning keys)."""
+    """Return a fresh copy of the full default config (pretraining and fine-tuning keys), with
+    pretraining's values of the keys both share (solver: LARS, warmup + cosine, batch 2048)."""
     cfg = _C.clone()
     add_soco_config(cfg)
     add_detco_config(cfg)
@@ -27,13 +28,24 @@ def get_cfg() -> CfgNode:
     return cfg
 
 
-def load_config(config_file: str = "", overrides=(), freeze: bool = True) -> CfgNode:
-    """Load ``config_file`` (with ``_BASE_`` inheritance) and apply ``KEY VALUE`` overrides.
+def get_finetune_cfg() -> CfgNode:
+    """:func:`get_cfg` with fine-tuning's values of the shared keys (solver: SGD, warmup +
+    steps, batch 16; see :func:`~soco_d2.config.finetune.set_finetune_defaults`): the defaults
+    ``tools/train_net.py`` loads fine-tuning configs on."""
+    cfg = get_cfg()
+    set_finetune_defaults(cfg)
+    return cfg
+
+
+def load_config(config_file: str = "", overrides=(), freeze: bool = True,
+                defaults: Callable[[], CfgNode] = get_cfg) -> CfgNode:
+    """Load ``config_file`` (with ``_BASE_`` inheritance) and apply ``KEY VALUE`` overrides, on
+    the config ``defaults()`` returns (:func:`get_finetune_cfg` for fine-tuning).
 
     Unknown keys and values of the wrong type raise :class:`ConfigError` naming the file or
     override and the key.
     """
-    cfg = get_cfg()
+    cfg = defaults()
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"Config file {config_file!r} does not exist (check the path).")

@@ -1,10 +1,10 @@
-"""Config keys of detector fine-tuning (Mask R-CNN / RetinaNet) and COCO evaluation.
+"""Config keys of detector fine-tuning (Mask R-CNN / RetinaNet) and COCO evaluation, and the
+fine-tuning values of the keys it shares with pretraining.
 
 Names follow detectron2's where detectron2 has the key, so a detectron2 fine-tuning recipe reads
-the same here. The shared defaults in ``defaults.py`` are tuned for pretraining (LARS, cosine,
-batch 2048); a fine-tuning config must set ``SOLVER.OPTIMIZER "SGD"``,
-``SOLVER.LR_SCHEDULER "WarmupMultiStep"``, ``SOLVER.BASE_LR_BATCH_SIZE 16`` and friends
-(``configs/finetune/Base-Finetune.yaml`` does).
+the same here. ``defaults.py`` holds pretraining's values of the shared keys (LARS, cosine,
+batch 2048); :func:`set_finetune_defaults` replaces them with fine-tuning's (SGD, warmup and
+steps, batch 16), which :func:`~soco_d2.config.get_finetune_cfg` starts from.
 """
 from fvcore.common.config import CfgNode as CN
 
@@ -131,3 +131,20 @@ def add_finetune_config(cfg: CN) -> None:
     cfg.TEST.PRECISE_BN = CN()
     cfg.TEST.PRECISE_BN.ENABLED = False
     cfg.TEST.PRECISE_BN.NUM_ITER = 200
+
+
+def set_finetune_defaults(cfg: CN) -> None:
+    """Fine-tuning's defaults of the keys shared with pretraining: detectron2's 1x COCO recipe
+    (SGD, lr 0.02 at batch 16 with linear scaling, 1000 warmup iterations from 0.001 of it,
+    steps at 60k / 80k of 90k, weight decay 1e-4) and no cuDNN autotuning (the input shapes vary
+    from batch to batch). Pretraining-only keys (LARS_*, EPOCHS, MIN_LR, MODEL.EMA) are unused."""
+    s = cfg.SOLVER
+    s.OPTIMIZER = "SGD"
+    s.LR_SCHEDULER = "WarmupMultiStep"
+    s.BASE_LR = 0.02
+    s.BASE_LR_BATCH_SIZE = 16
+    s.IMS_PER_BATCH = 16
+    s.MAX_ITER = 90000
+    s.WEIGHT_DECAY = 1e-4
+    s.WARMUP_FACTOR = 0.001
+    cfg.CUDNN_BENCHMARK = False

@@ -201,10 +201,6 @@ def check_state_dict_matches(expected: Dict[str, torch.Tensor], loaded: Dict[str
         )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 class Checkpointer:
     """Saves and restores the full training state in ``output_dir``.
 
@@ -217,7 +213,7 @@ class Checkpointer:
 
     def __init__(self, model: nn.Module, output_dir: str, optimizer=None, scaler=None,
                  max_to_keep: int = 0, config: str = ""):
-        self.model = _unwrap(model)
+        self.model = comm.unwrap(model)
         self.output_dir = output_dir
         self.optimizer, self.scaler, self.max_to_keep = optimizer, scaler, max_to_keep
         self.config = config

@@ -398,7 +398,8 @@ def _retinanet(cfg, num_classes: int) -> nn.Module:
 
 
 def build_detector(cfg, device: Optional[str] = None) -> nn.Module:
-    """The detector of ``cfg`` (randomly initialised; see :func:`load_detector_weights`).
+    """The detector of ``cfg``, randomly initialised (initial weights:
+    :func:`~soco_d2.finetune.weights.load_detector_weights`).
 
     ``MODEL.NUM_CLASSES`` counts foreground classes; Mask R-CNN gets one more output for the
     background. BN layers become synchronised ones (``AllReduceBatchNorm``) when the world size is > 1.

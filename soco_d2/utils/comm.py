@@ -2,11 +2,13 @@
 
 Without an initialised process group every function behaves as for a world of one process.
 """
+import inspect
 import os
 from typing import Dict, List, Mapping, Sequence, Union
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 # Set by :func:`soco_d2.engine.launch.launch` in each worker; ``LOCAL_RANK`` is the fallback.
 _LOCAL_RANK = None
@@ -150,3 +152,32 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(t, src)
         if t is not buf:
             buf.copy_(t)
+
+
+def _no_buffer_broadcast() -> Dict:
+    """DDP option that keeps buffers (BN statistics, queues) process-local during training:
+    ``forward_sync_buffers=False`` in recent torch, ``broadcast_buffers=False`` before (which,
+    unlike the former, does not sync them at construction either: :func:`wrap_ddp` does that
+    with :func:`broadcast_buffers`)."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``model`` in DistributedDataParallel, as every trainer runs it on several processes:
+    every process starts from process 0's parameters and buffers (collective), and buffers stay
+    process-local during training (no sync in the forward; synchronised BN layers share their
+    statistics themselves)."""
+    broadcast_buffers(model)
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=False,
+        **_no_buffer_broadcast(),
+    )
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (``model`` itself if unwrapped)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

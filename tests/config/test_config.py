@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from soco_d2.config import ConfigError, get_cfg, is_detectron2_config, load_config
+from soco_d2.config import ConfigError, get_cfg, get_finetune_cfg, is_detectron2_config, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,6 +81,34 @@ def test_get_cfg_is_a_fresh_copy():
     a = get_cfg()
     a.SOLVER.BASE_LR = 123.0
     assert get_cfg().SOLVER.BASE_LR == 1.0
+
+
+def _keys(node, prefix=""):
+    return {k2 for k, v in node.items()
+            for k2 in (_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k])}
+
+
+def test_finetune_defaults_are_their_own():
+    ft, pre = get_finetune_cfg(), get_cfg()
+    s = ft.SOLVER
+    assert (s.OPTIMIZER, s.LR_SCHEDULER, s.BASE_LR, s.BASE_LR_BATCH_SIZE, s.IMS_PER_BATCH) == (
+        "SGD", "WarmupMultiStep", 0.02, 16, 16)
+    assert (s.MAX_ITER, s.WEIGHT_DECAY, s.WARMUP_FACTOR, ft.CUDNN_BENCHMARK) == (90000, 1e-4, 0.001, False)
+    assert (pre.SOLVER.OPTIMIZER, pre.SOLVER.LR_SCHEDULER) == ("LARS", "WarmupCosine")
+    assert _keys(ft) == _keys(pre)  # the same keys: any config loads on either
+    cfg = load_config("", ["SOLVER.MAX_ITER", "100"], defaults=get_finetune_cfg)
+    assert cfg.SOLVER.OPTIMIZER == "SGD" and cfg.SOLVER.MAX_ITER == 100 and cfg.is_frozen()
+
+
+FINETUNE_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "finetune", "*.yaml"))) + [
+    os.path.join(REPO, "configs", "demo", "mask_rcnn_demo.yaml")]
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=os.path.basename)
+def test_shipped_finetune_configs_read_the_same_on_either_defaults(path):
+    """They set every shared key they use, so a tool loading them on get_cfg (the quick-start
+    demo) runs the recipe tools/train_net.py runs (on get_finetune_cfg)."""
+    assert load_config(path, defaults=get_finetune_cfg) == load_config(path)
 
 
 def test_detectron2_format_is_told_apart_from_ours():

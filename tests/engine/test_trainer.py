@@ -321,12 +321,12 @@ def _detco_queues_worker(rank, init_file, out_dir, ddp_option):
     import torch.distributed as dist
 
     from soco_d2.config import get_cfg
-    from soco_d2.engine import trainer as trainer_mod
+    from soco_d2.utils import comm
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         if ddp_option is not None:  # the DDP option of another torch version
-            trainer_mod._no_buffer_broadcast = lambda: dict(ddp_option)
+            comm._no_buffer_broadcast = lambda: dict(ddp_option)
         cfg = get_cfg()
         cfg.MODEL.META_ARCHITECTURE = "DetCo"
         cfg.MODEL.DEVICE = "cpu"

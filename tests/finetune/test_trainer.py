@@ -3,156 +3,21 @@ import json
 import logging
 import os
 import shutil
+import sys
 
 import pytest
 import torch
-import torchvision
 
 from soco_d2.config import load_config
-from soco_d2.finetune.detectors import build_detector
-from soco_d2.finetune.trainer import (
-    FinetuneTrainer,
-    WarmupMultiStepLR,
-    WeightsLoadingError,
-    build_finetune_optimizer,
-    build_lr_scheduler,
-    load_detector_weights,
-    resolve_steps,
-)
+from soco_d2.finetune.trainer import FinetuneTrainer
+from soco_d2.finetune.weights import WeightsLoadingError
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from final_save import check_final_save_rule  # noqa: E402
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "../../configs/finetune/*.yaml")))
 SHIPPED = [c for c in CONFIGS if not os.path.basename(c).startswith("Base")]
 COCO_1X = [c for c in CONFIGS if os.path.basename(c) == "mask_rcnn_R50_FPN_1x.yaml"][0]
-
-
-def test_resolve_steps():
-    assert resolve_steps((60000, 80000), 90000) == [60000, 80000]
-    assert resolve_steps((2 / 3, 8 / 9), 180000) == [120000, 160000]
-    assert resolve_steps((60000, 80000), 70000) == [60000]  # beyond MAX_ITER: dropped
-    with pytest.raises(ValueError, match="increase"):
-        resolve_steps((80000, 60000), 90000)
-
-
-def test_warmup_multistep_matches_detectron2():
-    s = WarmupMultiStepLR(0.02, 90000, [60000, 80000], 0.1, 1000, 0.001)
-    assert s.lr_at(0) == pytest.approx(0.02 * 0.001)
-    # detectron2: lr * (warmup_factor * (1 - a) + a), a = it / warmup_iters
-    assert s.lr_at(500) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
-    assert s.lr_at(1000) == pytest.approx(0.02)
-    assert s.lr_at(59999) == pytest.approx(0.02)
-    assert s.lr_at(60000) == pytest.approx(0.002)
-    assert s.lr_at(80000) == pytest.approx(0.0002)
-    assert s.lr_at(89999) == pytest.approx(0.0002)
-
-
-def test_linear_scaling_of_the_learning_rate():
-    cfg = load_config(COCO_1X, ["SOLVER.IMS_PER_BATCH", 8])
-    sched = build_lr_scheduler(cfg, cfg.SOLVER.MAX_ITER)
-    assert sched.lr_at(5000) == pytest.approx(0.01)
-
-
-def test_pretraining_solver_is_refused():
-    cfg = load_config("", ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "SOLVER.MAX_ITER", 10])
-    with pytest.raises(ValueError, match="SGD"):
-        build_finetune_optimizer(cfg, torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="WarmupMultiStep"):
-        build_lr_scheduler(cfg, 10)
-
-
-def test_optimizer_weight_decay_groups(tiny_overrides):
-    cfg = load_config(COCO_1X, tiny_overrides)
-    model = build_detector(cfg)
-    opt = build_finetune_optimizer(cfg, model)
-    by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
-    params = dict(model.named_parameters())
-    assert by_id[id(params["backbone.body.bn1.weight"])] == 0.0
-    assert by_id[id(params["roi_heads.box_head.0.1.bias"])] == 0.0  # a BN bias
-    assert by_id[id(params["backbone.body.conv1.weight"])] == pytest.approx(2.5e-5)
-    assert by_id[id(params["roi_heads.box_predictor.cls_score.bias"])] == pytest.approx(2.5e-5)
-    assert len(by_id) == len(params)
-    assert opt.defaults["momentum"] == 0.9
-
-
-# ---------------------------------------------------------------------------------------------
-# Initial weights
-# ---------------------------------------------------------------------------------------------
-
-
-def _tiny_model(tiny_overrides, seed):
-    torch.manual_seed(seed)
-    return build_detector(load_config(COCO_1X, tiny_overrides))
-
-
-def test_load_detector_state_dict(tiny_overrides, tmp_path):
-    src = _tiny_model(tiny_overrides, 1)
-    path = str(tmp_path / "det.pth")
-    torch.save({"model": src.state_dict(), "iteration": 5}, path)
-    dst = _tiny_model(tiny_overrides, 2)
-    report = load_detector_weights(dst, path)
-    assert report["missing"] == [] and report["unused"] == []
-    for k, v in src.state_dict().items():
-        torch.testing.assert_close(dst.state_dict()[k], v)
-
-
-def test_load_bare_torchvision_resnet(tiny_overrides, tmp_path, caplog):
-    torch.manual_seed(3)
-    resnet = torchvision.models.resnet18()
-    path = str(tmp_path / "r18.pth")
-    torch.save(resnet.state_dict(), path)
-    dst = _tiny_model(tiny_overrides, 2)
-    fpn_before = dst.backbone.fpn.inner_blocks[0][0].weight.clone()
-    log = logging.getLogger("soco_d2")
-    log.addHandler(caplog.handler)  # the soco_d2 logger may not propagate (setup_logging)
-    caplog.set_level("INFO", logger="soco_d2")
-    try:
-        report = load_detector_weights(dst, path)
-    finally:
-        log.removeHandler(caplog.handler)
-    torch.testing.assert_close(dst.backbone.body.layer3[1].conv2.weight, resnet.layer3[1].conv2.weight)
-    torch.testing.assert_close(dst.backbone.fpn.inner_blocks[0][0].weight, fpn_before)
-    assert "backbone.body.fc.weight" in report["unused"]
-    log = caplog.text
-    assert "Loaded from" in log and "backbone.body (100)" in log  # R-18: 100 tensors
-    assert "Left at initialisation" in log and "backbone.fpn" in log
-    assert any(k.startswith("backbone.fpn") for k in report["missing"])
-
-
-def test_load_detectron2_pkl(tiny_overrides, tmp_path):
-    from soco_d2.checkpoint import convert_to_d2, save_d2_pkl
-
-    src = _tiny_model(tiny_overrides, 1)
-    d2, _ = convert_to_d2(src.state_dict(), parts=("backbone", "fpn", "head"), allow_unmapped=True)
-    path = str(tmp_path / "w.pkl")
-    save_d2_pkl(d2, path)
-    dst = _tiny_model(tiny_overrides, 2)
-    rpn_before = dst.rpn.head.conv[0][0].weight.clone()
-    report = load_detector_weights(dst, path)
-    sd, ref = dst.state_dict(), src.state_dict()
-    for prefix in ("backbone.body.", "backbone.fpn.", "roi_heads.box_head."):
-        keys = [k for k in ref if k.startswith(prefix) and not k.endswith("num_batches_tracked")]
-        assert keys and all(k in report["loaded"] for k in keys)
-        for k in keys:
-            torch.testing.assert_close(sd[k], ref[k])
-    torch.testing.assert_close(dst.rpn.head.conv[0][0].weight, rpn_before)  # not in the file
-
-
-def test_weights_errors(tiny_overrides, tmp_path):
-    model = _tiny_model(tiny_overrides, 0)
-    with pytest.raises(WeightsLoadingError, match="does not exist"):
-        load_detector_weights(model, str(tmp_path / "missing.pkl"))
-    path = str(tmp_path / "other.pth")
-    torch.save({"encoder.fc.weight": torch.zeros(3, 3)}, path)
-    with pytest.raises(WeightsLoadingError, match="No backbone weight"):
-        load_detector_weights(model, path)
-    # Right names, wrong depth: the first blocks match, the rest does not.
-    torch.save(torchvision.models.resnet34().state_dict(), path)
-    with pytest.raises(WeightsLoadingError, match="only in part.*MODEL.RESNETS.DEPTH"):
-        load_detector_weights(model, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
 
 
 def _overrides(tiny_overrides, json_file, out, *extra):
@@ -202,6 +67,21 @@ def test_resume_continues_exactly(tiny_coco, tiny_overrides, tmp_path):
     assert start == 2
     for k, v in straight.items():
         torch.testing.assert_close(resumed[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_final_save_rule_through_finetuning(tiny_coco, tiny_overrides, tmp_path):
+    """(tests/engine/test_train_loop.py: the same rule through pretraining)"""
+    json_file, _ = tiny_coco
+
+    def run(out, max_iter, resume):
+        cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, out) + [
+            "SOLVER.CHECKPOINT_PERIOD", 1, "DATASETS.TEST", "()", "SOLVER.MAX_ITER", max_iter])
+        trainer = FinetuneTrainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+        return trainer
+
+    check_final_save_rule(run, tmp_path)
 
 
 def test_eval_only_needs_weights(tiny_coco, tiny_overrides, tmp_path):

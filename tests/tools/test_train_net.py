@@ -72,9 +72,31 @@ def test_train_eval_only_and_resume(data, tmp_path):
     assert [r["iteration"] for r in _metrics(out) if "bbox/AP" in r][-1] == 3
 
 
+def test_main_loads_configs_on_the_finetune_defaults(monkeypatch):
+    import soco_d2.finetune.trainer as trainer_mod
+
+    seen = []
+
+    class FakeTrainer:
+        def __init__(self, cfg):
+            seen.append(cfg)
+
+        def resume_or_load(self, resume):
+            pass
+
+        def train(self):
+            return {}
+
+    monkeypatch.setattr(trainer_mod, "FinetuneTrainer", FakeTrainer)
+    tool = _load_tool()
+    tool.main(tool.default_argument_parser().parse_args(["MODEL.DEVICE", "cpu"]))
+    s = seen[0].SOLVER
+    assert (s.OPTIMIZER, s.LR_SCHEDULER, s.BASE_LR_BATCH_SIZE) == ("SGD", "WarmupMultiStep", 16)
+
+
 def test_missing_weights_file_is_a_clear_error(data, tmp_path):
     tool = _load_tool()
-    from soco_d2.finetune.trainer import WeightsLoadingError
+    from soco_d2.finetune.weights import WeightsLoadingError
 
     with pytest.raises(WeightsLoadingError, match="nowhere.pkl"):
         tool.cli(["--config-file", CONFIG] + TINY + data + [
