@@ -14,16 +14,11 @@ from typing import Callable, Dict
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from soco_d2.modeling.meta_arch.method import PretrainMethod
+from soco_d2.utils.comm import unwrap
 
-__all__ = ["unwrap_model", "probe_feature_fn", "embedding_module", "EmbeddingWindow"]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+__all__ = ["probe_feature_fn", "embedding_module", "EmbeddingWindow"]
 
 
 def probe_feature_fn(model: nn.Module, pixel_mean, pixel_std) -> Callable[[torch.Tensor], Dict[str, torch.Tensor]]:
@@ -31,7 +26,7 @@ def probe_feature_fn(model: nn.Module, pixel_mean, pixel_std) -> Callable[[torch
     ``model``: a :class:`~soco_d2.modeling.meta_arch.method.PretrainMethod`'s ``probe_features``
     of its ``normalize``; any other model's ``probe_features`` of images normalised with
     ``pixel_mean`` / ``pixel_std``."""
-    m = unwrap_model(model)
+    m = unwrap(model)
     if isinstance(m, PretrainMethod):
         return lambda images: m.probe_features(m.normalize(images))
     channels_last = getattr(m, "channels_last", False)
@@ -55,7 +50,7 @@ def embedding_module(model: nn.Module) -> nn.Module:
     :class:`~soco_d2.modeling.meta_arch.method.PretrainMethod`'s ``embedding_module()``, else
     the last layer of the model's ``projector`` (so the hook fires however the model runs the
     projector: as a whole or layer by layer)."""
-    m = unwrap_model(model)
+    m = unwrap(model)
     if isinstance(m, PretrainMethod):
         return m.embedding_module()
     proj = getattr(m, "projector", None)

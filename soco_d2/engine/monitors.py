@@ -34,7 +34,7 @@ from soco_d2.modeling.meta_arch.method import PretrainMethod
 from soco_d2.utils import comm
 
 from .health_metrics import collapse_warning, embedding_std, gather_rows, rank_drop_warning, rankme
-from .model_taps import EmbeddingWindow, embedding_module, probe_feature_fn, unwrap_model
+from .model_taps import EmbeddingWindow, embedding_module, probe_feature_fn
 from .monitor_plots import plot_monitor_curves
 from .writers import read_metrics
 
@@ -64,7 +64,7 @@ class Monitors:
         self._peak_rank = 0.0
         self.chance_level = None
         self._dim: Optional[int] = None
-        m = unwrap_model(trainer.model)
+        m = comm.unwrap(trainer.model)
         if self.knn_on:
             if k.K < 1 or k.TEMPERATURE <= 0 or k.IMAGE_SIZE < 16 or k.BATCH_SIZE < 1 or k.PERIOD < 0:
                 raise ProbeDataError(
@@ -152,7 +152,7 @@ class Monitors:
             bad = comm.all_reduce_sum(torch.tensor(
                 [len(self._images[0].unreadable) + len(self._images[1].unreadable)]))
             self._num_unreadable = int(bad)
-        model = unwrap_model(self.trainer.model)
+        model = comm.unwrap(self.trainer.model)
         modes = [(mod, mod.training) for mod in model.modules()]
         device = self.trainer.device
         devices = [device] if device.type == "cuda" else []
