@@ -58,7 +58,7 @@ from soco_d2.config import load_config
 from soco_d2.data import build_mapper
 from soco_d2.data.dataset import build_pretrain_dataset
 from soco_d2.data.image_list import list_images
-from soco_d2.data.loader import build_pretrain_loader, usable_num_workers
+from soco_d2.data.loader import build_pretrain_loader, stop_loader_workers, usable_num_workers
 from soco_d2.data.proposals import write_proposals
 from soco_d2.data.synthetic import make_synthetic_coco
 from soco_d2.engine.trainer import PretrainTrainer, move_to_device
@@ -449,9 +449,8 @@ def part_loader(bench: Bench, method: str, workers: int) -> Dict:
     finally:
         # Stop the workers now: they ignore SIGTERM (the trainer's preemption handling), so
         # workers left to the exit of the interpreter (or stuck ones) would keep it waiting.
-        workers_of = loader.dataloader_iter
-        workers_of._shutdown_workers()
-        for worker in getattr(workers_of, "_workers", []):
+        stop_loader_workers(loader)
+        for worker in getattr(loader.dataloader_iter, "_workers", []):
             if worker.is_alive():
                 worker.kill()
 

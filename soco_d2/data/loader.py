@@ -3,6 +3,8 @@ import logging
 import os
 import random
 import shutil
+import signal
+import threading
 from typing import Optional, Tuple
 
 import cv2
@@ -26,7 +28,8 @@ def loader_worker_init(worker_id: int) -> None:
     dump_stacks_on_request()
 
 __all__ = ["per_process_batch_size", "build_pretrain_loader", "PretrainBatches", "usable_num_workers",
-           "loader_worker_init", "check_shared_memory", "SharedMemoryTooSmall"]
+           "loader_worker_init", "check_shared_memory", "SharedMemoryTooSmall",
+           "stop_loader_workers"]
 
 logger = logging.getLogger(__name__)
 _capped_logged = set()
@@ -217,3 +220,32 @@ class PretrainBatches:
                 logger.warning(line)
                 self._summary = None
         return batch
+
+
+def stop_loader_workers(batches) -> None:
+    """Stop the worker processes of a training loader now: ``batches`` is a DataLoader iterator
+    or a :class:`PretrainBatches`. The workers are joined and unregistered from torch's SIGCHLD
+    handler, which otherwise reports a worker that died as a ``RuntimeError`` raised wherever
+    the main thread is at the next SIGCHLD, for as long as the iterator lives (after a failed
+    run: as long as its exception holds the loader's frames), e.g. while the next trainer of
+    the process is being built. Calling it again does nothing."""
+    it = getattr(batches, "dataloader_iter", batches)
+    # torch shuts an iterator's workers down only from its __del__ (or at the end of an epoch,
+    # which an endless sampler never reaches); _shutdown_workers is that step, called now.
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is None:  # no worker processes (DATALOADER.NUM_WORKERS 0)
+        return
+    if threading.current_thread() is not threading.main_thread():
+        shutdown()
+        return
+    # A SIGCHLD during the shutdown (a worker that dies or exits now) is handled after it, when
+    # this iterator's workers are no longer registered: torch's handler would otherwise raise
+    # in the middle of the shutdown and could leave them registered.
+    caught = []
+    previous = signal.signal(signal.SIGCHLD, lambda signum, frame: caught.append(frame))
+    try:
+        shutdown()
+    finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL if previous is None else previous)
+    if caught and callable(previous):
+        previous(signal.SIGCHLD, caught[0])  # other loaders' workers are still watched

@@ -16,10 +16,10 @@ fine-tuning (:mod:`soco_d2.finetune.trainer`) subclass :class:`TrainLoop`.
    checkpoint and exits with ``PREEMPTED_EXIT_CODE`` (:mod:`soco_d2.engine.preemption`).
 
 Then ``model_final.pth`` (:meth:`TrainLoop.final_save_needed`, one rule for both trainers) and
-the ``after_train()`` hook; in any case the loader stops, the ``close()`` hook and the writers
-close, and every process meets the others before returning. The loop runs inside the
-preemption watcher, the hang watchdog (``SOLVER.WATCHDOG_TIMEOUT``) and the explanation of a
-dead loader worker.
+the ``after_train()`` hook; in any case (an error too) the loader's workers stop at once, the
+``close()`` hook and the writers close, and every process meets the others before returning.
+The loop runs inside the preemption watcher, the hang watchdog (``SOLVER.WATCHDOG_TIMEOUT``)
+and the explanation of a dead loader worker.
 """
 import logging
 import os
@@ -28,6 +28,7 @@ from typing import Dict, List
 
 import torch
 
+from soco_d2.data.loader import stop_loader_workers
 from soco_d2.utils import comm
 from soco_d2.utils.watchdog import Watchdog, beat
 
@@ -237,9 +238,13 @@ class TrainLoop:
                     self._save("model_final.pth", self.max_iter, final=True)
             self.after_train()  # (a failure here loses nothing: the final model is saved)
         finally:
-            self._data = None  # stops the loader's worker processes (first: see below)
+            data, self._data = self._data, None
             # A loader worker that died can still be reported (SIGCHLD) while closing up.
             with explain_worker_death(self.checkpointer.last_checkpoint):
+                # The workers stop first and now, on every exit path: after a worker died, the
+                # frames an exception holds would keep them registered with torch's SIGCHLD
+                # handler, which then raises at a random point later in the process.
+                stop_loader_workers(data)
                 self.close()
                 for w in self.writers:
                     w.close()

@@ -1,4 +1,6 @@
 import collections
+import os
+import signal
 
 import pytest
 import torch
@@ -141,3 +143,26 @@ def test_the_shared_memory_check_reads_its_sample_without_opencv_threads(small_s
         assert seen[-1] == 1 and ("set", 1) in seen  # single-threaded while it read
     finally:
         cv2.setNumThreads(before)
+
+
+
+def test_stopping_the_workers_after_one_died_unregisters_them():
+    """A worker that died stays registered with torch's SIGCHLD handler until its iterator is
+    shut down; when the loader reports the death first (a broken pipe, a timeout) and the
+    worker's SIGCHLD comes later, the handler raises it again wherever the process is then.
+    stop_loader_workers joins the workers and unregisters them."""
+    it = iter(torch.utils.data.DataLoader(range(64), num_workers=1, persistent_workers=True))
+    next(it)
+    torch_handler = signal.getsignal(signal.SIGCHLD)
+    pid = it._workers[0].pid
+    held = []
+    signal.signal(signal.SIGCHLD, lambda signum, frame: held.append(signum))
+    try:  # the worker dies; its SIGCHLD is held back
+        os.kill(pid, signal.SIGKILL)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped
+    finally:
+        signal.signal(signal.SIGCHLD, torch_handler)
+    loader.stop_loader_workers(it)
+    torch_handler(signal.SIGCHLD, None)  # the late SIGCHLD: nothing raised
+    assert it._workers[0].exitcode == -signal.SIGKILL
+    loader.stop_loader_workers(it)  # again: nothing to do

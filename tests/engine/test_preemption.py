@@ -234,6 +234,22 @@ def test_killed_loader_worker_names_the_cause_and_the_run_resumes(tmp_path):
                          _weights(tmp_path / "run" / "model_final.pth"))
 
 
+def test_after_a_worker_died_the_loader_workers_are_stopped_and_unregistered(tmp_path):
+    """The loader's iterator outlives the failed run (the exception holds its frames): its
+    workers must be joined and unregistered from torch's SIGCHLD handler when train() ends,
+    or a later SIGCHLD raises the worker's death again wherever the process is then."""
+    trainer = _trainer(toy.toy_cfg(tmp_path, **{"DATALOADER.NUM_WORKERS": 1}),
+                       dataset=SelfKillingDataset(die_at=10))
+    built = []
+    build = trainer.build_train_loader
+    trainer.build_train_loader = lambda: built.append(build()) or built[-1]
+    with pytest.raises(DataLoaderWorkerDied):
+        trainer.train()
+    it = built[0].dataloader_iter
+    assert not it._worker_pids_set  # what torch's SIGCHLD handler checks
+    assert all(w.exitcode is not None for w in it._workers)  # joined (reaped)
+
+
 def test_bus_error_in_a_loader_worker_points_to_shared_memory(tmp_path):
     cfg = toy.toy_cfg(tmp_path, **{"DATALOADER.NUM_WORKERS": 1})
     with pytest.raises(DataLoaderWorkerDied) as e:
