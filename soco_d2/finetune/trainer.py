@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from soco_d2.data.loader import stop_loader_workers
 from soco_d2.engine.checkpoint import Checkpointer
 from soco_d2.engine.train_loop import NonFiniteLossGuard, TrainLoop
 from soco_d2.engine.trainer import setup_run
@@ -223,10 +224,13 @@ class FinetuneTrainer(TrainLoop):
             return
         from fvcore.nn.precise_bn import update_bn_stats
 
-        loader = build_train_loader(cfg, self.train_dataset, start_iter=0)
+        batches = iter(build_train_loader(cfg, self.train_dataset, start_iter=0))
         model = comm.unwrap(self.model)
         model.train()
-        update_bn_stats(_LossForward(model, self.device), loader, cfg.TEST.PRECISE_BN.NUM_ITER)
+        try:
+            update_bn_stats(_LossForward(model, self.device), batches, cfg.TEST.PRECISE_BN.NUM_ITER)
+        finally:
+            stop_loader_workers(batches)  # now, not when the iterator is collected
 
     def test(self, iteration: int) -> Dict:
         """Evaluate on every ``DATASETS.TEST`` set; write ``bbox/AP``... (``<name>/bbox/AP``...

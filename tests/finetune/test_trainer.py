@@ -240,3 +240,26 @@ def test_fp16_non_finite_loss_the_scaler_skipped(tiny_coco, tiny_overrides, tmp_
     assert [r.get("num_nonfinite", 0) for r in lines] == [0, 1, 0]
     state = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
     assert all(torch.isfinite(v.float()).all() for v in state.values())
+
+
+def test_precise_bn_stops_its_loader_workers_when_it_fails(tiny_coco, tiny_overrides, tmp_path, monkeypatch):
+    """Precise BN's own loader: its workers are joined and unregistered from torch's SIGCHLD
+    handler when the pass ends, also when it raises (the exception keeps the iterator alive)."""
+    import fvcore.nn.precise_bn
+
+    json_file, _ = tiny_coco
+    cfg = load_config(COCO_1X, _overrides(tiny_overrides, json_file, tmp_path / "out",
+                                          "DATALOADER.NUM_WORKERS", 1))
+    trainer = FinetuneTrainer(cfg)
+    seen = []
+
+    def failing_pass(model, batches, num_iters):
+        seen.append(batches)
+        next(batches)  # the workers are running
+        raise RuntimeError("a precise-BN batch failed")
+
+    monkeypatch.setattr(fvcore.nn.precise_bn, "update_bn_stats", failing_pass)
+    with pytest.raises(RuntimeError, match="precise-BN batch failed"):
+        trainer.test(0)
+    assert not seen[0]._worker_pids_set  # what torch's SIGCHLD handler checks
+    assert all(w.exitcode is not None for w in seen[0]._workers)  # joined
