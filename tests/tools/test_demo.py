@@ -1,4 +1,4 @@
-"""tools/demo.py and soco_d2.demo: the whole chain at a tiny budget, user data, bad input."""
+"""tools/demo.py: the whole chain at a tiny budget, its plan and projection, user data, bad input."""
 import importlib.util
 import json
 import math
@@ -10,21 +10,22 @@ import pytest
 import torch
 
 from soco_d2.data.synthetic import make_synthetic_coco
-from soco_d2.demo import (
-    DemoError,
-    DemoSettings,
-    format_ap_table,
-    format_knn_curve,
-    knn_curve,
-    knn_verdict,
-    prepare_data,
-    probe_folders,
-    run_demo,
-    scaled_iters,
-)
 from soco_d2.finetune.trainer import FinetuneTrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("demo_tool", os.path.join(REPO, "tools", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = load_tool()
+DemoError, DemoSettings, run_demo, prepare_data = demo.DemoError, demo.DemoSettings, demo.run_demo, demo.prepare_data
+format_ap_table, probe_folders = demo.format_ap_table, demo.probe_folders
+knn_curve, format_knn_curve, knn_verdict = demo.knn_curve, demo.format_knn_curve, demo.knn_verdict
 
 # Shrinks the demo configs further so a run takes seconds: 32 px views, batch 2, 64 px detector input.
 PRETRAIN_TINY = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.SOCO.VIEW1_SIZE", "32", "INPUT.SOCO.VIEW2_SIZE", "32",
@@ -64,13 +65,6 @@ def backbone_at_start(monkeypatch):
 
     monkeypatch.setattr(FinetuneTrainer, "train", train)
     return seen
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("demo_tool", os.path.join(REPO, "tools", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -124,6 +118,11 @@ def test_demo_end_to_end_on_synthetic_data(tmp_path, keep_threads, backbone_at_s
     printed = capsys.readouterr().out
     for heading in ("[1/6] Data", "[3/6] SoCo pretraining", "[5/6] Mask R-CNN", "SoCo pretrained"):
         assert heading in printed
+    # the plan and its projection before training, the time left after each stage
+    plan = printed.split("plan: ")[1].splitlines()[0]
+    assert plan.startswith("2 pretraining iterations with 3 kNN probes, 2 x 2 fine-tuning iterations; projected ")
+    assert f"projected {on_disk['budget']['projected_total_seconds'] / 60:.1f} min on 2 idle CPU cores" in plan
+    assert printed.index("plan: ") < printed.index("[2/6]") and printed.count("min left)") == 5
     assert "APbb50" in printed and "APmk" in printed and "noisy" in printed
     assert "kNN top-1 (%) of the pretrained backbone" in printed and "What this run shows:" in printed
 
@@ -194,10 +193,30 @@ def test_existing_outputs_need_overwrite(tmp_path, capsys):
         run_demo(DemoSettings(output_dir=str(tmp_path), progress=False))
 
 
-def test_budget_scaling_and_table():
-    assert scaled_iters(50, 10) == 50 and scaled_iters(50, 20) == 100 and scaled_iters(50, 0.01) == 1
+def test_the_budget_fills_the_minutes_after_the_fixed_costs():
+    costs = demo.StageCosts(proposals_start=1, proposals_per_image=0.5, pretrain_start=3, pretrain_iter=2,
+                            knn_probe_per_crop=0.01, finetune_start=4, finetune_iter=1, evaluation_per_image=0.25)
+    b = demo.plan_budget(2, 10, 8, 100, costs=costs)
+    # fixed: proposals 1 + 5, pretrain 3 + 3 probes x 1 s, fine-tunings 2 x (4 + 2) = 24 s of 120
+    assert b.knn_points == 2 and b.pretrain_iters == int(0.3 * 96 / 2) and b.finetune_iters == int(0.7 * 96 / 2)
+    assert b.projected == {"proposals": 6, "pretrain": 3 + 3 + 2 * b.pretrain_iters,
+                           "finetune_soco": 6 + b.finetune_iters, "finetune_scratch": 6 + b.finetune_iters}
+    assert 118 <= b.total <= 120
+    longer = demo.plan_budget(10, 10, 8, 100, costs=costs)
+    assert longer.knn_points == 8 and longer.pretrain_iters > 4 * b.pretrain_iters
+    assert demo.plan_budget(2, 10, 8, 0, costs=costs).knn_points == 0  # no probe, no probe cost
+    fixed = demo.plan_budget(2, 10, 8, 100, pretrain_iters=7, finetune_iters=3, costs=costs)
+    assert (fixed.pretrain_iters, fixed.finetune_iters) == (7, 3)  # explicit iterations win
+    tiny = demo.plan_budget(0.01, 10, 8, 100, costs=costs)
+    assert tiny.pretrain_iters == 1 and tiny.knn_points == 1  # iteration 0 and the end
     with pytest.raises(DemoError, match="--minutes"):
-        scaled_iters(50, 0)
+        demo.plan_budget(0, 10, 8, 100)
+    # the time left: what is not done yet, at the pace of what is done
+    assert demo.eta_seconds({"a": 10, "b": 20, "c": 30}, {"a": 20}) == 100
+    assert demo.eta_seconds({"a": 10, "b": 20}, {}) == 30
+
+
+def test_ap_table():
     table = format_ap_table({"bbox/AP": 12.5, "bbox/APl": math.nan, "segm/AP": 3.0},
                             {"bbox/AP": 10.0, "bbox/APl": math.nan, "segm/AP": 4.25})
     lines = table.splitlines()
@@ -316,3 +335,50 @@ def test_resume_needs_an_earlier_demo(tmp_path):
         run_demo(tiny_settings(tmp_path / "empty", resume=True))
     with pytest.raises(DemoError, match="pass one"):
         run_demo(tiny_settings(tmp_path / "empty", resume=True, overwrite=True))
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_a_wheel_install(tmp_path):
+    """The demo is an application on the installed package: a wheel built from the sources,
+    installed into a fresh virtual environment, runs ``tools/demo.py`` copied away from the
+    sources (only the demo and its configs beside it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(REPO, "soco_d2"), src / "soco_d2",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(REPO, name), src / name)
+    wheels = tmp_path / "wheels"
+    run = dict(capture_output=True, text=True, timeout=600, cwd=tmp_path,
+               env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(wheels), str(src)], **run)
+    assert built.returncode == 0, built.stderr
+    venv = tmp_path / "venv"
+    # torch and the other dependencies come from this interpreter's site-packages
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+                   check=True, **{k: v for k, v in run.items() if k != "text"})
+    python = str(venv / "bin" / "python")
+    wheel = next(wheels.glob("soco_d2-*.whl"))
+    installed = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], **run)
+    assert installed.returncode == 0, installed.stderr
+    where = subprocess.run([python, "-c", "import soco_d2; print(soco_d2.__file__)"], **run)
+    assert where.stdout.strip().startswith(str(venv)), where.stdout  # the wheel, not the sources
+
+    app = tmp_path / "app"
+    shutil.copytree(os.path.join(REPO, "configs"), app / "configs")
+    (app / "tools").mkdir()
+    shutil.copy(os.path.join(REPO, "tools", "demo.py"), app / "tools" / "demo.py")
+    helped = subprocess.run([python, str(app / "tools" / "demo.py"), "--help"], **run)
+    assert helped.returncode == 0 and "--minutes" in helped.stdout, helped.stderr
+    out = tmp_path / "demo"
+    step = subprocess.run([python, str(app / "tools" / "demo.py"), "--output-dir", str(out),
+                           "--num-train-images", "6", "--num-val-images", "2", "--image-size", "64",
+                           "--pretrain-iters", "1", "--finetune-iters", "1", "--workers", "1", "--no-progress",
+                           "--pretrain-opts", *PRETRAIN_TINY, "--finetune-opts", *FINETUNE_TINY], **run)
+    assert step.returncode == 0, step.stdout[-2000:] + step.stderr[-2000:]
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["pretrain"]["iterations"] == 1 and "bbox/AP" in summary["finetune"]["soco"]["metrics"]
