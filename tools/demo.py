@@ -62,13 +62,13 @@ class StageCosts:
     and its projected time come from these, so ``--minutes`` means minutes on that machine."""
 
     proposals_start: float = 1.0
-    proposals_per_image: float = 0.028  # with both cores busy
-    pretrain_start: float = 3.0  # model, view sheet, first batch
-    pretrain_iter: float = 1.3
+    proposals_per_image: float = 0.021  # with both cores busy
+    pretrain_start: float = 1.9  # model, view sheet, first batch
+    pretrain_iter: float = 1.53
     knn_probe_per_crop: float = 0.009  # one probe of every train and val crop
-    finetune_start: float = 2.0  # model, weights, first batch, final save
-    finetune_iter: float = 0.64
-    evaluation_per_image: float = 0.17  # precise BN, inference and COCO evaluation
+    finetune_start: float = 2.2  # model, weights, first batch, precise BN, save, COCO evaluation
+    finetune_iter: float = 0.63
+    evaluation_per_image: float = 0.11  # inference
 
 
 COSTS = StageCosts()
