@@ -10,7 +10,6 @@ plans budgets with were fitted this way from a run on 2 idle cores::
     python benchmarks/bench_demo_costs.py /tmp/demo_2min
 """
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -24,10 +23,11 @@ from soco_d2.engine.writers import read_metrics  # noqa: E402
 
 
 def _demo_tool():
-    spec = importlib.util.spec_from_file_location("demo_tool", os.path.join(REPO, "tools", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """tools/demo.py as a module (its StageCosts)."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import demo
+
+    return demo
 
 
 def _mean_iter_time(rows):

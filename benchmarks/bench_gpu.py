@@ -61,7 +61,8 @@ from soco_d2.data.image_list import list_images
 from soco_d2.data.loader import build_pretrain_loader, stop_loader_workers, usable_num_workers
 from soco_d2.data.proposals import write_proposals
 from soco_d2.data.synthetic import make_synthetic_coco
-from soco_d2.engine.trainer import PretrainTrainer, move_to_device
+from soco_d2.engine.run_setup import move_to_device
+from soco_d2.engine.trainer import PretrainTrainer
 from soco_d2.finetune.coco_data import COCODetection
 from soco_d2.finetune.trainer import FinetuneTrainer, _targets_to
 

@@ -115,7 +115,7 @@ def _weight_change(run_dir: str) -> dict:
     import soco_d2.modeling  # noqa: F401  (registers the meta-architectures)
     from soco_d2.checkpoint import convert_to_d2
     from soco_d2.config import load_config
-    from soco_d2.engine.trainer import seed_all
+    from soco_d2.engine.run_setup import seed_all
     from soco_d2.modeling import build_model
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"), [])

@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from soco_d2.engine.trainer import move_to_device
+from soco_d2.engine.run_setup import move_to_device
 
 DEVICE = torch.device("cuda", 0)
 
@@ -189,7 +189,7 @@ def fake_autocast(dtype=torch.float16):
 
 def to_fake_device(mode: FakeTensorMode, batch):
     """A batch of real CPU tensors (a collated loader batch) as fake tensors on the fake device,
-    moved as the trainer moves a batch (:func:`~soco_d2.engine.trainer.move_to_device`)."""
+    moved as the trainer moves a batch (:func:`~soco_d2.engine.run_setup.move_to_device`)."""
 
     def fake(obj):
         if isinstance(obj, torch.Tensor):

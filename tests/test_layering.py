@@ -51,6 +51,14 @@ def test_the_training_loop_knows_neither_trainer():
                 if any(t == a or t.startswith(a + ".") for a in above)}
 
 
+def test_fine_tuning_does_not_import_the_pretraining_trainer():
+    """Both trainers start a run with engine/run_setup.py; fine-tuning needs nothing of
+    pretraining's trainer (nor its model, data and monitors)."""
+    importers = {m for m, is_package, path in ALL if m.startswith("soco_d2.finetune")
+                 and "soco_d2.engine.trainer" in imports_of(m, is_package, path)}
+    assert not importers
+
+
 @pytest.mark.parametrize("code, expected", [
     ("from soco_d2.engine import trainer", {"soco_d2.engine"}),
     ("def f():\n    from ..engine.preemption import Preempted", {"soco_d2.engine.preemption"}),

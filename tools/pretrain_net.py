@@ -20,7 +20,7 @@ from soco_d2.config import load_config  # noqa: E402
 from soco_d2.engine.arguments import (  # noqa: E402
     check_before_launch, default_argument_parser, run_tool)
 from soco_d2.engine.launch import launch_from_args  # noqa: E402
-from soco_d2.engine.trainer import check_cpu_run  # noqa: E402
+from soco_d2.engine.run_setup import check_cpu_run  # noqa: E402
 
 
 def main(args):

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from soco_d2.config import get_finetune_cfg, is_detectron2_config, load_config  # noqa: E402
 from soco_d2.engine.arguments import (  # noqa: E402
     check_before_launch, default_argument_parser, run_tool)
-from soco_d2.engine.trainer import check_cpu_run  # noqa: E402
+from soco_d2.engine.run_setup import check_cpu_run  # noqa: E402
 from soco_d2.engine.launch import launch_from_args  # noqa: E402
 
 

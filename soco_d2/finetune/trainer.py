@@ -18,7 +18,7 @@ from torch import nn
 from soco_d2.data.loader import stop_loader_workers
 from soco_d2.engine.checkpoint import Checkpointer
 from soco_d2.engine.train_loop import NonFiniteLossGuard, TrainLoop
-from soco_d2.engine.trainer import setup_run
+from soco_d2.engine.run_setup import setup_run
 from soco_d2.engine.writers import ConsolePrinter, build_writers
 from soco_d2.evaluation.coco_evaluation import (
     COCOEvaluator,

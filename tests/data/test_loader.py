@@ -31,7 +31,7 @@ def test_workers_are_capped_to_the_usable_cores_with_one_log_line(monkeypatch, s
     (4, 96, 1, 4),    # taskset -c 0-3 on one process
 ])
 def test_workers_under_cpu_binding(monkeypatch, soco_log, affinity, machine, processes, workers):
-    from soco_d2.engine.trainer import configure_cpu_threads
+    from soco_d2.engine.run_setup import configure_cpu_threads
 
     monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: set(range(affinity)),
                         raising=False)

@@ -215,7 +215,7 @@ def test_launch_and_resolve_device_use_the_bound_gpu(gpus, monkeypatch):
     import torch
     import torch.distributed as dist
 
-    from soco_d2.engine.trainer import resolve_device
+    from soco_d2.engine.run_setup import resolve_device
     from soco_d2.utils import comm
 
     gpus["n"] = 1

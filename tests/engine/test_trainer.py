@@ -10,7 +10,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import toy_pretrain as toy  # noqa: E402
 
-from soco_d2.engine.trainer import PretrainTrainer, move_to_device  # noqa: E402
+from soco_d2.engine.run_setup import move_to_device  # noqa: E402
+from soco_d2.engine.trainer import PretrainTrainer  # noqa: E402
 
 
 def _train(cfg, resume=False, **model_attrs):
@@ -223,7 +224,7 @@ def test_model_can_keep_per_process_batchnorm(tmp_path):
 
 
 def test_cpu_threads_leave_cores_to_loader_workers(monkeypatch):
-    from soco_d2.engine.trainer import configure_cpu_threads
+    from soco_d2.engine.run_setup import configure_cpu_threads
 
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
