@@ -28,6 +28,7 @@ from typing import Callable, List, Optional
 
 from soco_d2.utils import comm
 # The signal primitives live below the data layer (its workers use them); re-exported here.
+from soco_d2.utils import signals
 from soco_d2.utils.signals import (  # noqa: F401
     PREEMPTED_EXIT_CODE,
     PREEMPTION_SIGNALS,
@@ -36,16 +37,7 @@ from soco_d2.utils.signals import (  # noqa: F401
     ignore_preemption_signals,
 )
 
-__all__ = [
-    "PREEMPTED_EXIT_CODE",
-    "PREEMPTION_SIGNALS",
-    "Preempted",
-    "PreemptionWatcher",
-    "ignore_preemption_signals",
-    "requeue_slurm_job",
-    "DataLoaderWorkerDied",
-    "explain_worker_death",
-]
+__all__ = signals.__all__ + ["requeue_slurm_job", "DataLoaderWorkerDied", "explain_worker_death"]
 
 logger = logging.getLogger(__name__)
 

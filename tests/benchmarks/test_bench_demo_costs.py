@@ -1,19 +1,16 @@
 """benchmarks/bench_demo_costs.py: stage costs fitted from a demo's records, and its table."""
-import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts import load_script  # noqa: E402
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_demo_costs", os.path.join(REPO, "benchmarks", "bench_demo_costs.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_demo_costs.py")
 
 
 def _write_rows(path, rows):
