@@ -1,16 +1,19 @@
 """benchmarks/bench_demo_costs.py: stage costs fitted from a demo's records, and its table."""
+import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts import load_script  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _bench():
-    return load_script("benchmarks/bench_demo_costs.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_demo_costs", os.path.join(REPO, "benchmarks", "bench_demo_costs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _write_rows(path, rows):

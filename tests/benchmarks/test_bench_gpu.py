@@ -1,5 +1,6 @@
 """benchmarks/bench_gpu.py: its CPU smoke run (every part, tiny) writes the JSON and the table,
 and a failing part is recorded while the next ones run."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,12 +11,13 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_gpu.py")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts import load_script  # noqa: E402
 
 
 def _bench():
-    return load_script("benchmarks/bench_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow

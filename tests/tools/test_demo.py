@@ -1,9 +1,9 @@
 """tools/demo.py: the whole chain at a tiny budget, its plan and projection, user data, bad input."""
+import importlib.util
 import json
 import math
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest
@@ -15,12 +15,11 @@ from soco_d2.finetune.trainer import FinetuneTrainer
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts import load_script  # noqa: E402
-
-
 def load_tool():
-    return load_script("tools/demo.py")
+    spec = importlib.util.spec_from_file_location("demo_tool", os.path.join(REPO, "tools", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 demo = load_tool()
@@ -132,7 +131,9 @@ def test_demo_end_to_end_on_synthetic_data(tmp_path, keep_threads, backbone_at_s
     assert command[:2] == ["python", "tools/probe.py"] and "--bn-stats" in command
     args = [a for a in command[2:] if a != "--random-init"]
     results = tmp_path / "probe.jsonl"
-    probe_tool = load_script("tools/probe.py")
+    spec = importlib.util.spec_from_file_location("probe_tool", os.path.join(REPO, "tools", "probe.py"))
+    probe_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe_tool)
     assert probe_tool.main(args + ["--output", str(results)]) == 0
     probed = json.loads(results.read_text().splitlines()[0])
     last = [r for r in pre_rows if "knn_res5_top1" in r][-1]
@@ -343,6 +344,7 @@ def test_the_demo_runs_on_a_wheel_install(tmp_path):
     sources (only the demo and its configs beside it)."""
     import shutil
     import subprocess
+    import sys
 
     src = tmp_path / "src"
     shutil.copytree(os.path.join(REPO, "soco_d2"), src / "soco_d2",

@@ -1,3 +1,4 @@
+import importlib.util
 import logging
 import os
 import signal
@@ -13,12 +14,13 @@ from soco_d2.data.selective_search import _process_one
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "generate_proposals.py")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts import load_script  # noqa: E402
 
 
 def _tool():
-    return load_script("tools/generate_proposals.py")
+    spec = importlib.util.spec_from_file_location("generate_proposals_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _main(*args):
